@@ -1,0 +1,2 @@
+//! capture: transparent traffic capture for service-mesh sidecars.
+pub mod ebpf;
