@@ -1,3 +1,38 @@
-fn main() {
-    println!("{}", capture::ebpf::PROGRAMS.len());
+//! `capture`: a drop-in for `istio-iptables`. Parses istio's flags, applies capture to the network
+//! namespace it runs in, and exits.
+
+use std::process::ExitCode;
+
+use capture::flags::{self, ParseError};
+
+/// Exit code for bad input, as clap uses for its own usage errors.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok();
+    let invocation = match flags::parse(std::env::args_os(), &env) {
+        Ok(inv) => inv,
+        Err(ParseError::Clap(e)) if !e.use_stderr() => {
+            // --help or --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(ParseError::Clap(e)) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("capture: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+        Err(ParseError::Flag(e)) => {
+            eprintln!("capture: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    match capture::app::run(&invocation) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("capture: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,50 @@
+//! One `capture` invocation: enter the target namespace, detect its facts, hand over to the backend.
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    ebpf,
+    flags::{Action, Backend, Invocation},
+    iptables, namespace, validation,
+};
+
+/// istio-iptables' exit code when `--run-validation` fails.
+pub const EXIT_VALIDATION_FAILED: u8 = 126;
+
+/// Runs `inv` and says how the process should exit.
+pub fn run(inv: &Invocation) -> Result<ExitCode> {
+    let opts = &inv.options;
+    if let Some(ns) = &opts.network_namespace {
+        namespace::enter(ns)?;
+    }
+    let env = namespace::detect(&inv.config, &opts.resolv_conf)?;
+    if inv.config.redirect_dns && !inv.config.dns_effective(&env) {
+        eprintln!(
+            "capture: warning: --redirect-dns is on but {} lists no nameserver and --capture-all-dns is off: DNS is not captured",
+            opts.resolv_conf.display()
+        );
+    }
+    let output = match opts.backend {
+        Backend::Iptables => iptables::run(inv, &env)?,
+        Backend::Ebpf => ebpf::run(inv, &env)?,
+    };
+    match &opts.dry_run_file {
+        Some(path) if opts.dry_run => {
+            std::fs::write(path, &output).with_context(|| format!("write {}", path.display()))?
+        }
+        _ => print!("{output}"),
+    }
+    if opts.action == Action::Apply && opts.run_validation {
+        let ports = [inv.config.proxy_port, inv.config.inbound_capture_port];
+        let v6 = env.ipv6 && !inv.config.dual_stack;
+        if !validation::run(ports, opts.probe_port, v6, opts.probe_timeout)? {
+            eprintln!(
+                "capture: validation failed: a connection to the probe port was not redirected to the proxy; workload is not ready for capture"
+            );
+            return Ok(ExitCode::from(EXIT_VALIDATION_FAILED));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

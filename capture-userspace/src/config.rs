@@ -1,0 +1,201 @@
+//! The validated capture configuration: what istio-iptables' flags and env vars mean, after parsing.
+//!
+//! [`crate::flags`] builds a [`Config`] from the command line and the environment; the backends only ever
+//! see a [`Config`], so every value here has already been checked.
+
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net};
+
+/// Inbound interception mode (`-m`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterceptionMode {
+    /// nat REDIRECT (istio's default; also what any value other than `TPROXY` means to istio-iptables).
+    Redirect,
+    /// mangle TPROXY: the original destination stays the local address.
+    Tproxy,
+}
+
+/// Which inbound ports are captured (`-b`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundPorts {
+    /// `""`: no inbound capture at all.
+    None,
+    /// `*`: every TCP port except `-d` ports and the tunnel port.
+    All,
+    /// An explicit list, in the order given.
+    List(Vec<u16>),
+}
+
+/// Which outbound destinations are captured (`-i`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IncludeCidrs {
+    /// `*`: every destination not excluded earlier.
+    All,
+    /// An explicit list, in the order given (possibly empty: no CIDR capture).
+    List(Vec<IpNet>),
+}
+
+impl IncludeCidrs {
+    /// istio's `HasLoopBackIP`: any listed prefix whose address is a loopback address. It removes the
+    /// "local traffic of other users passes" rules (c2/d2), in both families.
+    pub fn has_loopback(&self) -> bool {
+        match self {
+            IncludeCidrs::All => false,
+            IncludeCidrs::List(cidrs) => cidrs.iter().any(|c| c.addr().is_loopback()),
+        }
+    }
+}
+
+/// A uid or gid as given on the command line: the token is rendered into iptables rules verbatim (istio
+/// pastes it into `--uid-owner`), the number is what the kernel compares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The text given (a number or a user/group name).
+    pub token: String,
+    /// The numeric id it names.
+    pub id: u32,
+}
+
+/// Outbound owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// Include `*` (the default): capture every group except these (possibly none).
+    AllExcept(Vec<Owner>),
+    /// Capture only sockets whose gid is one of these (at most [`MAX_OWNER_GROUPS`]).
+    Only(Vec<Owner>),
+}
+
+/// istio's limit on a non-wildcard owner-groups include list.
+pub const MAX_OWNER_GROUPS: usize = 64;
+
+/// The capture configuration, one field per istio-iptables input that changes what is captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `-p`: the proxy's outbound listener.
+    pub proxy_port: u16,
+    /// `-z`: the proxy's inbound listener.
+    pub inbound_capture_port: u16,
+    /// `-e`: the HBONE tunnel port, never captured inbound.
+    pub inbound_tunnel_port: u16,
+    /// `-u`: proxy uids, in order (the order matters, see REFERENCE §3.10).
+    pub proxy_uids: Vec<Owner>,
+    /// `-g`: proxy gids, in order.
+    pub proxy_gids: Vec<Owner>,
+    /// `-m`.
+    pub mode: InterceptionMode,
+    /// `-t`: TPROXY fwmark.
+    pub tproxy_mark: u32,
+    /// `-r`: TPROXY routing table.
+    pub tproxy_route_table: u32,
+    /// `-b`.
+    pub inbound_ports: InboundPorts,
+    /// `-d`: only used when `-b` is `*`.
+    pub inbound_exclude_ports: Vec<u16>,
+    /// `-c`: interfaces whose traffic is never captured.
+    pub exclude_interfaces: Vec<String>,
+    /// `-i`.
+    pub include_cidrs: IncludeCidrs,
+    /// `-x`.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// `-q`: TCP ports captured outbound to any non-excluded destination.
+    pub outbound_ports: Vec<u16>,
+    /// `-o`: TCP and UDP ports never captured outbound (wins over everything).
+    pub outbound_exclude_ports: Vec<u16>,
+    /// `-k`: interfaces whose inbound traffic is treated as outbound.
+    pub kube_virt_interfaces: Vec<String>,
+    /// `--redirect-dns`.
+    pub redirect_dns: bool,
+    /// `--capture-all-dns`.
+    pub capture_all_dns: bool,
+    /// `--drop-invalid`.
+    pub drop_invalid: bool,
+    /// `--dual-stack`: IPv6 rules whenever the namespace has any global IPv6 address.
+    pub dual_stack: bool,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`.
+    pub owner_groups: OwnerGroups,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: what "localhost" means for IPv4 (v6 is always `::1/128`).
+    pub loopback_cidr_v4: Ipv4Net,
+}
+
+/// The DNS port, and the istio-agent DNS proxy port that captured DNS goes to (hard-coded in istio).
+pub const DNS_PORT: u16 = 53;
+/// See [`DNS_PORT`].
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// Mark that TPROXY mode puts on the proxy's own packets to local non-loopback addresses (hard-coded in istio).
+pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
+
+impl Default for Config {
+    /// istio-iptables' defaults with the proxy user resolved to 1337 (see [`crate::flags`] for `ENVOY_USER`).
+    fn default() -> Self {
+        let proxy = Owner {
+            token: "1337".into(),
+            id: 1337,
+        };
+        Config {
+            proxy_port: 15001,
+            inbound_capture_port: 15006,
+            inbound_tunnel_port: 15008,
+            proxy_uids: vec![proxy.clone()],
+            proxy_gids: vec![proxy],
+            mode: InterceptionMode::Redirect,
+            tproxy_mark: 1337,
+            tproxy_route_table: 133,
+            inbound_ports: InboundPorts::None,
+            inbound_exclude_ports: Vec::new(),
+            exclude_interfaces: Vec::new(),
+            include_cidrs: IncludeCidrs::List(Vec::new()),
+            exclude_cidrs: Vec::new(),
+            outbound_ports: Vec::new(),
+            outbound_exclude_ports: Vec::new(),
+            kube_virt_interfaces: Vec::new(),
+            redirect_dns: false,
+            capture_all_dns: false,
+            drop_invalid: false,
+            dual_stack: false,
+            owner_groups: OwnerGroups::AllExcept(Vec::new()),
+            loopback_cidr_v4: "127.0.0.1/32".parse().expect("valid default loopback CIDR"),
+        }
+    }
+}
+
+/// A DNS server from resolv.conf. The text is kept because istio pastes it into rules verbatim
+/// (`::127.0.0.53` stays `::127.0.0.53`, where Rust would print `::7f00:35`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nameserver {
+    /// The parsed address.
+    pub addr: IpAddr,
+    /// The address as written in resolv.conf.
+    pub text: String,
+}
+
+/// Facts about the target network namespace that istio-iptables detects rather than takes as flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// Whether IPv6 capture is on (istio's `EnableIPv6`): detected from the namespace's addresses.
+    pub ipv6: bool,
+    /// resolv.conf nameservers, read only when `--redirect-dns` is on and `--capture-all-dns` is off.
+    pub nameservers: Vec<Nameserver>,
+}
+
+impl Environment {
+    /// Nameservers of one family.
+    pub fn nameservers(&self, v6: bool) -> impl Iterator<Item = &Nameserver> {
+        self.nameservers
+            .iter()
+            .filter(move |n| n.addr.is_ipv6() == v6)
+    }
+}
+
+impl Config {
+    /// istio's "DNS is effective": `--redirect-dns` and (capture-all or any nameserver of either family).
+    /// It changes the proxy-uid rules of both families.
+    pub fn dns_effective(&self, env: &Environment) -> bool {
+        self.redirect_dns && (self.capture_all_dns || !env.nameservers.is_empty())
+    }
+
+    /// DNS capture for one family: effective and (capture-all or a nameserver of that family).
+    pub fn dns_effective_for(&self, env: &Environment, v6: bool) -> bool {
+        self.redirect_dns && (self.capture_all_dns || env.nameservers(v6).next().is_some())
+    }
+}

@@ -1,0 +1,1010 @@
+//! The command line: istio-iptables' flags and env vars, with istio's names, defaults and precedence, plus
+//! capture's own flags; parsed and validated into a [`Config`] and [`Options`].
+//!
+//! One table, [`ISTIO_FLAGS`], describes every istio-iptables flag: its short and long names, the env vars
+//! that set it and its default. The clap command, the env lookup and the README's flag table all come
+//! from it. Precedence is istio's: command line > additional env var > primary env var > default.
+//!
+//! Where istio-iptables is lenient we are strict, and every bad value is one line naming the flag (or env
+//! var) and the value: istio ignores invalid env values and pastes unchecked ports into iptables; an
+//! operator would rather hear about a typo than run with a silently different capture.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::config::{
+    Config, InboundPorts, IncludeCidrs, InterceptionMode, MAX_OWNER_GROUPS, Owner, OwnerGroups,
+};
+
+/// What kind of value a flag takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A value: `--flag VALUE`, `--flag=VALUE`, `-f VALUE`.
+    Value,
+    /// A pflag boolean: `--flag` means true, `--flag=false` sets it explicitly (never `--flag false`).
+    Bool,
+}
+
+/// One istio-iptables flag.
+#[derive(Debug)]
+pub struct FlagSpec {
+    /// Long name, without dashes.
+    pub long: &'static str,
+    /// Short name, if istio has one.
+    pub short: Option<char>,
+    /// The env var istio binds to the flag (`UPPER_SNAKE` of the long name), if any.
+    pub env: Option<&'static str>,
+    /// istio's `AdditionalEnv`: a second env var that wins over `env`.
+    pub extra_env: Option<&'static str>,
+    /// Default value (before any derivation such as `-u` from `ENVOY_USER`).
+    pub default: &'static str,
+    /// Value or boolean.
+    pub kind: Kind,
+    /// One-line help.
+    pub help: &'static str,
+}
+
+const fn value(
+    long: &'static str,
+    short: Option<char>,
+    env: Option<&'static str>,
+    default: &'static str,
+    help: &'static str,
+) -> FlagSpec {
+    FlagSpec {
+        long,
+        short,
+        env,
+        extra_env: None,
+        default,
+        kind: Kind::Value,
+        help,
+    }
+}
+
+const fn boolean(
+    long: &'static str,
+    env: &'static str,
+    extra_env: Option<&'static str>,
+    help: &'static str,
+) -> FlagSpec {
+    FlagSpec {
+        long,
+        short: None,
+        env: Some(env),
+        extra_env,
+        default: "false",
+        kind: Kind::Bool,
+        help,
+    }
+}
+
+/// Every flag istio-iptables accepts (REFERENCE §2.2–§2.3), in istio's order.
+pub const ISTIO_FLAGS: &[FlagSpec] = &[
+    value(
+        "envoy-port",
+        Some('p'),
+        None,
+        "15001",
+        "Port the proxy's outbound listener accepts captured connections on (ENVOY_PORT is not read, as in istio)",
+    ),
+    value(
+        "inbound-capture-port",
+        Some('z'),
+        Some("INBOUND_CAPTURE_PORT"),
+        "15006",
+        "Port the proxy's inbound listener accepts captured connections on",
+    ),
+    value(
+        "inbound-tunnel-port",
+        Some('e'),
+        Some("INBOUND_TUNNEL_PORT"),
+        "15008",
+        "HBONE tunnel port: never captured inbound, not redirected for the proxy",
+    ),
+    value(
+        "proxy-uid",
+        Some('u'),
+        Some("PROXY_UID"),
+        "",
+        "Proxy uids (comma list) whose traffic is not captured; default: uid of $ENVOY_USER (istio-proxy) or 1337",
+    ),
+    value(
+        "proxy-gid",
+        Some('g'),
+        Some("PROXY_GID"),
+        "",
+        "Proxy gids (comma list) whose traffic is not captured; default: the proxy uids",
+    ),
+    value(
+        "istio-inbound-interception-mode",
+        Some('m'),
+        Some("ISTIO_INBOUND_INTERCEPTION_MODE"),
+        "",
+        "Inbound interception mode: REDIRECT or TPROXY",
+    ),
+    value(
+        "istio-inbound-tproxy-mark",
+        Some('t'),
+        Some("ISTIO_INBOUND_TPROXY_MARK"),
+        "1337",
+        "TPROXY fwmark",
+    ),
+    value(
+        "istio-inbound-tproxy-route-table",
+        Some('r'),
+        Some("ISTIO_INBOUND_TPROXY_ROUTE_TABLE"),
+        "133",
+        "TPROXY routing table",
+    ),
+    value(
+        "istio-inbound-ports",
+        Some('b'),
+        Some("ISTIO_INBOUND_PORTS"),
+        "",
+        "Inbound ports to capture: '*' for all, a comma list, or empty for none",
+    ),
+    value(
+        "istio-local-exclude-ports",
+        Some('d'),
+        Some("ISTIO_LOCAL_EXCLUDE_PORTS"),
+        "",
+        "Inbound ports not to capture (only with -b '*')",
+    ),
+    value(
+        "istio-exclude-interfaces",
+        Some('c'),
+        Some("ISTIO_EXCLUDE_INTERFACES"),
+        "",
+        "Interfaces whose traffic is never captured",
+    ),
+    value(
+        "istio-service-cidr",
+        Some('i'),
+        Some("ISTIO_SERVICE_CIDR"),
+        "",
+        "Outbound destinations to capture: '*' for all, a comma list of CIDRs, or empty for none",
+    ),
+    value(
+        "istio-service-exclude-cidr",
+        Some('x'),
+        Some("ISTIO_SERVICE_EXCLUDE_CIDR"),
+        "",
+        "Outbound destination CIDRs never captured",
+    ),
+    value(
+        "istio-outbound-ports",
+        Some('q'),
+        Some("ISTIO_OUTBOUND_PORTS"),
+        "",
+        "Outbound TCP ports captured to any non-excluded destination",
+    ),
+    value(
+        "istio-local-outbound-ports-exclude",
+        Some('o'),
+        Some("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
+        "",
+        "Outbound TCP/UDP ports never captured (wins over every other rule)",
+    ),
+    value(
+        "kube-virt-interfaces",
+        Some('k'),
+        Some("KUBE_VIRT_INTERFACES"),
+        "",
+        "Interfaces whose inbound traffic is treated as outbound",
+    ),
+    FlagSpec {
+        kind: Kind::Bool,
+        ..value(
+            "dry-run",
+            Some('n'),
+            Some("DRY_RUN"),
+            "false",
+            "Print what would be applied; apply nothing",
+        )
+    },
+    boolean(
+        "redirect-dns",
+        "REDIRECT_DNS",
+        Some("ISTIO_META_DNS_CAPTURE"),
+        "Capture DNS (TCP and UDP port 53) to the agent's DNS proxy on 15053",
+    ),
+    boolean(
+        "capture-all-dns",
+        "CAPTURE_ALL_DNS",
+        None,
+        "With --redirect-dns: capture all port-53 traffic, not only to resolv.conf servers",
+    ),
+    boolean(
+        "drop-invalid",
+        "DROP_INVALID",
+        Some("INVALID_DROP"),
+        "Drop packets conntrack marks INVALID",
+    ),
+    boolean(
+        "dual-stack",
+        "DUAL_STACK",
+        Some("ISTIO_DUAL_STACK"),
+        "Enable IPv6 capture whenever the namespace has any global IPv6 address",
+    ),
+    value(
+        "network-namespace",
+        None,
+        Some("NETWORK_NAMESPACE"),
+        "",
+        "Apply in this network namespace (a path such as /var/run/netns/pod) instead of the current one",
+    ),
+    boolean(
+        "cni-mode",
+        "CNI_MODE",
+        None,
+        "Accepted for compatibility (istio: pod-scoped xtables lock)",
+    ),
+    boolean(
+        "run-validation",
+        "RUN_VALIDATION",
+        None,
+        "After applying, check that redirection works; exit 126 if not",
+    ),
+    boolean(
+        "skip-rule-apply",
+        "SKIP_RULE_APPLY",
+        None,
+        "Do not apply anything (with --run-validation: only validate)",
+    ),
+    value(
+        "iptables-probe-port",
+        None,
+        Some("IPTABLES_PROBE_PORT"),
+        "15002",
+        "Original destination port of the validation probe",
+    ),
+    value(
+        "probe-timeout",
+        None,
+        Some("PROBE_TIMEOUT"),
+        "5s",
+        "Validation timeout (a Go-style duration such as 5s or 500ms)",
+    ),
+    boolean(
+        "reconcile",
+        "RECONCILE",
+        None,
+        "Accepted for compatibility: re-applying always replaces existing capture state",
+    ),
+    boolean(
+        "cleanup-only",
+        "CLEANUP_ONLY",
+        None,
+        "Remove capture from the namespace and exit (same as `capture clean`)",
+    ),
+    boolean(
+        "force-apply",
+        "FORCE_APPLY",
+        None,
+        "Accepted for compatibility: applying is always idempotent",
+    ),
+    boolean(
+        "native-nftables",
+        "NATIVE_NFTABLES",
+        None,
+        "istio's nftables mode: not supported by the iptables backend; ignored by the eBPF backend",
+    ),
+    value(
+        "force-iptables-binary",
+        None,
+        Some("FORCE_IPTABLES_BINARY"),
+        "",
+        "iptables binary flavour for the iptables backend: '', legacy or nft",
+    ),
+    value(
+        "log_output_level",
+        None,
+        None,
+        "default:info",
+        "Accepted for compatibility (istio logging)",
+    ),
+    FlagSpec {
+        kind: Kind::Bool,
+        ..value(
+            "log_as_json",
+            None,
+            None,
+            "false",
+            "Accepted for compatibility (istio logging)",
+        )
+    },
+    value(
+        "log_caller",
+        None,
+        None,
+        "",
+        "Accepted for compatibility (istio logging)",
+    ),
+    value(
+        "log_stacktrace_level",
+        None,
+        None,
+        "default:none",
+        "Accepted for compatibility (istio logging)",
+    ),
+    value(
+        "log_target",
+        None,
+        None,
+        "stdout",
+        "Accepted for compatibility (istio logging)",
+    ),
+];
+
+/// Env-only inputs (REFERENCE §2.4).
+pub const ENV_OWNER_GROUPS: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
+/// See [`ENV_OWNER_GROUPS`].
+pub const ENV_OWNER_GROUPS_EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
+/// See [`ENV_OWNER_GROUPS`].
+pub const ENV_LOOPBACK_CIDR: &str = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR";
+/// See [`ENV_OWNER_GROUPS`].
+pub const ENV_ENVOY_USER: &str = "ENVOY_USER";
+/// See [`ENV_OWNER_GROUPS`].
+pub const ENV_DRY_RUN_FILE: &str = "DRY_RUN_FILE_PATH";
+
+/// The proxy user istio looks up for the default `-u`, and the uid used when it does not exist.
+const DEFAULT_ENVOY_USER: &str = "istio-proxy";
+const DEFAULT_PROXY_ID: u32 = 1337;
+
+/// Which backend applies the capture (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Kernel programs attached to a cgroup, configured through maps.
+    Ebpf,
+    /// The iptables rules istio-iptables writes.
+    Iptables,
+}
+
+/// iptables binary flavour (`--force-iptables-binary`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IptablesFlavour {
+    /// The system default (`iptables-restore`).
+    Auto,
+    /// `iptables-legacy-restore`.
+    Legacy,
+    /// `iptables-nft-restore`.
+    Nft,
+}
+
+/// What to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Apply capture to the namespace (the default, like istio-iptables).
+    Apply,
+    /// Remove capture from the namespace (`capture clean`, `--cleanup-only`).
+    Clean,
+    /// Show what is applied (`capture status`).
+    Status,
+}
+
+/// Everything besides the capture rules themselves: how and where to apply them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// What to do.
+    pub action: Action,
+    /// `--backend`.
+    pub backend: Backend,
+    /// `--cgroup`: where the eBPF programs attach (default: the cgroup v2 root, found at run time).
+    pub cgroup: Option<PathBuf>,
+    /// `--resolv-conf`: where DNS servers are read from.
+    pub resolv_conf: PathBuf,
+    /// `-n/--dry-run`.
+    pub dry_run: bool,
+    /// `DRY_RUN_FILE_PATH`: write the dry-run output here instead of stdout.
+    pub dry_run_file: Option<PathBuf>,
+    /// `--network-namespace`.
+    pub network_namespace: Option<PathBuf>,
+    /// `--run-validation`.
+    pub run_validation: bool,
+    /// `--skip-rule-apply`.
+    pub skip_rule_apply: bool,
+    /// `--iptables-probe-port`.
+    pub probe_port: u16,
+    /// `--probe-timeout`.
+    pub probe_timeout: Duration,
+    /// `--native-nftables`.
+    pub native_nftables: bool,
+    /// `--force-iptables-binary`.
+    pub iptables_flavour: IptablesFlavour,
+}
+
+/// A bad input: one line naming where the value came from, the value, and what is wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid value {value:?} for {origin}: {reason}")]
+pub struct FlagError {
+    /// `-p/--envoy-port`, or `env PROXY_UID (-u/--proxy-uid)`.
+    pub origin: String,
+    /// The value as given.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Where a setting's value came from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Origin {
+    Cli,
+    Env(&'static str),
+    Default,
+}
+
+/// A flag's raw value and where it came from.
+#[derive(Clone, Debug)]
+struct Raw {
+    /// How the input is named in errors: `-p/--envoy-port`, or the env var of an env-only input.
+    name: String,
+    value: String,
+    origin: Origin,
+}
+
+impl Raw {
+    fn error(&self, reason: impl Into<String>) -> FlagError {
+        self.error_for(&self.value, reason)
+    }
+
+    /// An error about one token of a list value.
+    fn error_for(&self, token: &str, reason: impl Into<String>) -> FlagError {
+        let origin = match self.origin {
+            Origin::Env(var) if var == self.name => format!("env {var}"),
+            Origin::Env(var) => format!("env {var} ({})", self.name),
+            Origin::Cli | Origin::Default => self.name.clone(),
+        };
+        FlagError {
+            origin,
+            value: token.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `-p/--envoy-port` or `--redirect-dns`.
+fn flag_name(spec: &FlagSpec) -> String {
+    match spec.short {
+        Some(s) => format!("-{s}/--{}", spec.long),
+        None => format!("--{}", spec.long),
+    }
+}
+
+/// The clap command: istio's flags and ours on `capture`, and on `capture clean`; `capture status`.
+pub fn command() -> Command {
+    let apply_args = |cmd: Command| cmd.args(ISTIO_FLAGS.iter().map(istio_arg)).args(our_args());
+    apply_args(
+        Command::new("capture")
+            .version(env!("CARGO_PKG_VERSION"))
+            .about("Transparent traffic capture for service-mesh sidecars, in eBPF: a drop-in for istio-iptables")
+            .args_conflicts_with_subcommands(true),
+    )
+    .subcommand(apply_args(
+        Command::new("clean").about("Remove capture from the network namespace (same as --cleanup-only)"),
+    ))
+    .subcommand(
+        Command::new("status")
+            .about("Show the capture applied to the network namespace")
+            .arg(backend_arg()),
+    )
+}
+
+fn istio_arg(spec: &'static FlagSpec) -> Arg {
+    let mut arg = Arg::new(spec.long).long(spec.long).help(spec.help);
+    if let Some(short) = spec.short {
+        arg = arg.short(short);
+    }
+    if let Some(env) = spec.env {
+        arg = arg.long_help(format!(
+            "{} [env: {env}{}] [default: {:?}]",
+            spec.help,
+            spec.extra_env
+                .map(|e| format!(", {e} (wins)"))
+                .unwrap_or_default(),
+            spec.default
+        ));
+    }
+    match spec.kind {
+        // Negative numbers are values, so that `-z -1` is reported as a bad port, not an unknown flag.
+        Kind::Value => arg
+            .num_args(1)
+            .allow_negative_numbers(true)
+            .value_name("VALUE")
+            .action(ArgAction::Set),
+        Kind::Bool => arg
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .value_name("BOOL")
+            .action(ArgAction::Set),
+    }
+}
+
+fn backend_arg() -> Arg {
+    Arg::new("backend")
+        .long("backend")
+        .value_name("ebpf|iptables")
+        .help("How capture is applied [default: ebpf]")
+}
+
+fn our_args() -> [Arg; 3] {
+    [
+        backend_arg(),
+        Arg::new("cgroup")
+            .long("cgroup")
+            .value_name("PATH")
+            .help("cgroup v2 directory the eBPF programs attach to [default: the cgroup v2 root, from /proc/mounts]"),
+        Arg::new("resolv-conf")
+            .long("resolv-conf")
+            .value_name("PATH")
+            .help("Where --redirect-dns reads the DNS servers from [default: /etc/resolv.conf]"),
+    ]
+}
+
+/// A parsed invocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invocation {
+    /// The capture configuration.
+    pub config: Config,
+    /// How and where to apply it.
+    pub options: Options,
+}
+
+/// Parses argv (including the program name) and the environment.
+pub fn parse<I, T>(args: I, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, ParseError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    let (action, sub) = match matches.subcommand() {
+        Some(("clean", sub)) => (Action::Clean, sub),
+        Some(("status", sub)) => (Action::Status, sub),
+        _ => (Action::Apply, &matches),
+    };
+    Ok(resolve(action, sub, env)?)
+}
+
+/// Why parsing failed: clap's own errors (unknown flag, missing value, --help) or a bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// clap rejected the command line, or the user asked for help or the version.
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    /// A flag or env var had a bad value.
+    #[error(transparent)]
+    Flag(#[from] FlagError),
+}
+
+/// Looks up one istio flag: command line, then the additional env var, then the primary one, then the
+/// default.
+fn raw(matches: &ArgMatches, long: &str, env: &dyn Fn(&str) -> Option<String>) -> Raw {
+    let spec = ISTIO_FLAGS
+        .iter()
+        .find(|s| s.long == long)
+        .unwrap_or_else(|| panic!("--{long} is not in ISTIO_FLAGS"));
+    let cli = matches.try_get_one::<String>(long).ok().flatten().cloned();
+    let name = flag_name(spec);
+    if let Some(value) = cli {
+        return Raw {
+            name,
+            value,
+            origin: Origin::Cli,
+        };
+    }
+    for var in [spec.extra_env, spec.env].into_iter().flatten() {
+        if let Some(value) = env(var) {
+            return Raw {
+                name,
+                value,
+                origin: Origin::Env(var),
+            };
+        }
+    }
+    Raw {
+        name,
+        value: spec.default.to_owned(),
+        origin: Origin::Default,
+    }
+}
+
+fn resolve(
+    action: Action,
+    m: &ArgMatches,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Invocation, FlagError> {
+    let get = |long: &str| raw(m, long, env);
+    let ours = |name: &str| m.try_get_one::<String>(name).ok().flatten().cloned();
+
+    let backend = match ours("backend").as_deref() {
+        None | Some("ebpf") => Backend::Ebpf,
+        Some("iptables") => Backend::Iptables,
+        Some(other) => {
+            return Err(FlagError {
+                origin: "--backend".into(),
+                value: other.into(),
+                reason: "expected ebpf or iptables".into(),
+            });
+        }
+    };
+    if action == Action::Status {
+        return Ok(Invocation {
+            config: Config::default(),
+            options: Options {
+                backend,
+                ..default_options(Action::Status)
+            },
+        });
+    }
+
+    let proxy_uids = match get("proxy-uid") {
+        r if r.value.is_empty() && r.origin == Origin::Default => {
+            vec![default_proxy_user(env)]
+        }
+        r => owners(&r, Ids::User)?,
+    };
+    let proxy_gids = match get("proxy-gid") {
+        r if r.value.is_empty() && r.origin == Origin::Default => {
+            // istio: "same string as the final ProxyUID", read as group ids.
+            let uids = proxy_uids
+                .iter()
+                .map(|o| o.token.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            owners(&Raw { value: uids, ..r }, Ids::Group)?
+        }
+        r => owners(&r, Ids::Group)?,
+    };
+
+    let mode = {
+        let r = get("istio-inbound-interception-mode");
+        match r.value.as_str() {
+            "" | "REDIRECT" => InterceptionMode::Redirect,
+            "TPROXY" => InterceptionMode::Tproxy,
+            _ => return Err(r.error("expected REDIRECT or TPROXY")),
+        }
+    };
+
+    let inbound_ports = {
+        let r = get("istio-inbound-ports");
+        match r.value.as_str() {
+            "" => InboundPorts::None,
+            "*" => InboundPorts::All,
+            _ => InboundPorts::List(ports(&r)?),
+        }
+    };
+
+    let include_cidrs = {
+        let r = get("istio-service-cidr");
+        if r.value == "*" {
+            IncludeCidrs::All
+        } else {
+            IncludeCidrs::List(cidrs(&r)?)
+        }
+    };
+    let exclude_cidrs = {
+        let r = get("istio-service-exclude-cidr");
+        if r.value == "*" {
+            return Err(
+                r.error("a wildcard exclude would turn outbound capture off; list CIDRs instead")
+            );
+        }
+        cidrs(&r)?
+    };
+
+    let owner_groups = {
+        let include = env_raw(ENV_OWNER_GROUPS, "*", env);
+        let exclude = env_raw(ENV_OWNER_GROUPS_EXCLUDE, "", env);
+        if include.value == "*" {
+            OwnerGroups::AllExcept(owners(&exclude, Ids::Group)?)
+        } else {
+            let groups = owners(&include, Ids::Group)?;
+            if groups.len() > MAX_OWNER_GROUPS {
+                return Err(include.error(format!(
+                    "at most {MAX_OWNER_GROUPS} groups, got {}",
+                    groups.len()
+                )));
+            }
+            OwnerGroups::Only(groups)
+        }
+    };
+
+    let loopback_cidr_v4 = {
+        let r = env_raw(ENV_LOOPBACK_CIDR, "127.0.0.1/32", env);
+        let net: Ipv4Net = r
+            .value
+            .parse()
+            .map_err(|_| r.error("expected an IPv4 CIDR such as 127.0.0.1/32"))?;
+        if !net.addr().is_loopback() || net.prefix_len() < 8 {
+            return Err(r.error("expected an IPv4 loopback CIDR with a prefix of /8 to /32"));
+        }
+        net
+    };
+
+    let config = Config {
+        proxy_port: port(&get("envoy-port"))?,
+        inbound_capture_port: port(&get("inbound-capture-port"))?,
+        inbound_tunnel_port: port(&get("inbound-tunnel-port"))?,
+        proxy_uids,
+        proxy_gids,
+        mode,
+        tproxy_mark: number(&get("istio-inbound-tproxy-mark"))?,
+        tproxy_route_table: number(&get("istio-inbound-tproxy-route-table"))?,
+        inbound_ports,
+        inbound_exclude_ports: ports(&get("istio-local-exclude-ports"))?,
+        exclude_interfaces: interfaces(&get("istio-exclude-interfaces"))?,
+        include_cidrs,
+        exclude_cidrs,
+        outbound_ports: ports(&get("istio-outbound-ports"))?,
+        outbound_exclude_ports: ports(&get("istio-local-outbound-ports-exclude"))?,
+        kube_virt_interfaces: interfaces(&get("kube-virt-interfaces"))?,
+        redirect_dns: boolean_value(&get("redirect-dns"))?,
+        capture_all_dns: boolean_value(&get("capture-all-dns"))?,
+        drop_invalid: boolean_value(&get("drop-invalid"))?,
+        dual_stack: boolean_value(&get("dual-stack"))?,
+        owner_groups,
+        loopback_cidr_v4,
+    };
+
+    let cleanup_only = boolean_value(&get("cleanup-only"))?;
+    let iptables_flavour = {
+        let r = get("force-iptables-binary");
+        match r.value.as_str() {
+            "" => IptablesFlavour::Auto,
+            "legacy" => IptablesFlavour::Legacy,
+            "nft" => IptablesFlavour::Nft,
+            _ => return Err(r.error("expected legacy, nft or an empty value")),
+        }
+    };
+    let probe_timeout = {
+        let r = get("probe-timeout");
+        go_duration(&r.value)
+            .ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?
+    };
+    // Accepted for compatibility; validated so that a typo is still reported.
+    for flag in ["cni-mode", "reconcile", "force-apply", "log_as_json"] {
+        boolean_value(&get(flag))?;
+    }
+    let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
+
+    let native_nftables = boolean_value(&get("native-nftables"))?;
+    if native_nftables && backend == Backend::Iptables {
+        return Err(FlagError {
+            origin: "--native-nftables".into(),
+            value: "true".into(),
+            reason: "the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf".into(),
+        });
+    }
+
+    let options = Options {
+        action: if cleanup_only { Action::Clean } else { action },
+        backend,
+        cgroup: ours("cgroup").map(PathBuf::from),
+        resolv_conf: ours("resolv-conf")
+            .map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from),
+        dry_run: boolean_value(&get("dry-run"))?,
+        dry_run_file: env(ENV_DRY_RUN_FILE)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+        network_namespace: non_empty_path(get("network-namespace")),
+        run_validation: boolean_value(&get("run-validation"))?,
+        skip_rule_apply: boolean_value(&get("skip-rule-apply"))?,
+        probe_port: port(&get("iptables-probe-port"))?,
+        probe_timeout,
+        native_nftables,
+        iptables_flavour,
+    };
+    Ok(Invocation { config, options })
+}
+
+fn default_options(action: Action) -> Options {
+    Options {
+        action,
+        backend: Backend::Ebpf,
+        cgroup: None,
+        resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        dry_run: false,
+        dry_run_file: None,
+        network_namespace: None,
+        run_validation: false,
+        skip_rule_apply: false,
+        probe_port: 15002,
+        probe_timeout: Duration::from_secs(5),
+        native_nftables: false,
+        iptables_flavour: IptablesFlavour::Auto,
+    }
+}
+
+/// A pseudo-spec for env-only inputs, so their errors read like the flags'.
+fn env_raw(var: &'static str, default: &'static str, env: &dyn Fn(&str) -> Option<String>) -> Raw {
+    let (value, origin) = match env(var) {
+        Some(value) => (value, Origin::Env(var)),
+        None => (default.to_owned(), Origin::Default),
+    };
+    Raw {
+        name: var.to_owned(),
+        value,
+        origin,
+    }
+}
+
+/// istio's `config.Split`: split on `,` and drop empty tokens (no trimming).
+fn split(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').filter(|t| !t.is_empty())
+}
+
+fn parse_port(token: &str) -> Option<u16> {
+    token.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+const PORT_REASON: &str = "expected a port number from 1 to 65535";
+
+fn port(r: &Raw) -> Result<u16, FlagError> {
+    parse_port(&r.value).ok_or_else(|| r.error(PORT_REASON))
+}
+
+fn ports(r: &Raw) -> Result<Vec<u16>, FlagError> {
+    split(&r.value)
+        .map(|t| parse_port(t).ok_or_else(|| r.error_for(t, PORT_REASON)))
+        .collect()
+}
+
+fn number(r: &Raw) -> Result<u32, FlagError> {
+    r.value
+        .parse()
+        .map_err(|_| r.error("expected a non-negative integer"))
+}
+
+fn cidrs(r: &Raw) -> Result<Vec<IpNet>, FlagError> {
+    split(&r.value)
+        .map(|t| {
+            t.parse::<IpNet>()
+                .map_err(|_| r.error_for(t, "expected a CIDR such as 10.0.0.0/8 or 2001:db8::/32"))
+        })
+        .collect()
+}
+
+/// Linux interface names: 1–15 bytes, no `/`, whitespace or `:` (iptables' `+` wildcard suffix is allowed).
+fn interfaces(r: &Raw) -> Result<Vec<String>, FlagError> {
+    const IFNAMSIZ: usize = 16;
+    split(&r.value)
+        .map(|t| {
+            let ok = t.len() < IFNAMSIZ
+                && !t.contains(|c: char| {
+                    c == '/' || c == ':' || c.is_whitespace() || c.is_control()
+                });
+            if ok {
+                Ok(t.to_owned())
+            } else {
+                Err(r.error_for(t, "expected an interface name of at most 15 characters"))
+            }
+        })
+        .collect()
+}
+
+/// pflag's `ParseBool`.
+fn boolean_value(r: &Raw) -> Result<bool, FlagError> {
+    match r.value.as_str() {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(r.error("expected a boolean (true/false, 1/0, t/f)")),
+    }
+}
+
+/// Whether a list is of users or of groups.
+#[derive(Clone, Copy)]
+enum Ids {
+    User,
+    Group,
+}
+
+/// A comma list of uids or gids, numbers or names (names resolved through the system's user database).
+fn owners(r: &Raw, ids: Ids) -> Result<Vec<Owner>, FlagError> {
+    split(&r.value)
+        .map(|t| {
+            let id = match t.parse::<u32>() {
+                Ok(id) => Some(id),
+                Err(_) => lookup(t, ids),
+            };
+            id.map(|id| Owner {
+                token: t.to_owned(),
+                id,
+            })
+            .ok_or_else(|| {
+                let what = match ids {
+                    Ids::User => "a uid or the name of an existing user",
+                    Ids::Group => "a gid or the name of an existing group",
+                };
+                r.error_for(t, format!("expected {what}"))
+            })
+        })
+        .collect()
+}
+
+fn lookup(name: &str, ids: Ids) -> Option<u32> {
+    if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '\0') {
+        return None;
+    }
+    match ids {
+        Ids::User => nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw()),
+        Ids::Group => nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw()),
+    }
+}
+
+/// istio's default `-u`: the uid of `$ENVOY_USER` (default istio-proxy) if that user exists, else 1337.
+fn default_proxy_user(env: &dyn Fn(&str) -> Option<String>) -> Owner {
+    let user = env(ENV_ENVOY_USER).unwrap_or_else(|| DEFAULT_ENVOY_USER.into());
+    let id = lookup(&user, Ids::User).unwrap_or(DEFAULT_PROXY_ID);
+    Owner {
+        token: id.to_string(),
+        id,
+    }
+}
+
+/// A Go `time.ParseDuration` string: a sequence of decimal numbers with units (ns, us, µs, ms, s, m, h).
+fn go_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+/// The flag table as Markdown, for the README (a test keeps the README in step with [`ISTIO_FLAGS`]).
+pub fn markdown_table() -> String {
+    let mut out =
+        String::from("| Short | Long | Env var(s) | Default | Meaning |\n|---|---|---|---|---|\n");
+    for spec in ISTIO_FLAGS {
+        let short = spec.short.map(|s| format!("`-{s}`")).unwrap_or_default();
+        let envs = [spec.env, spec.extra_env]
+            .into_iter()
+            .flatten()
+            .map(|e| format!("`{e}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let default = if spec.default.is_empty() {
+            "`\"\"`".to_owned()
+        } else {
+            format!("`{}`", spec.default)
+        };
+        out.push_str(&format!(
+            "| {short} | `--{}` | {envs} | {default} | {} |\n",
+            spec.long, spec.help
+        ));
+    }
+    out
+}

@@ -1,0 +1,119 @@
+//! Facts about the target network namespace that istio-iptables detects instead of taking as flags: whether
+//! IPv6 capture is on, and the DNS servers; and entering a namespace given by `--network-namespace`.
+
+use std::{fs::File, net::IpAddr, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use crate::config::{Config, Environment, Nameserver};
+
+/// Moves this process (this thread, before any other thread exists) into the network namespace at `path`.
+pub fn enter(path: &Path) -> Result<()> {
+    let ns =
+        File::open(path).with_context(|| format!("open network namespace {}", path.display()))?;
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter network namespace {}", path.display()))
+}
+
+/// Detects the [`Environment`] of the current network namespace, as istio's `FillConfigFromEnvironment`.
+pub fn detect(config: &Config, resolv_conf: &Path) -> Result<Environment> {
+    let addrs = addresses().context("list the namespace's addresses")?;
+    let nameservers = if config.redirect_dns && !config.capture_all_dns {
+        match std::fs::read_to_string(resolv_conf) {
+            Ok(text) => nameservers(&text),
+            // istio: no resolv.conf means no servers, and DNS capture silently off (with a warning).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", resolv_conf.display())),
+        }
+    } else {
+        Vec::new()
+    };
+    Ok(Environment {
+        ipv6: ipv6_enabled(&addrs, config.dual_stack),
+        nameservers,
+    })
+}
+
+/// Every address of every interface in the current network namespace, in the kernel's order.
+fn addresses() -> Result<Vec<IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|sa| {
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
+}
+
+/// istio's IPv6 detection: only global addresses count (not loopback, not link-local). Without
+/// `--dual-stack` the first such address decides; with it, any IPv6 one turns IPv6 capture on.
+pub fn ipv6_enabled(addrs: &[IpAddr], dual_stack: bool) -> bool {
+    let mut global = addrs
+        .iter()
+        .filter(|a| !a.is_loopback() && !is_link_local(a));
+    if dual_stack {
+        global.any(IpAddr::is_ipv6)
+    } else {
+        global.next().is_some_and(IpAddr::is_ipv6)
+    }
+}
+
+fn is_link_local(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
+}
+
+/// The `nameserver` entries of a resolv.conf, in order; entries that are not IP addresses are skipped
+/// (as the resolver does).
+pub fn nameservers(resolv_conf: &str) -> Vec<Nameserver> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            let text = words.next()?;
+            // A zone suffix (fe80::1%eth0) is not part of the address.
+            let addr = text.split('%').next()?.parse().ok()?;
+            Some(Nameserver {
+                addr,
+                text: text.to_owned(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn ipv6_follows_the_first_global_address_unless_dual_stack() {
+        let v4_first = ips(&["127.0.0.1", "::1", "fe80::1", "10.0.0.2", "2001:db8::2"]);
+        assert!(!ipv6_enabled(&v4_first, false));
+        assert!(ipv6_enabled(&v4_first, true));
+        let v6_first = ips(&["::1", "169.254.1.1", "2001:db8::2", "10.0.0.2"]);
+        assert!(ipv6_enabled(&v6_first, false));
+        let local_only = ips(&["127.0.0.1", "::1", "fe80::1"]);
+        assert!(!ipv6_enabled(&local_only, false));
+        assert!(!ipv6_enabled(&local_only, true));
+    }
+
+    #[test]
+    fn nameservers_are_read_in_order_and_keep_their_text() {
+        let conf = "# comment\nsearch svc.cluster.local\nnameserver 10.96.0.10\nnameserver ::127.0.0.53\n\
+                    nameserver fe80::1%eth0\nnameserver not-an-ip\noptions ndots:5\n";
+        let got = nameservers(conf);
+        let texts: Vec<_> = got.iter().map(|n| n.text.as_str()).collect();
+        assert_eq!(texts, ["10.96.0.10", "::127.0.0.53", "fe80::1%eth0"]);
+        assert_eq!(got[1].addr, "::7f00:35".parse::<IpAddr>().unwrap());
+    }
+}

@@ -1,0 +1,137 @@
+//! Installs what building and testing capture needs, when it is missing, and says so in one line each.
+//! Quick when everything is there: each check is one short command.
+
+use std::{
+    ffi::OsString,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Debian packages: LLVM 22 for bpf-linker, iptables for the iptables backend and its tests, iproute2 for
+/// namespaces and veth, bpftool to inspect what is attached.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iptables", "iproute2", "bpftool"];
+/// Where Debian's LLVM 22 keeps llvm-config, which bpf-linker's build looks for.
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+/// The nightly toolchain that builds the kernel crate (build-std needs its rust-src).
+const NIGHTLY: &str = "nightly";
+/// bpf-linker, pinned to the version known to build against LLVM 22 with our toolchain.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn installed_deb(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+}
+
+/// PATH with LLVM 22's tools in front.
+pub fn path_with_llvm() -> OsString {
+    let mut path = OsString::from(LLVM_BIN);
+    if let Some(p) = std::env::var_os("PATH") {
+        path.push(":");
+        path.push(p);
+    }
+    path
+}
+
+/// Makes sure every build and test prerequisite is present.
+pub fn ensure() -> Result<()> {
+    if !nix_is_root() {
+        bail!(
+            "capture's set-up and tests need root (apt-get, network namespaces, BPF); run as root"
+        );
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed_deb(p))
+        .collect();
+    if !missing.is_empty() {
+        let apt = |args: &[&str]| {
+            checked(
+                Command::new("apt-get")
+                    .args(args)
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdout(Stdio::null()),
+            )
+        };
+        apt(&["update", "-qq"])?;
+        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        args.extend(&missing);
+        apt(&args)?;
+        for p in &missing {
+            println!("setup: installed {p} (apt)");
+        }
+    }
+
+    if !quiet(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])) {
+        bail!(
+            "the `{NIGHTLY}` Rust toolchain is missing; it builds the kernel programs (rustup toolchain install {NIGHTLY})"
+        );
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .output()
+        .context("rustup component list")?;
+    if !String::from_utf8_lossy(&components.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        checked(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
+        println!("setup: installed rust-src for the {NIGHTLY} toolchain (rustup)");
+    }
+
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes, once)"
+        );
+        checked(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path_with_llvm()),
+        )?;
+        println!("setup: installed bpf-linker {BPF_LINKER_VERSION} (cargo install)");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
