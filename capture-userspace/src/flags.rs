@@ -475,7 +475,12 @@ fn flag_name(spec: &FlagSpec) -> String {
 
 /// The clap command: istio's flags and ours on `capture`, and on `capture clean`; `capture status`.
 pub fn command() -> Command {
-    let apply_args = |cmd: Command| cmd.args(ISTIO_FLAGS.iter().map(istio_arg)).args(our_args());
+    // pflag lets a repeated flag override the earlier one; so do we.
+    let apply_args = |cmd: Command| {
+        cmd.args(ISTIO_FLAGS.iter().map(istio_arg))
+            .args(our_args())
+            .args_override_self(true)
+    };
     apply_args(
         Command::new("capture")
             .version(env!("CARGO_PKG_VERSION"))

@@ -231,7 +231,7 @@ fn table_body(doc: &str, table: &str) -> String {
     let mut inside = false;
     for line in doc.lines() {
         if let Some(name) = line.strip_prefix('*') {
-            inside = name == table;
+            inside = name.trim() == table;
         } else if line == "COMMIT" {
             inside = false;
         } else if inside {
