@@ -3,6 +3,16 @@
 
 use std::{collections::HashMap, time::Duration};
 
+/// One way to give a flag: arguments and env vars.
+type Way<'a> = (Vec<String>, Vec<(&'a str, &'a str)>);
+
+/// Extra arguments, env vars, and the texts the error must contain.
+type BadCase = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    &'static [&'static str],
+);
+
 use capture::{
     config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups},
     flags::{self, Action, Backend, ISTIO_FLAGS, Invocation, IptablesFlavour, ParseError},
@@ -216,7 +226,7 @@ fn every_value_flag_by_short_long_and_env() {
         let spec = ISTIO_FLAGS.iter().find(|s| s.long == long).unwrap();
         let long_flag = format!("--{long}");
         let long_eq = format!("--{long}={value}");
-        let mut ways: Vec<(Vec<String>, Vec<(&str, &str)>)> = vec![
+        let mut ways: Vec<Way> = vec![
             (vec![long_flag.clone(), value.into()], vec![]),
             (vec![long_eq], vec![]),
         ];
@@ -278,7 +288,7 @@ fn every_bool_flag_by_flag_and_env() {
             "--{long}=false beats its env var"
         );
     }
-    assert_eq!(parse(&["-n"]).options.dry_run, true, "-n is --dry-run");
+    assert!(parse(&["-n"]).options.dry_run, "-n is --dry-run");
     // Compatibility-only flags are accepted.
     parse(&[
         "--cni-mode",
@@ -432,7 +442,7 @@ fn owner_groups_and_loopback_cidr_come_from_env() {
 /// Bad input: one line naming the flag (or env var) and the value.
 #[test]
 fn bad_input_names_the_flag_and_the_value() {
-    let cases: &[(&[&str], &[(&str, &str)], &[&str])] = &[
+    let cases: &[BadCase] = &[
         (
             &["-i", "10.0.0.0/33"],
             &[],

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use capture::{
-    config::{Environment, Nameserver},
+    config::{Config, Environment, Nameserver, Owner, OwnerGroups},
     flags,
     iptables::render::{Ruleset, render},
 };
@@ -213,58 +213,41 @@ const BASE: &[&str] = &[
     "133",
 ];
 
-/// Group names in the golden cases that need not exist on the test machine: resolved here to any id, as
-/// the renderer prints the name as given.
-fn lookup_free_env(case: &Case) -> HashMap<String, String> {
-    case.env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
+/// The rules capture renders for `case`. Owner groups are set from the case's env here rather than by
+/// the parser, because the parser resolves group names (`java`, `ftp`) that need not exist on this
+/// machine; the renderer prints them as given either way.
 fn rendered(case: &Case) -> String {
-    let env = lookup_free_env(case);
-    let args: Vec<&str> = std::iter::once("capture")
-        .chain(BASE.iter().copied())
-        .chain(case.args.iter().copied())
+    let is_groups = |k: &str| k.starts_with("ISTIO_OUTBOUND_OWNER_GROUPS");
+    let env: HashMap<&str, &str> = case
+        .env
+        .iter()
+        .copied()
+        .filter(|(k, _)| !is_groups(k))
         .collect();
-    let mut inv = match flags::parse(&args, &|k| env.get(k).cloned()) {
-        Ok(inv) => inv,
-        // Group names such as `java` and `ftp` need not exist here; parse without them and put the
-        // tokens back, as the renderer prints names as given.
-        Err(_) if !case.env.is_empty() => {
-            let inv = flags::parse(&args, &|_| None).expect("flags parse");
-            return render_with_groups(case, inv);
-        }
-        Err(e) => panic!("{}: {e}", case.name),
-    };
-    inv.config.dual_stack = false;
-    render_doc(case, &inv.config)
-}
-
-fn render_with_groups(case: &Case, mut inv: flags::Invocation) -> String {
-    use capture::config::{Owner, OwnerGroups};
-    let owners = |list: &str| {
+    let args = std::iter::once("capture")
+        .chain(BASE.iter().copied())
+        .chain(case.args.iter().copied());
+    let mut config = flags::parse(args, &|k| env.get(k).map(|v| v.to_string()))
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name))
+        .config;
+    let owners = |list: &str| -> Vec<Owner> {
         list.split(',')
             .map(|t| Owner {
                 token: t.to_owned(),
                 id: t.parse().unwrap_or(u32::MAX),
             })
-            .collect::<Vec<_>>()
+            .collect()
     };
-    for (k, v) in case.env {
-        match *k {
-            "ISTIO_OUTBOUND_OWNER_GROUPS" => inv.config.owner_groups = OwnerGroups::Only(owners(v)),
-            "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE" => {
-                inv.config.owner_groups = OwnerGroups::AllExcept(owners(v))
-            }
-            other => panic!("{}: unexpected env {other}", case.name),
-        }
+    for (k, v) in case.env.iter().filter(|(k, _)| is_groups(k)) {
+        config.owner_groups = match *k {
+            "ISTIO_OUTBOUND_OWNER_GROUPS" => OwnerGroups::Only(owners(v)),
+            _ => OwnerGroups::AllExcept(owners(v)),
+        };
     }
-    render_doc(case, &inv.config)
+    render_doc(case, &config)
 }
 
-fn render_doc(case: &Case, config: &capture::config::Config) -> String {
+fn render_doc(case: &Case, config: &Config) -> String {
     let env = Environment {
         ipv6: case.ipv6,
         nameservers: case

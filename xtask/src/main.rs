@@ -5,7 +5,6 @@
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
 //! - `cargo xtask setup` — only the installation step.
 
-mod demo;
 mod setup;
 
 use std::process::Command;
@@ -86,7 +85,22 @@ fn main() -> Result<()> {
             setup::ensure()?;
             let capture = build_capture()?;
             if flags.is_empty() {
-                return demo::run(&capture, &backend, seconds);
+                // The demo lives in the tests crate, next to the harness it uses; it is built only after
+                // set-up, since building it builds the kernel programs.
+                return checked(
+                    cargo()
+                        .args([
+                            "run",
+                            "--quiet",
+                            "--package",
+                            "tests",
+                            "--bin",
+                            "capture-demo",
+                            "--",
+                        ])
+                        .arg(&capture)
+                        .args([&backend, &seconds.to_string()]),
+                );
             }
             let status = Command::new(&capture)
                 .args(&flags)

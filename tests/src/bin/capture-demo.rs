@@ -1,4 +1,4 @@
-//! `cargo xtask run` without flags: capture in a throwaway pod, live.
+//! The demo behind `cargo xtask run` (without flags): capture in a throwaway pod, live.
 //!
 //! A pod namespace (app + sidecar) joined by veth to a "remote" namespace. The sidecar is the test
 //! harness's forwarding proxy running as uid 1337; capture is applied with the injector's default flags.
@@ -29,8 +29,18 @@ const REMOTE_PORT: u16 = 8080;
 const APP_PORT: u16 = 9080;
 const ROUND: Duration = Duration::from_secs(1);
 
+/// `capture-demo CAPTURE_BIN BACKEND SECONDS`, as `cargo xtask run` calls it.
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, capture, backend, seconds] = args.as_slice() else {
+        bail!("usage: capture-demo CAPTURE_BIN BACKEND SECONDS (run it with `cargo xtask run`)");
+    };
+    let seconds: u64 = seconds.parse().context("SECONDS")?;
+    run(Path::new(capture), backend, seconds)
+}
+
 /// Runs the demo for at most `seconds`, with the `capture` binary at `capture`, using `backend`.
-pub fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
+fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();

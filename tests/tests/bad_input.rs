@@ -1,0 +1,99 @@
+//! Bad input, for real: `capture` exits 2 with one line naming the flag and the value, and the namespace is
+//! left exactly as it was (no rules, no BPF pins).
+
+use tests::{INJECTOR_DEFAULT_FLAGS, Netns, capture_with_env};
+
+/// Extra arguments, env vars, and the texts the error must contain.
+type BadCase = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    &'static [&'static str],
+);
+
+/// Where capture pins its BPF objects; nothing may appear there on bad input.
+const PIN_ROOT: &str = "/sys/fs/bpf/capture";
+
+fn pins() -> Vec<String> {
+    std::fs::read_dir(PIN_ROOT)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path().display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line_and_applies_nothing() {
+    // (extra args, env, text the error must contain)
+    let cases: &[BadCase] = &[
+        (
+            &["-i", "10.0.0.0/33"],
+            &[],
+            &["-i/--istio-service-cidr", "10.0.0.0/33"],
+        ),
+        (&["-x", "*"], &[], &["-x/--istio-service-exclude-cidr", "*"]),
+        (
+            &["-d", "15090,99999"],
+            &[],
+            &["-d/--istio-local-exclude-ports", "99999"],
+        ),
+        (&["-p", "0"], &[], &["-p/--envoy-port", "0"]),
+        (&["--backend", "nftables"], &[], &["--backend", "nftables"]),
+        (&["--redirect-dns=maybe"], &[], &["--redirect-dns", "maybe"]),
+        (&["-u", "1337,x!y"], &[], &["-u/--proxy-uid", "x!y"]),
+        (
+            &[],
+            &[("ISTIO_META_DNS_CAPTURE", "yes")],
+            &["ISTIO_META_DNS_CAPTURE", "yes"],
+        ),
+        (&["--no-such-flag"], &[], &["--no-such-flag"]),
+    ];
+    let ns = Netns::new("bad");
+    let rules_before = ns.iptables_rules();
+    let pins_before = pins();
+    for backend in ["iptables", "ebpf"] {
+        for (extra, env, needles) in cases {
+            // The injector's flags first, the bad one last: a valid prefix must not be half-applied.
+            let mut args = vec!["--backend", backend];
+            args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+            args.extend_from_slice(extra);
+            if extra.first() == Some(&"--backend") {
+                args.drain(..2);
+            }
+            let out = capture_with_env(&ns, &args, env);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{backend} {extra:?} {env:?}: exit code; stderr: {stderr}"
+            );
+            assert_eq!(
+                stderr.lines().count(),
+                1,
+                "{backend} {extra:?}: not one line: {stderr}"
+            );
+            for n in *needles {
+                assert!(
+                    stderr.contains(n),
+                    "{backend} {extra:?} {env:?}: {stderr:?} does not name {n:?}"
+                );
+            }
+            assert!(
+                out.stdout.is_empty(),
+                "{backend} {extra:?}: printed {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert_eq!(
+                ns.iptables_rules(),
+                rules_before,
+                "{backend} {extra:?}: rules were applied"
+            );
+            assert_eq!(
+                pins(),
+                pins_before,
+                "{backend} {extra:?}: BPF objects were pinned"
+            );
+        }
+    }
+}
