@@ -6,12 +6,9 @@ use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest_dir.join("../capture-ebpf");
-    let ebpf_dir = ebpf_dir
-        .to_str()
-        .context("capture-ebpf path is not UTF-8")?;
+    let ebpf_dir = ebpf_dir.to_str().context("capture-ebpf path is not UTF-8")?;
     aya_build::build_ebpf(
         [Package {
             name: "capture-ebpf",

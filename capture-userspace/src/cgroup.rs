@@ -20,9 +20,7 @@ fn unescape(field: &str) -> String {
     let mut rest = field;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(c) => {
                 out.push(char::from(c));
@@ -43,9 +41,7 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
     match cgroup2_mount(&mounts) {
         Some(root) => Ok(root),
-        None => bail!(
-            "no cgroup v2 hierarchy is mounted (none in /proc/mounts); the eBPF backend needs one"
-        ),
+        None => bail!("no cgroup v2 hierarchy is mounted (none in /proc/mounts); the eBPF backend needs one"),
     }
 }
 
@@ -57,10 +53,7 @@ mod tests {
     fn finds_cgroup2_wherever_it_is_mounted() {
         let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(
             cgroup2_mount("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
             Some(PathBuf::from("/sys/fs/cgroup"))
@@ -69,9 +62,6 @@ mod tests {
             cgroup2_mount("cgroup2 /mnt/my\\040cg cgroup2 rw 0 0\n"),
             Some(PathBuf::from("/mnt/my cg"))
         );
-        assert_eq!(
-            cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
-            None
-        );
+        assert_eq!(cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
     }
 }

@@ -181,9 +181,7 @@ pub struct Environment {
 impl Environment {
     /// Nameservers of one family.
     pub fn nameservers(&self, v6: bool) -> impl Iterator<Item = &Nameserver> {
-        self.nameservers
-            .iter()
-            .filter(move |n| n.addr.is_ipv6() == v6)
+        self.nameservers.iter().filter(move |n| n.addr.is_ipv6() == v6)
     }
 }
 

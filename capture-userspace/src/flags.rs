@@ -14,9 +14,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::config::{
-    Config, InboundPorts, IncludeCidrs, InterceptionMode, MAX_OWNER_GROUPS, Owner, OwnerGroups,
-};
+use crate::config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, MAX_OWNER_GROUPS, Owner, OwnerGroups};
 
 /// What kind of value a flag takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -506,9 +504,7 @@ fn istio_arg(spec: &'static FlagSpec) -> Arg {
         arg = arg.long_help(format!(
             "{} [env: {env}{}] [default: {:?}]",
             spec.help,
-            spec.extra_env
-                .map(|e| format!(", {e} (wins)"))
-                .unwrap_or_default(),
+            spec.extra_env.map(|e| format!(", {e} (wins)")).unwrap_or_default(),
             spec.default
         ));
     }
@@ -616,11 +612,7 @@ fn raw(matches: &ArgMatches, long: &str, env: &dyn Fn(&str) -> Option<String>) -
     }
 }
 
-fn resolve(
-    action: Action,
-    m: &ArgMatches,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Invocation, FlagError> {
+fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, FlagError> {
     let get = |long: &str| raw(m, long, env);
     let ours = |name: &str| m.try_get_one::<String>(name).ok().flatten().cloned();
 
@@ -693,9 +685,7 @@ fn resolve(
     let exclude_cidrs = {
         let r = get("istio-service-exclude-cidr");
         if r.value == "*" {
-            return Err(
-                r.error("a wildcard exclude would turn outbound capture off; list CIDRs instead")
-            );
+            return Err(r.error("a wildcard exclude would turn outbound capture off; list CIDRs instead"));
         }
         cidrs(&r)?
     };
@@ -708,10 +698,7 @@ fn resolve(
         } else {
             let groups = owners(&include, Ids::Group)?;
             if groups.len() > MAX_OWNER_GROUPS {
-                return Err(include.error(format!(
-                    "at most {MAX_OWNER_GROUPS} groups, got {}",
-                    groups.len()
-                )));
+                return Err(include.error(format!("at most {MAX_OWNER_GROUPS} groups, got {}", groups.len())));
             }
             OwnerGroups::Only(groups)
         }
@@ -766,8 +753,7 @@ fn resolve(
     };
     let probe_timeout = {
         let r = get("probe-timeout");
-        go_duration(&r.value)
-            .ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?
+        go_duration(&r.value).ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?
     };
     // Accepted for compatibility; validated so that a typo is still reported.
     for flag in ["cni-mode", "reconcile", "force-apply", "log_as_json"] {
@@ -780,7 +766,8 @@ fn resolve(
         return Err(FlagError {
             origin: "--native-nftables".into(),
             value: "true".into(),
-            reason: "the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf".into(),
+            reason: "the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf"
+                .into(),
         });
     }
 
@@ -788,12 +775,9 @@ fn resolve(
         action: if cleanup_only { Action::Clean } else { action },
         backend,
         cgroup: ours("cgroup").map(PathBuf::from),
-        resolv_conf: ours("resolv-conf")
-            .map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from),
+        resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from),
         dry_run: boolean_value(&get("dry-run"))?,
-        dry_run_file: env(ENV_DRY_RUN_FILE)
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from),
+        dry_run_file: env(ENV_DRY_RUN_FILE).filter(|p| !p.is_empty()).map(PathBuf::from),
         network_namespace: non_empty_path(get("network-namespace")),
         run_validation: boolean_value(&get("run-validation"))?,
         skip_rule_apply: boolean_value(&get("skip-rule-apply"))?,
@@ -858,9 +842,7 @@ fn ports(r: &Raw) -> Result<Vec<u16>, FlagError> {
 }
 
 fn number(r: &Raw) -> Result<u32, FlagError> {
-    r.value
-        .parse()
-        .map_err(|_| r.error("expected a non-negative integer"))
+    r.value.parse().map_err(|_| r.error("expected a non-negative integer"))
 }
 
 fn cidrs(r: &Raw) -> Result<Vec<IpNet>, FlagError> {
@@ -878,9 +860,7 @@ fn interfaces(r: &Raw) -> Result<Vec<String>, FlagError> {
     split(&r.value)
         .map(|t| {
             let ok = t.len() < IFNAMSIZ
-                && !t.contains(|c: char| {
-                    c == '/' || c == ':' || c.is_whitespace() || c.is_control()
-                });
+                && !t.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
             if ok {
                 Ok(t.to_owned())
             } else {
@@ -991,8 +971,7 @@ fn go_duration(s: &str) -> Option<Duration> {
 
 /// The flag table as Markdown, for the README (a test keeps the README in step with [`ISTIO_FLAGS`]).
 pub fn markdown_table() -> String {
-    let mut out =
-        String::from("| Short | Long | Env var(s) | Default | Meaning |\n|---|---|---|---|---|\n");
+    let mut out = String::from("| Short | Long | Env var(s) | Default | Meaning |\n|---|---|---|---|---|\n");
     for spec in ISTIO_FLAGS {
         let short = spec.short.map(|s| format!("`-{s}`")).unwrap_or_default();
         let envs = [spec.env, spec.extra_env]

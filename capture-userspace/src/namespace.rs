@@ -9,8 +9,7 @@ use crate::config::{Config, Environment, Nameserver};
 
 /// Moves this process (this thread, before any other thread exists) into the network namespace at `path`.
 pub fn enter(path: &Path) -> Result<()> {
-    let ns =
-        File::open(path).with_context(|| format!("open network namespace {}", path.display()))?;
+    let ns = File::open(path).with_context(|| format!("open network namespace {}", path.display()))?;
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("enter network namespace {}", path.display()))
 }
@@ -51,9 +50,7 @@ fn addresses() -> Result<Vec<IpAddr>> {
 /// istio's IPv6 detection: only global addresses count (not loopback, not link-local). Without
 /// `--dual-stack` the first such address decides; with it, any IPv6 one turns IPv6 capture on.
 pub fn ipv6_enabled(addrs: &[IpAddr], dual_stack: bool) -> bool {
-    let mut global = addrs
-        .iter()
-        .filter(|a| !a.is_loopback() && !is_link_local(a));
+    let mut global = addrs.iter().filter(|a| !a.is_loopback() && !is_link_local(a));
     if dual_stack {
         global.any(IpAddr::is_ipv6)
     } else {

@@ -22,15 +22,9 @@ const DIAL_INTERVAL: Duration = Duration::from_secs(1);
 /// Runs the probe; `Ok(false)` means capture did not redirect it within `timeout`.
 pub fn run(proxy_ports: [u16; 2], probe_port: u16, v6: bool, timeout: Duration) -> Result<bool> {
     let (local, passthrough): (IpAddr, IpAddr) = if v6 {
-        (
-            Ipv6Addr::LOCALHOST.into(),
-            Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into(),
-        )
+        (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into())
     } else {
-        (
-            Ipv4Addr::LOCALHOST.into(),
-            Ipv4Addr::new(127, 0, 0, 6).into(),
-        )
+        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::new(127, 0, 0, 6).into())
     };
     let (tx, rx) = mpsc::channel();
     for port in proxy_ports {
@@ -49,8 +43,7 @@ pub fn run(proxy_ports: [u16; 2], probe_port: u16, v6: bool, timeout: Duration) 
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         // A refused dial is expected until capture redirects; the listener thread reports success.
-        let _dial =
-            TcpStream::connect_timeout(&SocketAddr::new(passthrough, probe_port), DIAL_INTERVAL);
+        let _dial = TcpStream::connect_timeout(&SocketAddr::new(passthrough, probe_port), DIAL_INTERVAL);
         let wait = DIAL_INTERVAL.min(deadline.saturating_duration_since(Instant::now()));
         if let Ok(Some(port)) = rx.recv_timeout(wait)
             && port == probe_port

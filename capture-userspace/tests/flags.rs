@@ -22,12 +22,8 @@ use capture::{
 const NO_USER: &str = "capture-test-no-such-user";
 
 fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Invocation, ParseError> {
-    let mut vars: HashMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    vars.entry("ENVOY_USER".into())
-        .or_insert_with(|| NO_USER.into());
+    let mut vars: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    vars.entry("ENVOY_USER".into()).or_insert_with(|| NO_USER.into());
     let argv = std::iter::once("capture").chain(args.iter().copied());
     flags::parse(argv, &|k| vars.get(k).cloned())
 }
@@ -68,11 +64,7 @@ fn defaults_are_istios() {
     assert_eq!(c.proxy_uids, owners(&[1337]));
     assert_eq!(c.proxy_gids, owners(&[1337]));
     assert_eq!(c.inbound_ports, InboundPorts::None, "-b defaults to empty");
-    assert_eq!(
-        c.include_cidrs,
-        IncludeCidrs::List(vec![]),
-        "-i defaults to empty"
-    );
+    assert_eq!(c.include_cidrs, IncludeCidrs::List(vec![]), "-i defaults to empty");
     assert_eq!((c.tproxy_mark, c.tproxy_route_table), (1337, 133));
     assert_eq!(c.owner_groups, OwnerGroups::AllExcept(vec![]));
     assert_eq!(c.loopback_cidr_v4.to_string(), "127.0.0.1/32");
@@ -91,12 +83,7 @@ fn defaults_are_istios() {
 fn every_value_flag_by_short_long_and_env() {
     type Check = fn(&Invocation) -> String;
     let cases: &[(&str, &str, Check, &str)] = &[
-        (
-            "envoy-port",
-            "15101",
-            |i| i.config.proxy_port.to_string(),
-            "15101",
-        ),
+        ("envoy-port", "15101", |i| i.config.proxy_port.to_string(), "15101"),
         (
             "inbound-capture-port",
             "15106",
@@ -112,23 +99,13 @@ fn every_value_flag_by_short_long_and_env() {
         (
             "proxy-uid",
             "3,4",
-            |i| {
-                format!(
-                    "{:?}",
-                    i.config.proxy_uids.iter().map(|o| o.id).collect::<Vec<_>>()
-                )
-            },
+            |i| format!("{:?}", i.config.proxy_uids.iter().map(|o| o.id).collect::<Vec<_>>()),
             "[3, 4]",
         ),
         (
             "proxy-gid",
             "1,2",
-            |i| {
-                format!(
-                    "{:?}",
-                    i.config.proxy_gids.iter().map(|o| o.id).collect::<Vec<_>>()
-                )
-            },
+            |i| format!("{:?}", i.config.proxy_gids.iter().map(|o| o.id).collect::<Vec<_>>()),
             "[1, 2]",
         ),
         (
@@ -226,10 +203,7 @@ fn every_value_flag_by_short_long_and_env() {
         let spec = ISTIO_FLAGS.iter().find(|s| s.long == long).unwrap();
         let long_flag = format!("--{long}");
         let long_eq = format!("--{long}={value}");
-        let mut ways: Vec<Way> = vec![
-            (vec![long_flag.clone(), value.into()], vec![]),
-            (vec![long_eq], vec![]),
-        ];
+        let mut ways: Vec<Way> = vec![(vec![long_flag.clone(), value.into()], vec![]), (vec![long_eq], vec![])];
         if let Some(short) = spec.short {
             ways.push((vec![format!("-{short}"), value.into()], vec![]));
         }
@@ -261,10 +235,7 @@ fn every_bool_flag_by_flag_and_env() {
     for &(long, check) in cases {
         let spec = ISTIO_FLAGS.iter().find(|s| s.long == long).unwrap();
         assert!(!check(&parse(&[])), "--{long} defaults to false");
-        assert!(
-            check(&parse(&[&format!("--{long}")])),
-            "--{long} alone means true"
-        );
+        assert!(check(&parse(&[&format!("--{long}")])), "--{long} alone means true");
         for t in ["true", "1", "t", "T", "TRUE", "True"] {
             assert!(check(&parse(&[&format!("--{long}={t}")])), "--{long}={t}");
         }
@@ -278,13 +249,7 @@ fn every_bool_flag_by_flag_and_env() {
             );
         }
         assert!(
-            !check(
-                &parse_env(
-                    &[&format!("--{long}=false")],
-                    &[(spec.env.unwrap(), "true")]
-                )
-                .unwrap()
-            ),
+            !check(&parse_env(&[&format!("--{long}=false")], &[(spec.env.unwrap(), "true")]).unwrap()),
             "--{long}=false beats its env var"
         );
     }
@@ -302,28 +267,16 @@ fn every_bool_flag_by_flag_and_env() {
 #[test]
 fn precedence_is_cli_then_additional_env_then_primary_env_then_default() {
     assert!(
-        parse_env(
-            &[],
-            &[
-                ("REDIRECT_DNS", "false"),
-                ("ISTIO_META_DNS_CAPTURE", "true")
-            ]
-        )
-        .unwrap()
-        .config
-        .redirect_dns
+        parse_env(&[], &[("REDIRECT_DNS", "false"), ("ISTIO_META_DNS_CAPTURE", "true")])
+            .unwrap()
+            .config
+            .redirect_dns
     );
     assert!(
-        !parse_env(
-            &[],
-            &[
-                ("REDIRECT_DNS", "true"),
-                ("ISTIO_META_DNS_CAPTURE", "false")
-            ]
-        )
-        .unwrap()
-        .config
-        .redirect_dns
+        !parse_env(&[], &[("REDIRECT_DNS", "true"), ("ISTIO_META_DNS_CAPTURE", "false")])
+            .unwrap()
+            .config
+            .redirect_dns
     );
     assert!(
         parse_env(&[], &[("DROP_INVALID", "0"), ("INVALID_DROP", "1")])
@@ -338,20 +291,11 @@ fn precedence_is_cli_then_additional_env_then_primary_env_then_default() {
             .dual_stack
     );
     let inv = parse_env(&["-z", "1"], &[("INBOUND_CAPTURE_PORT", "2")]).unwrap();
-    assert_eq!(
-        inv.config.inbound_capture_port, 1,
-        "the command line beats the env var"
-    );
+    assert_eq!(inv.config.inbound_capture_port, 1, "the command line beats the env var");
     let inv = parse_env(&[], &[("INBOUND_CAPTURE_PORT", "2")]).unwrap();
-    assert_eq!(
-        inv.config.inbound_capture_port, 2,
-        "the env var beats the default"
-    );
+    assert_eq!(inv.config.inbound_capture_port, 2, "the env var beats the default");
     let inv = parse_env(&[], &[("ENVOY_PORT", "2")]).unwrap();
-    assert_eq!(
-        inv.config.proxy_port, 15001,
-        "ENVOY_PORT is not read (as in istio)"
-    );
+    assert_eq!(inv.config.proxy_port, 15001, "ENVOY_PORT is not read (as in istio)");
 }
 
 #[test]
@@ -369,14 +313,8 @@ fn list_and_wildcard_syntax() {
     assert!(config(&["-i", "127.1.2.3/32"]).include_cidrs.has_loopback());
     assert_eq!(config(&["-m", "REDIRECT"]).mode, InterceptionMode::Redirect);
     assert_eq!(config(&["-m", ""]).mode, InterceptionMode::Redirect);
-    assert_eq!(
-        parse(&["--backend", "iptables"]).options.backend,
-        Backend::Iptables
-    );
-    assert_eq!(
-        parse(&["clean", "-k", "eth1"]).options.action,
-        Action::Clean
-    );
+    assert_eq!(parse(&["--backend", "iptables"]).options.backend, Backend::Iptables);
+    assert_eq!(parse(&["clean", "-k", "eth1"]).options.action, Action::Clean);
     assert_eq!(
         config(&["clean", "-k", "eth1"]).kube_virt_interfaces,
         vec!["eth1".to_string()]
@@ -389,11 +327,7 @@ fn proxy_gid_defaults_to_the_proxy_uids_and_envoy_user_sets_the_uid() {
     let c = config(&["-u", "3,4"]);
     assert_eq!(c.proxy_gids, owners(&[3, 4]));
     let c = parse_env(&[], &[("ENVOY_USER", "root")]).unwrap().config;
-    assert_eq!(
-        c.proxy_uids,
-        owners(&[0]),
-        "ENVOY_USER names an existing user: its uid"
-    );
+    assert_eq!(c.proxy_uids, owners(&[0]), "ENVOY_USER names an existing user: its uid");
     let c = config(&["-u", "root", "-g", "root"]);
     assert_eq!(
         c.proxy_uids,
@@ -443,34 +377,14 @@ fn owner_groups_and_loopback_cidr_come_from_env() {
 #[test]
 fn bad_input_names_the_flag_and_the_value() {
     let cases: &[BadCase] = &[
-        (
-            &["-i", "10.0.0.0/33"],
-            &[],
-            &["-i/--istio-service-cidr", "10.0.0.0/33"],
-        ),
-        (
-            &["-i", "*,10.0.0.0/8"],
-            &[],
-            &["-i/--istio-service-cidr", "\"*\""],
-        ),
-        (
-            &["-x", "*"],
-            &[],
-            &["-x/--istio-service-exclude-cidr", "\"*\""],
-        ),
-        (
-            &["-x", "banana"],
-            &[],
-            &["-x/--istio-service-exclude-cidr", "banana"],
-        ),
+        (&["-i", "10.0.0.0/33"], &[], &["-i/--istio-service-cidr", "10.0.0.0/33"]),
+        (&["-i", "*,10.0.0.0/8"], &[], &["-i/--istio-service-cidr", "\"*\""]),
+        (&["-x", "*"], &[], &["-x/--istio-service-exclude-cidr", "\"*\""]),
+        (&["-x", "banana"], &[], &["-x/--istio-service-exclude-cidr", "banana"]),
         (&["-p", "0"], &[], &["-p/--envoy-port", "\"0\""]),
         (&["-p", "65536"], &[], &["-p/--envoy-port", "65536"]),
         (&["-z", "-1"], &[], &["-z/--inbound-capture-port"]),
-        (
-            &["-b", "80,70000"],
-            &[],
-            &["-b/--istio-inbound-ports", "70000"],
-        ),
+        (&["-b", "80,70000"], &[], &["-b/--istio-inbound-ports", "70000"]),
         (
             &["-d", "1000:2000"],
             &[],
@@ -484,22 +398,10 @@ fn bad_input_names_the_flag_and_the_value() {
         (&["-q", "http"], &[], &["-q/--istio-outbound-ports", "http"]),
         (&["--backend", "nft"], &[], &["--backend", "nft"]),
         (&["--redirect-dns=yes"], &[], &["--redirect-dns", "yes"]),
-        (
-            &["-u", "1337,garbage!"],
-            &[],
-            &["-u/--proxy-uid", "garbage!"],
-        ),
+        (&["-u", "1337,garbage!"], &[], &["-u/--proxy-uid", "garbage!"]),
         (&["-g", "1,-2"], &[], &["-g/--proxy-gid", "-2"]),
-        (
-            &["-m", "NAT"],
-            &[],
-            &["-m/--istio-inbound-interception-mode", "NAT"],
-        ),
-        (
-            &["-t", "mark"],
-            &[],
-            &["-t/--istio-inbound-tproxy-mark", "mark"],
-        ),
+        (&["-m", "NAT"], &[], &["-m/--istio-inbound-interception-mode", "NAT"]),
+        (&["-t", "mark"], &[], &["-t/--istio-inbound-tproxy-mark", "mark"]),
         (
             &["-k", "a-very-long-interface-name"],
             &[],
@@ -520,11 +422,7 @@ fn bad_input_names_the_flag_and_the_value() {
             &[("REDIRECT_DNS", "yes")],
             &["env REDIRECT_DNS (--redirect-dns)", "yes"],
         ),
-        (
-            &[],
-            &[("PROXY_UID", "x y")],
-            &["env PROXY_UID (-u/--proxy-uid)", "x y"],
-        ),
+        (&[], &[("PROXY_UID", "x y")], &["env PROXY_UID (-u/--proxy-uid)", "x y"]),
         (
             &[],
             &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.0/8")],
@@ -550,10 +448,7 @@ fn bad_input_names_the_flag_and_the_value() {
         let msg = error(args, env);
         assert!(!msg.contains('\n'), "{args:?}: not one line: {msg}");
         for n in *needles {
-            assert!(
-                msg.contains(n),
-                "{args:?} {env:?}: {msg:?} does not mention {n:?}"
-            );
+            assert!(msg.contains(n), "{args:?} {env:?}: {msg:?} does not mention {n:?}");
         }
     }
     let many: Vec<String> = (0..65).map(|g| g.to_string()).collect();
@@ -563,8 +458,7 @@ fn bad_input_names_the_flag_and_the_value() {
 
 #[test]
 fn the_readme_flag_table_is_the_flag_table() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-        .expect("README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
     let table = flags::markdown_table();
     assert!(
         readme.contains(&table),

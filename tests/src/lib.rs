@@ -39,9 +39,7 @@ pub const REMOTE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 
 /// Runs a command and panics with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -101,8 +99,7 @@ impl Netns {
         // SAFETY: setns is async-signal-safe; the closure only makes that one system call.
         unsafe {
             cmd.pre_exec(move || {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
         }
         cmd
@@ -121,16 +118,8 @@ impl Netns {
             if let Some((uid, gid)) = ids {
                 // SAFETY: raw setresgid/setresuid change only the calling thread's credentials.
                 unsafe {
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresgid, gid, gid, gid),
-                        0,
-                        "setresgid"
-                    );
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresuid, uid, uid, uid),
-                        0,
-                        "setresuid"
-                    );
+                    assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0, "setresgid");
+                    assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0, "setresuid");
                 }
             }
             f()
@@ -138,14 +127,8 @@ impl Netns {
     }
 
     /// Runs `f` inside this namespace and waits for it.
-    pub fn within<T: Send + 'static>(
-        &self,
-        ids: Option<(u32, u32)>,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> T {
-        self.spawn(ids, f)
-            .join()
-            .expect("namespace thread panicked")
+    pub fn within<T: Send + 'static>(&self, ids: Option<(u32, u32)>, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(ids, f).join().expect("namespace thread panicked")
     }
 
     /// Capture rules and user chains in this namespace, as `iptables-save` shows them (counters and
@@ -167,9 +150,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -237,8 +218,7 @@ impl Listeners {
             .map(|&addr| {
                 let (tx, stop, ready) = (tx.clone(), stop.clone(), ready_tx.clone());
                 ns.spawn(None, move || {
-                    let listener =
-                        TcpListener::bind(addr).unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
+                    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
                     listener.set_nonblocking(true).expect("nonblocking");
                     ready.send(()).expect("ready");
                     while !stop.load(Ordering::Relaxed) {
@@ -260,9 +240,7 @@ impl Listeners {
             })
             .collect();
         for _ in addrs {
-            ready_rx
-                .recv_timeout(CONNECT_TIMEOUT)
-                .expect("listener did not start");
+            ready_rx.recv_timeout(CONNECT_TIMEOUT).expect("listener did not start");
         }
         Listeners { rx, stop, threads }
     }
@@ -393,11 +371,7 @@ impl Cgroup {
         // SAFETY: write(2) is async-signal-safe; "0" means the writing process itself.
         unsafe {
             cmd.pre_exec(move || {
-                let n = libc::write(
-                    std::os::fd::AsRawFd::as_raw_fd(&procs),
-                    b"0".as_ptr().cast(),
-                    1,
-                );
+                let n = libc::write(std::os::fd::AsRawFd::as_raw_fd(&procs), b"0".as_ptr().cast(), 1);
                 if n == 1 {
                     Ok(())
                 } else {

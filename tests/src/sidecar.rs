@@ -46,13 +46,7 @@ pub struct Sidecar {
 impl Sidecar {
     /// Listens on `[::]:port` (dual-stack) for each of `ports` inside `ns`, as `ids`; reports each connection
     /// on `events`. `inbound` is the port whose forwarded connections start from the passthrough address.
-    pub fn start(
-        ns: &Netns,
-        ids: (u32, u32),
-        ports: &[u16],
-        inbound: u16,
-        events: Sender<Forwarded>,
-    ) -> Sidecar {
+    pub fn start(ns: &Netns, ids: (u32, u32), ports: &[u16], inbound: u16, events: Sender<Forwarded>) -> Sidecar {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let threads = ports
@@ -81,9 +75,7 @@ impl Sidecar {
             })
             .collect();
         for _ in ports {
-            ready_rx
-                .recv_timeout(CONNECT_TIMEOUT)
-                .expect("sidecar did not start");
+            ready_rx.recv_timeout(CONNECT_TIMEOUT).expect("sidecar did not start");
         }
         Sidecar { stop, threads }
     }
@@ -153,9 +145,7 @@ fn forward(client: TcpStream, dst: SocketAddr, inbound: bool) -> io::Result<()> 
 
 /// Connects to `dst` from `source` (port chosen by the kernel).
 fn connect_from(source: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
-    };
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
     let family = if dst.is_ipv6() {
         AddressFamily::Inet6
     } else {
@@ -166,9 +156,6 @@ fn connect_from(source: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         &SockaddrStorage::from(SocketAddr::new(source, 0)),
     )?;
-    connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(dst),
-    )?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(dst))?;
     Ok(TcpStream::from(fd))
 }

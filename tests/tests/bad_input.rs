@@ -15,11 +15,7 @@ const PIN_ROOT: &str = "/sys/fs/bpf/capture";
 
 fn pins() -> Vec<String> {
     std::fs::read_dir(PIN_ROOT)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path().display().to_string())
-                .collect()
-        })
+        .map(|d| d.flatten().map(|e| e.path().display().to_string()).collect())
         .unwrap_or_default()
 }
 
@@ -27,11 +23,7 @@ fn pins() -> Vec<String> {
 fn bad_input_exits_2_with_one_line_and_applies_nothing() {
     // (extra args, env, text the error must contain)
     let cases: &[BadCase] = &[
-        (
-            &["-i", "10.0.0.0/33"],
-            &[],
-            &["-i/--istio-service-cidr", "10.0.0.0/33"],
-        ),
+        (&["-i", "10.0.0.0/33"], &[], &["-i/--istio-service-cidr", "10.0.0.0/33"]),
         (&["-x", "*"], &[], &["-x/--istio-service-exclude-cidr", "*"]),
         (
             &["-d", "15090,99999"],
@@ -68,11 +60,7 @@ fn bad_input_exits_2_with_one_line_and_applies_nothing() {
                 Some(2),
                 "{backend} {extra:?} {env:?}: exit code; stderr: {stderr}"
             );
-            assert_eq!(
-                stderr.lines().count(),
-                1,
-                "{backend} {extra:?}: not one line: {stderr}"
-            );
+            assert_eq!(stderr.lines().count(), 1, "{backend} {extra:?}: not one line: {stderr}");
             for n in *needles {
                 assert!(
                     stderr.contains(n),
@@ -89,11 +77,7 @@ fn bad_input_exits_2_with_one_line_and_applies_nothing() {
                 rules_before,
                 "{backend} {extra:?}: rules were applied"
             );
-            assert_eq!(
-                pins(),
-                pins_before,
-                "{backend} {extra:?}: BPF objects were pinned"
-            );
+            assert_eq!(pins(), pins_before, "{backend} {extra:?}: BPF objects were pinned");
         }
     }
 }

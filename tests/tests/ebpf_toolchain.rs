@@ -24,9 +24,7 @@ fn embedded_connect4_program_counts_connects_in_its_cgroup_only() {
         .expect("capture_connect4 is in the object")
         .try_into()
         .expect("capture_connect4 is a cgroup sock_addr program");
-    program
-        .load()
-        .expect("the verifier accepts capture_connect4");
+    program.load().expect("the verifier accepts capture_connect4");
     let cgroup_dir = File::open(cgroup.path()).expect("open the cgroup");
     // The link lives as long as `ebpf`, which is dropped before `cgroup`: detached before it is removed.
     program
@@ -42,9 +40,7 @@ fn embedded_connect4_program_counts_connects_in_its_cgroup_only() {
         cgroup.enter(&mut cmd);
         run(&mut cmd);
     }
-    let accepted = (0..=CONNECTS_IN_CGROUP)
-        .filter_map(|_| listeners.next())
-        .count() as u64;
+    let accepted = (0..=CONNECTS_IN_CGROUP).filter_map(|_| listeners.next()).count() as u64;
     assert_eq!(
         accepted,
         CONNECTS_IN_CGROUP + 1,
@@ -52,15 +48,11 @@ fn embedded_connect4_program_counts_connects_in_its_cgroup_only() {
     );
 
     let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(ebpf.map("COUNTERS").expect("COUNTERS map"))
-            .expect("COUNTERS is a per-CPU array");
+        PerCpuArray::try_from(ebpf.map("COUNTERS").expect("COUNTERS map")).expect("COUNTERS is a per-CPU array");
     let seen: u64 = counters
         .get(&Counter::Connect4Calls.index(), 0)
         .expect("read the counter")
         .iter()
         .sum();
-    assert_eq!(
-        seen, CONNECTS_IN_CGROUP,
-        "connect4 calls counted in the cgroup"
-    );
+    assert_eq!(seen, CONNECTS_IN_CGROUP, "connect4 calls counted in the cgroup");
 }

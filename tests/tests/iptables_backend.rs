@@ -21,18 +21,13 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
     );
     assert_ne!(pod.pod.iptables_rules(), before, "capture applied no rules");
 
-    let sidecar = Listeners::start(
-        &pod.pod,
-        &[sa([0, 0, 0, 0], 15001), sa([0, 0, 0, 0], 15006)],
-    );
+    let sidecar = Listeners::start(&pod.pod, &[sa([0, 0, 0, 0], 15001), sa([0, 0, 0, 0], 15006)]);
     let remote = Listeners::start(&pod.remote, &[sa(REMOTE_V4, REMOTE_PORT)]);
     let dst = sa(REMOTE_V4, REMOTE_PORT);
 
     // The app's connection lands on the sidecar's outbound port, which reads the original destination.
     let local = connect_as(&pod.pod, APP, dst).expect("app connection");
-    let got = sidecar
-        .next()
-        .expect("the app's connection did not reach the sidecar");
+    let got = sidecar.next().expect("the app's connection did not reach the sidecar");
     assert_eq!(got.listener, 15001);
     assert_eq!(got.original_dst, Some(dst));
     assert_eq!(got.peer, local);
@@ -47,10 +42,7 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
         .next()
         .expect("the proxy's connection did not reach the remote server");
     assert_eq!(got.listener, REMOTE_PORT);
-    assert!(
-        sidecar.drain().is_empty(),
-        "the proxy's connection was captured"
-    );
+    assert!(sidecar.drain().is_empty(), "the proxy's connection was captured");
 
     // Re-applying is idempotent.
     let applied = pod.pod.iptables_rules();
@@ -60,11 +52,7 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
         "re-apply failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        pod.pod.iptables_rules(),
-        applied,
-        "re-applying changed the rules"
-    );
+    assert_eq!(pod.pod.iptables_rules(), applied, "re-applying changed the rules");
 
     let mut clean = vec!["clean", "--backend", "iptables"];
     clean.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
@@ -74,11 +62,7 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
         "clean failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        pod.pod.iptables_rules(),
-        before,
-        "clean did not restore the namespace"
-    );
+    assert_eq!(pod.pod.iptables_rules(), before, "clean did not restore the namespace");
 
     // And with capture gone, the app reaches the remote server directly.
     connect_as(&pod.pod, APP, dst).expect("app connection after clean");

@@ -58,14 +58,7 @@ fn checked(cmd: &mut Command) -> Result<()> {
 
 /// Builds the `capture` binary and returns its path.
 fn build_capture() -> Result<std::path::PathBuf> {
-    checked(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "capture-userspace",
-        "--bin",
-        "capture",
-    ]))?;
+    checked(cargo().args(["build", "--quiet", "--package", "capture-userspace", "--bin", "capture"]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
         std::path::PathBuf::from,
@@ -89,31 +82,19 @@ fn main() -> Result<()> {
                 // set-up, since building it builds the kernel programs.
                 return checked(
                     cargo()
-                        .args([
-                            "run",
-                            "--quiet",
-                            "--package",
-                            "tests",
-                            "--bin",
-                            "capture-demo",
-                            "--",
-                        ])
+                        .args(["run", "--quiet", "--package", "tests", "--bin", "capture-demo", "--"])
                         .arg(&capture)
                         .args([&backend, &seconds.to_string()]),
                 );
             }
-            let status = Command::new(&capture)
-                .args(&flags)
-                .status()
-                .context("run capture")?;
+            let status = Command::new(&capture).args(&flags).status().context("run capture")?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { filter } => {
             setup::ensure()?;
             let capture = build_capture()?;
             let mut cmd = cargo();
-            cmd.args(["test", "--all-targets"])
-                .env("CAPTURE_BIN", &capture);
+            cmd.args(["test", "--all-targets"]).env("CAPTURE_BIN", &capture);
             if let Some(f) = filter {
                 cmd.args(["--", &f]);
             }

@@ -37,10 +37,7 @@ fn installed_deb(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()
-        .is_ok_and(|o| {
-            o.status.success()
-                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
-        })
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 /// PATH with LLVM 22's tools in front.
@@ -56,15 +53,9 @@ pub fn path_with_llvm() -> OsString {
 /// Makes sure every build and test prerequisite is present.
 pub fn ensure() -> Result<()> {
     if !nix_is_root() {
-        bail!(
-            "capture's set-up and tests need root (apt-get, network namespaces, BPF); run as root"
-        );
+        bail!("capture's set-up and tests need root (apt-get, network namespaces, BPF); run as root");
     }
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed_deb(p))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed_deb(p)).collect();
     if !missing.is_empty() {
         let apt = |args: &[&str]| {
             checked(
@@ -96,13 +87,7 @@ pub fn ensure() -> Result<()> {
         .lines()
         .any(|l| l.starts_with("rust-src"))
     {
-        checked(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            NIGHTLY,
-        ]))?;
+        checked(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
         println!("setup: installed rust-src for the {NIGHTLY} toolchain (rustup)");
     }
 
@@ -111,18 +96,10 @@ pub fn ensure() -> Result<()> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
     if !linker_ok {
-        println!(
-            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes, once)"
-        );
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes, once)");
         checked(
             Command::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--locked",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                ])
+                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
                 .args(["--no-default-features", "--features", "llvm-22"])
                 .env("PATH", path_with_llvm()),
         )?;

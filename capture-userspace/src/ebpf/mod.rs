@@ -9,7 +9,5 @@ pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// Runs one invocation with the eBPF backend.
 pub fn run(_inv: &Invocation, _env: &Environment) -> Result<String> {
-    bail!(
-        "the eBPF backend cannot capture yet (only its toolchain is in place); use --backend iptables"
-    )
+    bail!("the eBPF backend cannot capture yet (only its toolchain is in place); use --backend iptables")
 }

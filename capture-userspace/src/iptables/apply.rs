@@ -48,14 +48,9 @@ impl Binaries {
     /// `iptables-save` output.
     pub fn save(&self) -> Result<String> {
         let bin = self.name("-save");
-        let out = Command::new(&bin)
-            .output()
-            .with_context(|| format!("run {bin}"))?;
+        let out = Command::new(&bin).output().with_context(|| format!("run {bin}"))?;
         if !out.status.success() {
-            bail!(
-                "{bin} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("{bin} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         String::from_utf8(out.stdout).with_context(|| format!("{bin} printed non-UTF-8"))
     }
@@ -76,9 +71,7 @@ impl Binaries {
             .expect("stdin is piped")
             .write_all(document.as_bytes())
             .with_context(|| format!("write to {bin}"))?;
-        let out = child
-            .wait_with_output()
-            .with_context(|| format!("wait for {bin}"))?;
+        let out = child.wait_with_output().with_context(|| format!("wait for {bin}"))?;
         if !out.status.success() {
             bail!(
                 "{bin} rejected the rules (nothing was changed): {}",
@@ -92,14 +85,7 @@ impl Binaries {
     fn contains(&self, rule: &Rule) -> Result<bool> {
         let bin = self.name("");
         let status = Command::new(&bin)
-            .args([
-                "--wait",
-                LOCK_WAIT_SECS,
-                "-t",
-                rule.table.name(),
-                "-C",
-                &rule.chain,
-            ])
+            .args(["--wait", LOCK_WAIT_SECS, "-t", rule.table.name(), "-C", &rule.chain])
             .args(&rule.spec)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -162,11 +148,7 @@ fn jumps_to_ours(spec: &str) -> bool {
 /// The removal lines for one table: every built-in-chain rule that jumps to one of our chains, every
 /// built-in-chain rule of `ours` that is present (the `-k`/`-c` RETURNs and TPROXY marks, found with
 /// `iptables -C` since iptables-save prints them in a normalised form), then flush and delete our chains.
-fn removal(
-    table: &SavedTable,
-    ours: &[&Rule],
-    present: &dyn Fn(&Rule) -> Result<bool>,
-) -> Result<Vec<String>> {
+fn removal(table: &SavedTable, ours: &[&Rule], present: &dyn Fn(&Rule) -> Result<bool>) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     for (chain, spec) in &table.rules {
         if !is_ours(chain) && jumps_to_ours(spec) {
@@ -258,9 +240,7 @@ pub fn apply(rulesets: &[Ruleset], flavour: IptablesFlavour) -> Result<()> {
             family,
             rules: Vec::new(),
         };
-        let doc = document(&saved, ruleset.unwrap_or(&empty), ruleset, &|r| {
-            bins.contains(r)
-        })?;
+        let doc = document(&saved, ruleset.unwrap_or(&empty), ruleset, &|r| bins.contains(r))?;
         if !doc.is_empty() {
             bins.restore(&doc)?;
         }
@@ -278,10 +258,7 @@ pub fn clean(rulesets: &[Ruleset], flavour: IptablesFlavour) -> Result<()> {
             family,
             rules: Vec::new(),
         };
-        let previous = rulesets
-            .iter()
-            .find(|r| r.family == family)
-            .unwrap_or(&empty);
+        let previous = rulesets.iter().find(|r| r.family == family).unwrap_or(&empty);
         let doc = document(&parse_save(&text), previous, None, &|r| bins.contains(r))?;
         if !doc.is_empty() {
             bins.restore(&doc)?;
@@ -300,11 +277,7 @@ pub fn status(flavour: IptablesFlavour) -> Result<Vec<String>> {
         for table in parse_save(&text) {
             for (chain, spec) in &table.rules {
                 if is_ours(chain) || jumps_to_ours(spec) {
-                    out.push(format!(
-                        "{} {} -A {chain} {spec}",
-                        family_name(family),
-                        table.name
-                    ));
+                    out.push(format!("{} {} -A {chain} {spec}", family_name(family), table.name));
                 }
             }
         }
@@ -342,10 +315,7 @@ mod tests {
         assert_eq!(t.name, "nat");
         assert_eq!(t.chains, ["ISTIO_OUTPUT", "KUBE-SVC"]);
         assert_eq!(t.rules.len(), 5);
-        assert_eq!(
-            t.rules[1],
-            ("PREROUTING".into(), "-p tcp -j ISTIO_INBOUND".into())
-        );
+        assert_eq!(t.rules[1], ("PREROUTING".into(), "-p tcp -j ISTIO_INBOUND".into()));
     }
 
     #[test]
@@ -370,10 +340,7 @@ mod tests {
         let saved = parse_save(SAVED);
         let new = Ruleset {
             family: Family::V4,
-            rules: vec![
-                rule("OUTPUT", "-j ISTIO_OUTPUT"),
-                rule("ISTIO_OUTPUT", "-j RETURN"),
-            ],
+            rules: vec![rule("OUTPUT", "-j ISTIO_OUTPUT"), rule("ISTIO_OUTPUT", "-j RETURN")],
         };
         let doc = document(&saved, &new, Some(&new), &|_| Ok(false)).unwrap();
         let expected = format!(

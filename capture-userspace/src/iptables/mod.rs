@@ -18,19 +18,14 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
     let rulesets = render::render(&inv.config, env);
     let opts = &inv.options;
     Ok(match opts.action {
-        Action::Apply if opts.dry_run => rulesets
-            .iter()
-            .map(render::Ruleset::restore_document)
-            .collect(),
+        Action::Apply if opts.dry_run => rulesets.iter().map(render::Ruleset::restore_document).collect(),
         Action::Apply if opts.skip_rule_apply => String::new(),
         Action::Apply => {
             apply::apply(&rulesets, opts.iptables_flavour)?;
             routes::configure(&inv.config, env)?;
             String::new()
         }
-        Action::Clean if opts.dry_run => {
-            "would remove every ISTIO_* chain and the rules that jump to them\n".into()
-        }
+        Action::Clean if opts.dry_run => "would remove every ISTIO_* chain and the rules that jump to them\n".into(),
         Action::Clean => {
             apply::clean(&rulesets, opts.iptables_flavour)?;
             routes::remove(&inv.config)?;

@@ -8,8 +8,8 @@
 use ipnet::IpNet;
 
 use crate::config::{
-    Config, DNS_PORT, DNS_PROXY_PORT, Environment, InboundPorts, IncludeCidrs, InterceptionMode,
-    Owner, OwnerGroups, TPROXY_OUTBOUND_MARK,
+    Config, DNS_PORT, DNS_PROXY_PORT, Environment, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups,
+    TPROXY_OUTBOUND_MARK,
 };
 
 /// An address family: one iptables-restore document each.
@@ -157,8 +157,10 @@ struct Builder<'a> {
     rules: Vec<Rule>,
 }
 
-fn words(spec: &[&str]) -> Vec<String> {
-    spec.iter().map(|w| (*w).to_owned()).collect()
+/// A rule spec from its text. Every token is free of white space: flags validate interface names, user and
+/// group names, ports and CIDRs before they get here.
+fn spec(text: &str) -> Vec<String> {
+    text.split_whitespace().map(str::to_owned).collect()
 }
 
 impl<'a> Builder<'a> {
@@ -171,21 +173,21 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn append(&mut self, table: Table, chain: &str, spec: Vec<String>) {
+    fn append(&mut self, table: Table, chain: &str, text: &str) {
         self.rules.push(Rule {
             table,
             chain: chain.to_owned(),
             insert_at: None,
-            spec,
+            spec: spec(text),
         });
     }
 
-    fn insert(&mut self, table: Table, chain: &str, at: u32, spec: Vec<String>) {
+    fn insert(&mut self, table: Table, chain: &str, at: u32, text: &str) {
         self.rules.push(Rule {
             table,
             chain: chain.to_owned(),
             insert_at: Some(at),
-            spec,
+            spec: spec(text),
         });
     }
 
@@ -207,25 +209,26 @@ impl<'a> Builder<'a> {
         if self.v6() { "::6/128" } else { "127.0.0.6/32" }
     }
 
-    fn host_prefix(&self) -> &'static str {
-        if self.v6() { "/128" } else { "/32" }
-    }
-
     /// The CIDRs of this family from a list.
     fn of_family<'c>(&self, cidrs: &'c [IpNet]) -> Vec<&'c IpNet> {
         let v6 = self.v6();
-        cidrs
-            .iter()
-            .filter(|c| matches!(c, IpNet::V6(_)) == v6)
-            .collect()
+        cidrs.iter().filter(|c| matches!(c, IpNet::V6(_)) == v6).collect()
     }
 
     /// This family's nameservers as rule addresses (`S/32`, `S/128`), in resolv.conf's text.
     fn servers(&self) -> Vec<String> {
+        let host_prefix = if self.v6() { "/128" } else { "/32" };
         self.env
             .nameservers(self.v6())
-            .map(|n| format!("{}{}", n.text, self.host_prefix()))
+            .map(|n| format!("{}{host_prefix}", n.text))
             .collect()
+    }
+
+    /// The proxy's uids, then its gids, with the owner-match option for each.
+    fn proxy_owners(&self) -> impl Iterator<Item = (&'static str, &'a Owner)> + 'a {
+        let cfg = self.cfg;
+        let uids = cfg.proxy_uids.iter().map(|o| ("--uid-owner", o));
+        uids.chain(cfg.proxy_gids.iter().map(|o| ("--gid-owner", o)))
     }
 
     fn build(mut self) -> Ruleset {
@@ -237,30 +240,26 @@ impl<'a> Builder<'a> {
             self.append(
                 Table::Mangle,
                 "PREROUTING",
-                words(&["-m", "conntrack", "--ctstate", "INVALID", "-j", DROP]),
+                &format!("-m conntrack --ctstate INVALID -j {DROP}"),
             );
-            self.append(Table::Mangle, DROP, words(&["-j", "DROP"]));
+            self.append(Table::Mangle, DROP, "-j DROP");
         }
-        let tunnel = cfg.inbound_tunnel_port.to_string();
-        self.append(
-            Table::Nat,
-            INBOUND,
-            words(&["-p", "tcp", "--dport", &tunnel, "-j", "RETURN"]),
-        );
-        let proxy_port = cfg.proxy_port.to_string();
+        let tunnel = cfg.inbound_tunnel_port;
+        self.append(Table::Nat, INBOUND, &format!("-p tcp --dport {tunnel} -j RETURN"));
+        let proxy_port = cfg.proxy_port;
         self.append(
             Table::Nat,
             REDIRECT,
-            words(&["-p", "tcp", "-j", "REDIRECT", "--to-ports", &proxy_port]),
+            &format!("-p tcp -j REDIRECT --to-ports {proxy_port}"),
         );
-        let inbound_port = cfg.inbound_capture_port.to_string();
+        let inbound_port = cfg.inbound_capture_port;
         self.append(
             Table::Nat,
             IN_REDIRECT,
-            words(&["-p", "tcp", "-j", "REDIRECT", "--to-ports", &inbound_port]),
+            &format!("-p tcp -j REDIRECT --to-ports {inbound_port}"),
         );
         self.inbound(tproxy);
-        self.append(Table::Nat, "OUTPUT", words(&["-j", OUTPUT]));
+        self.append(Table::Nat, "OUTPUT", &format!("-j {OUTPUT}"));
         self.outbound();
         if cfg.dns_effective(self.env) {
             self.dns_conntrack_zones();
@@ -278,12 +277,7 @@ impl<'a> Builder<'a> {
     /// as outbound are inserted above these later, in [`Self::outbound_includes`]).
     fn kube_virt_returns(&mut self) {
         for iface in &self.cfg.kube_virt_interfaces {
-            self.insert(
-                Table::Nat,
-                "PREROUTING",
-                1,
-                words(&["-i", iface, "-j", "RETURN"]),
-            );
+            self.insert(Table::Nat, "PREROUTING", 1, &format!("-i {iface} -j RETURN"));
         }
     }
 
@@ -296,8 +290,8 @@ impl<'a> Builder<'a> {
         };
         for &table in tables {
             for iface in &self.cfg.exclude_interfaces {
-                self.append(table, "PREROUTING", words(&["-i", iface, "-j", "RETURN"]));
-                self.append(table, "OUTPUT", words(&["-o", iface, "-j", "RETURN"]));
+                self.append(table, "PREROUTING", &format!("-i {iface} -j RETURN"));
+                self.append(table, "OUTPUT", &format!("-o {iface} -j RETURN"));
             }
         }
     }
@@ -309,82 +303,37 @@ impl<'a> Builder<'a> {
             return;
         }
         let table = if tproxy {
-            let mark = cfg.tproxy_mark.to_string();
-            self.append(
-                Table::Mangle,
-                DIVERT,
-                words(&["-j", "MARK", "--set-mark", &mark]),
-            );
-            self.append(Table::Mangle, DIVERT, words(&["-j", "ACCEPT"]));
-            let (loopback, port) = (self.loopback(), cfg.inbound_capture_port.to_string());
-            let tproxy_mark = format!("{mark}/0xffffffff");
-            self.append(
-                Table::Mangle,
-                TPROXY,
-                words(&[
-                    "!",
-                    "-d",
-                    &loopback,
-                    "-p",
-                    "tcp",
-                    "-j",
-                    "TPROXY",
-                    "--tproxy-mark",
-                    &tproxy_mark,
-                    "--on-port",
-                    &port,
-                ]),
-            );
+            let (mark, port, loopback) = (cfg.tproxy_mark, cfg.inbound_capture_port, self.loopback());
+            self.append(Table::Mangle, DIVERT, &format!("-j MARK --set-mark {mark}"));
+            self.append(Table::Mangle, DIVERT, "-j ACCEPT");
+            let rule = format!("! -d {loopback} -p tcp -j TPROXY --tproxy-mark {mark}/0xffffffff --on-port {port}");
+            self.append(Table::Mangle, TPROXY, &rule);
             Table::Mangle
         } else {
             Table::Nat
         };
-        self.append(table, "PREROUTING", words(&["-p", "tcp", "-j", INBOUND]));
-        let established = [
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "RELATED,ESTABLISHED",
-            "-j",
-            DIVERT,
-        ];
+        self.append(table, "PREROUTING", &format!("-p tcp -j {INBOUND}"));
+        let established = format!("-m conntrack --ctstate RELATED,ESTABLISHED -j {DIVERT}");
         match &cfg.inbound_ports {
             InboundPorts::None => {}
             InboundPorts::All => {
                 for port in &cfg.inbound_exclude_ports {
-                    self.append(
-                        table,
-                        INBOUND,
-                        words(&["-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"]),
-                    );
+                    self.append(table, INBOUND, &format!("-p tcp --dport {port} -j RETURN"));
                 }
                 if tproxy {
-                    let mut spec = words(&["-p", "tcp"]);
-                    spec.extend(words(&established));
-                    self.append(table, INBOUND, spec);
-                    self.append(table, INBOUND, words(&["-p", "tcp", "-j", TPROXY]));
+                    self.append(table, INBOUND, &format!("-p tcp {established}"));
+                    self.append(table, INBOUND, &format!("-p tcp -j {TPROXY}"));
                 } else {
-                    self.append(table, INBOUND, words(&["-p", "tcp", "-j", IN_REDIRECT]));
+                    self.append(table, INBOUND, &format!("-p tcp -j {IN_REDIRECT}"));
                 }
             }
             InboundPorts::List(ports) => {
                 for port in ports {
-                    let port = port.to_string();
                     if tproxy {
-                        let mut spec = words(&["-p", "tcp", "--dport", &port]);
-                        spec.extend(words(&established));
-                        self.append(table, INBOUND, spec);
-                        self.append(
-                            table,
-                            INBOUND,
-                            words(&["-p", "tcp", "--dport", &port, "-j", TPROXY]),
-                        );
+                        self.append(table, INBOUND, &format!("-p tcp --dport {port} {established}"));
+                        self.append(table, INBOUND, &format!("-p tcp --dport {port} -j {TPROXY}"));
                     } else {
-                        self.append(
-                            table,
-                            INBOUND,
-                            words(&["-p", "tcp", "--dport", &port, "-j", IN_REDIRECT]),
-                        );
+                        self.append(table, INBOUND, &format!("-p tcp --dport {port} -j {IN_REDIRECT}"));
                     }
                 }
             }
@@ -396,22 +345,12 @@ impl<'a> Builder<'a> {
         let cfg = self.cfg;
         // a: -o ports win over everything.
         for port in &cfg.outbound_exclude_ports {
-            let port = port.to_string();
-            for proto in ["tcp", "udp"] {
-                self.append(
-                    Table::Nat,
-                    OUTPUT,
-                    words(&["-p", proto, "--dport", &port, "-j", "RETURN"]),
-                );
-            }
+            self.append(Table::Nat, OUTPUT, &format!("-p tcp --dport {port} -j RETURN"));
+            self.append(Table::Nat, OUTPUT, &format!("-p udp --dport {port} -j RETURN"));
         }
         // b: the proxy's inbound passthrough to the app.
         let passthrough = self.passthrough();
-        self.append(
-            Table::Nat,
-            OUTPUT,
-            words(&["-o", "lo", "-s", passthrough, "-j", "RETURN"]),
-        );
+        self.append(Table::Nat, OUTPUT, &format!("-o lo -s {passthrough} -j RETURN"));
         // c, d: the proxy's own traffic.
         let dns = cfg.dns_effective(self.env);
         for uid in &cfg.proxy_uids {
@@ -428,17 +367,16 @@ impl<'a> Builder<'a> {
                     self.append(
                         Table::Nat,
                         OUTPUT,
-                        words(&["-m", "owner", "--gid-owner", &g.token, "-j", "RETURN"]),
+                        &format!("-m owner --gid-owner {} -j RETURN", g.token),
                     );
                 }
             }
             OwnerGroups::Only(groups) => {
-                let mut spec = Vec::new();
-                for g in groups {
-                    spec.extend(words(&["-m", "owner", "!", "--gid-owner", &g.token]));
-                }
-                spec.extend(words(&["-j", "RETURN"]));
-                self.append(Table::Nat, OUTPUT, spec);
+                let not_in: String = groups
+                    .iter()
+                    .map(|g| format!("-m owner ! --gid-owner {} ", g.token))
+                    .collect();
+                self.append(Table::Nat, OUTPUT, &format!("{not_in}-j RETURN"));
             }
         }
         // f: DNS to the agent's DNS proxy.
@@ -447,97 +385,63 @@ impl<'a> Builder<'a> {
         }
         // g: localhost.
         let loopback = self.loopback();
-        self.append(
-            Table::Nat,
-            OUTPUT,
-            words(&["-d", &loopback, "-j", "RETURN"]),
-        );
+        self.append(Table::Nat, OUTPUT, &format!("-d {loopback} -j RETURN"));
         // h: -x.
         for cidr in self.of_family(&cfg.exclude_cidrs) {
-            self.append(
-                Table::Nat,
-                OUTPUT,
-                words(&["-d", &cidr.to_string(), "-j", "RETURN"]),
-            );
+            self.append(Table::Nat, OUTPUT, &format!("-d {cidr} -j RETURN"));
         }
         // i: -q.
         for port in &cfg.outbound_ports {
-            self.append(
-                Table::Nat,
-                OUTPUT,
-                words(&["-p", "tcp", "--dport", &port.to_string(), "-j", REDIRECT]),
-            );
+            self.append(Table::Nat, OUTPUT, &format!("-p tcp --dport {port} -j {REDIRECT}"));
         }
         // j: -i (and -k's redirects).
         self.outbound_includes();
     }
 
     /// c1–c3 for one proxy uid, or d1–d3 for one gid. `dns_in_redirect`: c1's DNS form; `dns`: c2's.
-    fn proxy_owner(&mut self, owner: &Owner, match_flag: &str, dns_in_redirect: bool, dns: bool) {
-        let loopback = self.loopback();
-        let tunnel = self.cfg.inbound_tunnel_port.to_string();
-        let id = owner.token.as_str();
+    fn proxy_owner(&mut self, owner: &Owner, owner_match: &str, dns_in_redirect: bool, dns: bool) {
+        let (loopback, tunnel, id) = (self.loopback(), self.cfg.inbound_tunnel_port, &owner.token);
         // c1: the proxy calling a local non-loopback address (its own pod IP) goes to the inbound port.
-        let mut c1 = words(&["-o", "lo", "!", "-d", &loopback, "-p", "tcp"]);
-        if dns_in_redirect {
-            let ports = format!("{DNS_PORT},{tunnel}");
-            c1.extend(words(&["-m", "multiport", "!", "--dports", &ports]));
+        let ports = if dns_in_redirect {
+            format!("-m multiport ! --dports {DNS_PORT},{tunnel}")
         } else {
-            c1.extend(words(&["!", "--dport", &tunnel]));
-        }
-        c1.extend(words(&["-m", "owner", match_flag, id, "-j", IN_REDIRECT]));
-        self.append(Table::Nat, OUTPUT, c1);
+            format!("! --dport {tunnel}")
+        };
+        let c1 = format!("-o lo ! -d {loopback} -p tcp {ports} -m owner {owner_match} {id} -j {IN_REDIRECT}");
+        self.append(Table::Nat, OUTPUT, &c1);
         // c2: other local traffic of anyone else passes (not when -i lists a loopback CIDR).
         if !self.cfg.include_cidrs.has_loopback() {
-            let mut c2 = words(&["-o", "lo"]);
-            if dns {
-                c2.extend(words(&["-p", "tcp", "!", "--dport", &DNS_PORT.to_string()]));
-            }
-            c2.extend(words(&["-m", "owner", "!", match_flag, id, "-j", "RETURN"]));
-            self.append(Table::Nat, OUTPUT, c2);
+            let tcp = if dns {
+                format!("-p tcp ! --dport {DNS_PORT} ")
+            } else {
+                String::new()
+            };
+            self.append(
+                Table::Nat,
+                OUTPUT,
+                &format!("-o lo {tcp}-m owner ! {owner_match} {id} -j RETURN"),
+            );
         }
         // c3: the proxy's own traffic passes.
-        self.append(
-            Table::Nat,
-            OUTPUT,
-            words(&["-m", "owner", match_flag, id, "-j", "RETURN"]),
-        );
+        self.append(Table::Nat, OUTPUT, &format!("-m owner {owner_match} {id} -j RETURN"));
     }
 
-    /// f: `ISTIO_OUTPUT_DNS` in nat, sending port 53 to the DNS proxy.
+    /// f: `ISTIO_OUTPUT_DNS` in nat, sending port 53 to the DNS proxy. istio writes `--to-ports` for TCP
+    /// and `--to-port` for UDP (the same option), and all TCP rules before the UDP ones.
     fn dns_redirect(&mut self) {
-        self.append(Table::Nat, OUTPUT, words(&["-j", OUTPUT_DNS]));
-        let (dns, proxy) = (DNS_PORT.to_string(), DNS_PROXY_PORT.to_string());
-        // istio writes `--to-ports` for TCP and `--to-port` for UDP; both are the same option.
-        let tcp = ["-p", "tcp", "--dport", &dns];
-        let udp = ["-p", "udp", "--dport", &dns];
-        if self.cfg.capture_all_dns {
-            self.append(
-                Table::Nat,
-                OUTPUT_DNS,
-                words(&[&tcp[..], &["-j", "REDIRECT", "--to-ports", &proxy]].concat()),
-            );
-            self.append(
-                Table::Nat,
-                OUTPUT_DNS,
-                words(&[&udp[..], &["-j", "REDIRECT", "--to-port", &proxy]].concat()),
-            );
+        self.append(Table::Nat, OUTPUT, &format!("-j {OUTPUT_DNS}"));
+        let destinations: Vec<String> = if self.cfg.capture_all_dns {
+            vec![String::new()]
         } else {
-            let servers = self.servers();
-            for s in &servers {
-                self.append(
-                    Table::Nat,
-                    OUTPUT_DNS,
-                    words(&[&tcp[..], &["-d", s, "-j", "REDIRECT", "--to-ports", &proxy]].concat()),
-                );
-            }
-            for s in &servers {
-                self.append(
-                    Table::Nat,
-                    OUTPUT_DNS,
-                    words(&[&udp[..], &["-d", s, "-j", "REDIRECT", "--to-port", &proxy]].concat()),
-                );
-            }
+            self.servers().iter().map(|s| format!("-d {s} ")).collect()
+        };
+        for d in &destinations {
+            let rule = format!("-p tcp --dport {DNS_PORT} {d}-j REDIRECT --to-ports {DNS_PROXY_PORT}");
+            self.append(Table::Nat, OUTPUT_DNS, &rule);
+        }
+        for d in &destinations {
+            let rule = format!("-p udp --dport {DNS_PORT} {d}-j REDIRECT --to-port {DNS_PROXY_PORT}");
+            self.append(Table::Nat, OUTPUT_DNS, &rule);
         }
     }
 
@@ -546,28 +450,22 @@ impl<'a> Builder<'a> {
         let cfg = self.cfg;
         match &cfg.include_cidrs {
             IncludeCidrs::All => {
-                self.append(Table::Nat, OUTPUT, words(&["-j", REDIRECT]));
+                self.append(Table::Nat, OUTPUT, &format!("-j {REDIRECT}"));
                 for iface in &cfg.kube_virt_interfaces {
-                    self.insert(
-                        Table::Nat,
-                        "PREROUTING",
-                        1,
-                        words(&["-i", iface, "-j", REDIRECT]),
-                    );
+                    self.insert(Table::Nat, "PREROUTING", 1, &format!("-i {iface} -j {REDIRECT}"));
                 }
             }
             IncludeCidrs::List(cidrs) => {
                 for cidr in self.of_family(cidrs) {
-                    let cidr = cidr.to_string();
                     for iface in &cfg.kube_virt_interfaces {
                         self.insert(
                             Table::Nat,
                             "PREROUTING",
                             1,
-                            words(&["-i", iface, "-d", &cidr, "-j", REDIRECT]),
+                            &format!("-i {iface} -d {cidr} -j {REDIRECT}"),
                         );
                     }
-                    self.append(Table::Nat, OUTPUT, words(&["-d", &cidr, "-j", REDIRECT]));
+                    self.append(Table::Nat, OUTPUT, &format!("-d {cidr} -j {REDIRECT}"));
                 }
             }
         }
@@ -575,120 +473,38 @@ impl<'a> Builder<'a> {
 
     /// The raw table's conntrack zones for DNS (REFERENCE §3.7).
     fn dns_conntrack_zones(&mut self) {
-        let cfg = self.cfg;
-        let (dns, proxy) = (DNS_PORT.to_string(), DNS_PROXY_PORT.to_string());
-        self.append(Table::Raw, "OUTPUT", words(&["-j", OUTPUT_DNS]));
-        let owners = cfg
-            .proxy_uids
-            .iter()
-            .map(|o| ("--uid-owner", o))
-            .chain(cfg.proxy_gids.iter().map(|o| ("--gid-owner", o)));
-        for (flag, owner) in owners {
-            let id = owner.token.as_str();
-            self.append(
-                Table::Raw,
-                OUTPUT_DNS,
-                words(&[
-                    "-p",
-                    "udp",
-                    "--dport",
-                    &dns,
-                    "-m",
-                    "owner",
-                    flag,
-                    id,
-                    "-j",
-                    "CT",
-                    "--zone",
-                    ZONE_UPSTREAM,
-                ]),
-            );
-            self.append(
-                Table::Raw,
-                OUTPUT_DNS,
-                words(&[
-                    "-p",
-                    "udp",
-                    "--sport",
-                    &proxy,
-                    "-m",
-                    "owner",
-                    flag,
-                    id,
-                    "-j",
-                    "CT",
-                    "--zone",
-                    ZONE_CLIENT,
-                ]),
-            );
+        self.append(Table::Raw, "OUTPUT", &format!("-j {OUTPUT_DNS}"));
+        for (owner_match, owner) in self.proxy_owners() {
+            let id = &owner.token;
+            let upstream =
+                format!("-p udp --dport {DNS_PORT} -m owner {owner_match} {id} -j CT --zone {ZONE_UPSTREAM}");
+            self.append(Table::Raw, OUTPUT_DNS, &upstream);
+            let replies =
+                format!("-p udp --sport {DNS_PROXY_PORT} -m owner {owner_match} {id} -j CT --zone {ZONE_CLIENT}");
+            self.append(Table::Raw, OUTPUT_DNS, &replies);
         }
-        let servers = self.servers();
-        if cfg.capture_all_dns {
-            self.append(Table::Raw, "PREROUTING", words(&["-j", INBOUND]));
+        let servers: Vec<(String, String)> = if self.cfg.capture_all_dns {
+            vec![(String::new(), String::new())]
+        } else {
+            self.servers()
+                .iter()
+                .map(|s| (format!("-d {s} "), format!("-s {s} ")))
+                .collect()
+        };
+        if !servers.is_empty() {
+            self.append(Table::Raw, "PREROUTING", &format!("-j {INBOUND}"));
+        }
+        for (to, from) in &servers {
             self.append(
                 Table::Raw,
                 OUTPUT_DNS,
-                words(&[
-                    "-p",
-                    "udp",
-                    "--dport",
-                    &dns,
-                    "-j",
-                    "CT",
-                    "--zone",
-                    ZONE_CLIENT,
-                ]),
+                &format!("-p udp --dport {DNS_PORT} {to}-j CT --zone {ZONE_CLIENT}"),
             );
             self.append(
                 Table::Raw,
                 INBOUND,
-                words(&[
-                    "-p",
-                    "udp",
-                    "--sport",
-                    &dns,
-                    "-j",
-                    "CT",
-                    "--zone",
-                    ZONE_UPSTREAM,
-                ]),
+                &format!("-p udp --sport {DNS_PORT} {from}-j CT --zone {ZONE_UPSTREAM}"),
             );
-        } else if !servers.is_empty() {
-            self.append(Table::Raw, "PREROUTING", words(&["-j", INBOUND]));
-            for s in &servers {
-                self.append(
-                    Table::Raw,
-                    OUTPUT_DNS,
-                    words(&[
-                        "-p",
-                        "udp",
-                        "--dport",
-                        &dns,
-                        "-d",
-                        s,
-                        "-j",
-                        "CT",
-                        "--zone",
-                        ZONE_CLIENT,
-                    ]),
-                );
-                self.append(
-                    Table::Raw,
-                    INBOUND,
-                    words(&[
-                        "-p",
-                        "udp",
-                        "--sport",
-                        &dns,
-                        "-s",
-                        s,
-                        "-j",
-                        "CT",
-                        "--zone",
-                        ZONE_UPSTREAM,
-                    ]),
-                );
-            }
         }
     }
 
@@ -696,106 +512,42 @@ impl<'a> Builder<'a> {
     /// table, and the proxy's own packets to local non-loopback addresses are marked so that inbound
     /// capture takes them back.
     fn tproxy_marks(&mut self) {
-        let cfg = self.cfg;
-        let mark = cfg.tproxy_mark.to_string();
-        let outbound_mark = TPROXY_OUTBOUND_MARK.to_string();
-        let loopback = self.loopback();
+        let (mark, loopback, passthrough) = (self.cfg.tproxy_mark, self.loopback(), self.passthrough());
         self.append(
             Table::Mangle,
             "PREROUTING",
-            words(&[
-                "-p",
-                "tcp",
-                "-m",
-                "mark",
-                "--mark",
-                &mark,
-                "-j",
-                "CONNMARK",
-                "--save-mark",
-            ]),
+            &format!("-p tcp -m mark --mark {mark} -j CONNMARK --save-mark"),
         );
         self.append(
             Table::Mangle,
             "OUTPUT",
-            words(&[
-                "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", &mark, "-j", "RETURN",
-            ]),
+            &format!("-p tcp -o lo -m mark --mark {mark} -j RETURN"),
         );
-        let owners = cfg
-            .proxy_uids
-            .iter()
-            .map(|o| ("--uid-owner", o))
-            .chain(cfg.proxy_gids.iter().map(|o| ("--gid-owner", o)));
-        let marks: Vec<Vec<String>> = owners
-            .map(|(flag, o)| {
-                words(&[
-                    "!",
-                    "-d",
-                    &loopback,
-                    "-p",
-                    "tcp",
-                    "-o",
-                    "lo",
-                    "-m",
-                    "owner",
-                    flag,
-                    &o.token,
-                    "-j",
-                    "MARK",
-                    "--set-mark",
-                    &outbound_mark,
-                ])
-            })
-            .collect();
-        for spec in marks {
-            self.append(Table::Mangle, "OUTPUT", spec);
+        for (owner_match, owner) in self.proxy_owners() {
+            let rule = format!(
+                "! -d {loopback} -p tcp -o lo -m owner {owner_match} {} -j MARK --set-mark {TPROXY_OUTBOUND_MARK}",
+                owner.token
+            );
+            self.append(Table::Mangle, "OUTPUT", &rule);
         }
         self.append(
             Table::Mangle,
             "OUTPUT",
-            words(&[
-                "-p",
-                "tcp",
-                "-m",
-                "connmark",
-                "--mark",
-                &mark,
-                "-j",
-                "CONNMARK",
-                "--restore-mark",
-            ]),
+            &format!("-p tcp -m connmark --mark {mark} -j CONNMARK --restore-mark"),
         );
-        let passthrough = self.passthrough();
         self.insert(
             Table::Mangle,
             INBOUND,
             1,
-            words(&["-p", "tcp", "-m", "mark", "--mark", &mark, "-j", "RETURN"]),
+            &format!("-p tcp -m mark --mark {mark} -j RETURN"),
         );
         self.insert(
             Table::Mangle,
             INBOUND,
             2,
-            words(&["-p", "tcp", "-s", passthrough, "-i", "lo", "-j", "RETURN"]),
+            &format!("-p tcp -s {passthrough} -i lo -j RETURN"),
         );
-        self.insert(
-            Table::Mangle,
-            INBOUND,
-            3,
-            words(&[
-                "-p",
-                "tcp",
-                "-i",
-                "lo",
-                "-m",
-                "mark",
-                "!",
-                "--mark",
-                &outbound_mark,
-                "-j",
-                "RETURN",
-            ]),
-        );
+        let not_outbound = format!("-p tcp -i lo -m mark ! --mark {TPROXY_OUTBOUND_MARK} -j RETURN");
+        self.insert(Table::Mangle, INBOUND, 3, &not_outbound);
     }
 }

@@ -12,10 +12,7 @@ const PASSTHROUGH_V6: &str = "::6/128";
 
 /// Runs `ip ARGS`; `tolerate` is the error text that means "already so" (or "already gone").
 fn ip(args: &[&str], tolerate: &str) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("run ip (iproute2)")?;
+    let out = Command::new("ip").args(args).output().context("run ip (iproute2)")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && !stderr.contains(tolerate) {
         bail!("ip {} failed: {}", args.join(" "), stderr.trim());
@@ -31,24 +28,16 @@ fn tproxy_routes(config: &Config) -> bool {
 /// captures inbound. Idempotent.
 pub fn configure(config: &Config, env: &Environment) -> Result<()> {
     if env.ipv6 {
-        ip(
-            &["-6", "addr", "add", PASSTHROUGH_V6, "dev", "lo"],
-            "File exists",
-        )?;
+        ip(&["-6", "addr", "add", PASSTHROUGH_V6, "dev", "lo"], "File exists")?;
     }
     if tproxy_routes(config) {
         let mark = config.tproxy_mark.to_string();
         let table = config.tproxy_route_table.to_string();
         let families: &[&str] = if env.ipv6 { &["-4", "-6"] } else { &["-4"] };
         for fam in families {
+            ip(&[fam, "rule", "add", "fwmark", &mark, "lookup", &table], "File exists")?;
             ip(
-                &[fam, "rule", "add", "fwmark", &mark, "lookup", &table],
-                "File exists",
-            )?;
-            ip(
-                &[
-                    fam, "route", "add", "local", "default", "dev", "lo", "table", &table,
-                ],
+                &[fam, "route", "add", "local", "default", "dev", "lo", "table", &table],
                 "File exists",
             )?;
         }
@@ -62,14 +51,8 @@ pub fn remove(config: &Config) -> Result<()> {
         let mark = config.tproxy_mark.to_string();
         let table = config.tproxy_route_table.to_string();
         for fam in ["-4", "-6"] {
-            ip(
-                &[fam, "rule", "del", "fwmark", &mark, "lookup", &table],
-                "No such file",
-            )?;
-            ip(
-                &[fam, "route", "flush", "table", &table],
-                "FIB table does not exist",
-            )?;
+            ip(&[fam, "rule", "del", "fwmark", &mark, "lookup", &table], "No such file")?;
+            ip(&[fam, "route", "flush", "table", &table], "FIB table does not exist")?;
         }
     }
     Ok(())

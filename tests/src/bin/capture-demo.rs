@@ -44,15 +44,12 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
-            .context("install the Ctrl-C handler")?;
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed)).context("install the Ctrl-C handler")?;
     }
     // SAFETY: set before any thread that reads the environment is started.
     unsafe { std::env::set_var("CAPTURE_BIN", capture) };
 
-    println!(
-        "demo: creating a pod namespace and a remote namespace joined by veth ({POD_V4} <-> {REMOTE_V4})"
-    );
+    println!("demo: creating a pod namespace and a remote namespace joined by veth ({POD_V4} <-> {REMOTE_V4})");
     let pod = Pod::new("demo");
     let (tx, rx) = mpsc::channel::<Forwarded>();
     let _sidecar = Sidecar::start(&pod.pod, PROXY, &[15001, 15006], 15006, tx);
@@ -70,26 +67,16 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     );
     let out = capture_with_env(&pod.pod, &args, &[]);
     if !out.status.success() {
-        bail!(
-            "capture failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("capture failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    println!(
-        "demo: capture applied ({backend} backend); sidecar (uid 1337) on 15001 and 15006; Ctrl-C to stop\n"
-    );
+    println!("demo: capture applied ({backend} backend); sidecar (uid 1337) on 15001 and 15006; Ctrl-C to stop\n");
 
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         round += 1;
         let calls: [(&str, &tests::Netns, (u32, u32), SocketAddr); 3] = [
-            (
-                "app (uid 1000) -> remote",
-                &pod.pod,
-                APP,
-                sa(REMOTE_V4, REMOTE_PORT),
-            ),
+            ("app (uid 1000) -> remote", &pod.pod, APP, sa(REMOTE_V4, REMOTE_PORT)),
             ("remote -> app", &pod.remote, (0, 0), sa(POD_V4, APP_PORT)),
             (
                 "app (uid 1000) -> localhost",
