@@ -1,32 +1,51 @@
-//! Per-program event counters, kept in a BPF array indexed by [`Counter`].
+//! Per-namespace counters, kept per CPU by the kernel programs and summed by `capture status`.
 
-/// What a counter slot counts. The discriminant is the slot's index in the counters map.
+/// What a namespace's counters count. The discriminant is the index in [`NetnsCounters::0`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// connect4 calls seen by the cgroup connect4 program.
-    Connect4Calls = 0,
+    /// Connections redirected to the proxy (outbound, proxy→pod IP, DNS).
+    Redirected = 0,
+    /// Connections judged and left alone.
+    Passed = 1,
+    /// `SO_ORIGINAL_DST` answered.
+    OrigDstLookups = 2,
+    /// `SO_ORIGINAL_DST` asked for a connection we did not redirect (left to the kernel).
+    OrigDstMisses = 3,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 1] = [Counter::Connect4Calls];
+    pub const ALL: [Counter; 4] = [
+        Counter::Redirected,
+        Counter::Passed,
+        Counter::OrigDstLookups,
+        Counter::OrigDstMisses,
+    ];
 
-    /// The map slot this counter lives in.
-    pub const fn index(self) -> u32 {
-        self as u32
+    /// The slot this counter lives in.
+    pub const fn index(self) -> usize {
+        self as usize
     }
 
     /// A stable name for status output and metrics.
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Connect4Calls => "connect4_calls",
+            Counter::Redirected => "redirected",
+            Counter::Passed => "passed",
+            Counter::OrigDstLookups => "original_dst_lookups",
+            Counter::OrigDstMisses => "original_dst_misses",
         }
     }
 }
 
-/// Number of slots in the counters map.
-pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+/// Number of counters.
+pub const COUNTERS: usize = Counter::ALL.len();
+
+/// One namespace's counters (value of the per-CPU `NETNS_COUNTERS` map, keyed by netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsCounters(pub [u64; COUNTERS]);
 
 #[cfg(test)]
 mod tests {
@@ -35,8 +54,7 @@ mod tests {
     #[test]
     fn slots_are_dense_and_in_order() {
         for (i, c) in Counter::ALL.iter().enumerate() {
-            assert_eq!(c.index() as usize, i, "{} is out of place", c.name());
+            assert_eq!(c.index(), i, "{} is out of place", c.name());
         }
-        assert_eq!(COUNTER_SLOTS as usize, Counter::ALL.len());
     }
 }

@@ -1,15 +1,151 @@
-//! cgroup connect4: runs on every connect(2) of an IPv4 socket in the attached cgroup.
+//! cgroup connect4 / connect6: istio's `ISTIO_OUTPUT` decision at connect(2) (and sendto with
+//! MSG_FASTOPEN). A redirect rewrites the destination to the proxy's port on localhost, as iptables'
+//! REDIRECT does for locally generated traffic, and remembers the original destination.
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use capture_common::counters::Counter;
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use capture_common::{
+    addr::{self, Addr},
+    counters::Counter,
+    maps::OrigDst,
+    model::{self, Conn, Proto, Verdict},
+};
 
-use crate::maps::bump;
+use crate::{
+    fields::words,
+    lookups::MapLookups,
+    maps::{CONFIG, ORIG_BY_COOKIE, bump},
+};
 
-/// Lets a connect(2) proceed. A cgroup sock_addr program that returns 0 fails the call with EPERM.
-const PROCEED: i32 = 1;
+/// Lets the connect proceed (a cgroup sock_addr program that returns 0 fails it with EPERM).
+pub const PROCEED: i32 = 1;
 
-#[cgroup_sock_addr(connect4)]
-pub fn capture_connect4(_ctx: SockAddrContext) -> i32 {
-    bump(Counter::Connect4Calls);
-    PROCEED
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+/// Where a redirected IPv4 connection goes (REDIRECT's 127.0.0.1).
+const LOCALHOST_V4: [u8; 4] = [127, 0, 0, 1];
+/// Where a redirected IPv6 connection goes (REDIRECT's ::1).
+const LOCALHOST_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// The decision for the connect in `ctx` to `dst` from the socket bound to `src`: `None` when the
+/// namespace is not registered or the protocol is neither TCP nor UDP (never touched).
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, Proto, u16)> {
+    // SAFETY: the context pointer is the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read only for the duration of this call.
+    let cfg = unsafe { CONFIG.get(&netns) }?;
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    let proto = match sa.protocol {
+        IPPROTO_TCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    let ids = bpf_get_current_uid_gid();
+    let dport = addr::port_from_be_field(sa.user_port);
+    let conn = Conn {
+        proto,
+        dst,
+        dport,
+        src,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+    };
+    let verdict = model::outbound(cfg, &conn, &MapLookups { id: cfg.id });
+    Some((netns, verdict, proto, dport))
+}
+
+/// Records where a redirected TCP connection was going, for sockops to pick up once it has a port.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, netns: u64, proto: Proto, dst: Addr, dport: u16, proxy_port: u16, v6: bool) {
+    if proto != Proto::Tcp {
+        // UDP has no accepted socket to ask SO_ORIGINAL_DST on.
+        return;
+    }
+    // SAFETY: the context pointer is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        netns,
+        addr: dst,
+        port: dport,
+        proxy_port,
+        v6_socket: u32::from(v6),
+    };
+    // A full map evicts its oldest entry (LRU): the insert itself does not fail for lack of room.
+    let _ = ORIG_BY_COOKIE.insert(cookie, orig, 0);
+}
+
+/// connect4.
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) {
+    // SAFETY: the kernel's context and its socket, both valid for the program's lifetime.
+    let (dst, src) = unsafe {
+        let sa = &*ctx.sock_addr;
+        let sk = sa.__bindgen_anon_1.sk;
+        (addr::from_v4_word(sa.user_ip4), (*sk).src_ip4)
+    };
+    let src = if src == 0 {
+        addr::UNSPECIFIED
+    } else {
+        addr::from_v4_word(src)
+    };
+    let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
+        return;
+    };
+    match verdict {
+        Verdict::Redirect(port, _) => {
+            remember(ctx, netns, proto, dst, dport, port, false);
+            // SAFETY: user_ip4 and user_port are writable in connect4.
+            unsafe {
+                (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(LOCALHOST_V4);
+                (*ctx.sock_addr).user_port = addr::port_to_be_field(port);
+            }
+            bump(netns, Counter::Redirected);
+        }
+        Verdict::Pass(_) => bump(netns, Counter::Passed),
+    }
+}
+
+/// connect6. An IPv4-mapped destination is an IPv4 connection and is judged and redirected as one.
+#[inline(always)]
+pub fn connect6(ctx: &SockAddrContext) {
+    // SAFETY: the kernel's context and its socket, valid for the program's lifetime.
+    let (dst, src) = unsafe {
+        let sa = &*ctx.sock_addr;
+        let sk = sa.__bindgen_anon_1.sk;
+        (
+            addr::from_words(words(&sa.user_ip6)),
+            addr::from_words(words(&(*sk).src_ip6)),
+        )
+    };
+    let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
+        return;
+    };
+    match verdict {
+        Verdict::Redirect(port, _) => {
+            remember(ctx, netns, proto, dst, dport, port, true);
+            let target = if addr::is_v4(&dst) {
+                addr::from_v4(LOCALHOST_V4)
+            } else {
+                LOCALHOST_V6
+            };
+            let words = addr::to_words(&target);
+            // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
+            unsafe {
+                let sa = &mut *ctx.sock_addr;
+                sa.user_ip6[0] = words[0];
+                sa.user_ip6[1] = words[1];
+                sa.user_ip6[2] = words[2];
+                sa.user_ip6[3] = words[3];
+                sa.user_port = addr::port_to_be_field(port);
+            }
+            bump(netns, Counter::Redirected);
+        }
+        Verdict::Pass(_) => bump(netns, Counter::Passed),
+    }
 }

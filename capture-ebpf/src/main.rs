@@ -3,7 +3,45 @@
 #![no_main]
 
 mod connect;
+mod fields;
+mod lookups;
 mod maps;
+mod sockops;
+mod sockopt;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+};
+
+/// Outbound capture for IPv4 sockets.
+#[cgroup_sock_addr(connect4)]
+pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+    connect::connect4(&ctx);
+    connect::PROCEED
+}
+
+/// Outbound capture for IPv6 sockets (IPv4-mapped destinations included).
+#[cgroup_sock_addr(connect6)]
+pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+    connect::connect6(&ctx);
+    connect::PROCEED
+}
+
+/// Tracks redirected connections from the application's socket to the proxy's.
+#[sock_ops]
+pub fn capture_sockops(ctx: SockOpsContext) -> u32 {
+    sockops::handle(&ctx);
+    // The return value of a sockops callback is only read for the few ops that ask for a reply.
+    1
+}
+
+/// Answers SO_ORIGINAL_DST for redirected connections.
+#[cgroup_sockopt(getsockopt)]
+pub fn capture_getsockopt(ctx: SockoptContext) -> i32 {
+    sockopt::getsockopt(&ctx);
+    sockopt::PROCEED
+}
 
 #[cfg(not(test))]
 #[panic_handler]

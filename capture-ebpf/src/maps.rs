@@ -1,21 +1,74 @@
-//! Every map the kernel programs use, with its key, value, size and writer.
+//! Every map the kernel programs use: key, value, size, and who writes it. All are pinned by name under
+//! the loader's bpffs directory, so they outlive the loader and a later `capture` run finds them again.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use capture_common::counters::COUNTER_SLOTS;
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+};
+use capture_common::{
+    counters::{Counter, NetnsCounters},
+    maps::{CidrKeyData, ConnKey, FlagsText, OrigDst, PodConfig, SetKey},
+};
 
-/// Event counters.
-/// - key: `u32` slot, a `capture_common::counters::Counter` discriminant
-/// - value: `u64` count, per CPU (summed by the reader)
-/// - size: `COUNTER_SLOTS`
-/// - written by: the kernel programs; read by `capture status`.
+/// Registered network namespaces (pods) a node can hold.
+const MAX_NAMESPACES: u32 = 4096;
+/// Port and group set members, over all namespaces.
+const MAX_SET_ENTRIES: u32 = 65536;
+/// CIDR set members (`-i`, `-x`, local addresses, nameservers, `-c` subnets), over all namespaces.
+const MAX_CIDR_ENTRIES: u32 = 65536;
+/// Connections between connect() and their proxy's accept, over all namespaces; LRU as a backstop for
+/// connections that are never accepted.
+const MAX_PENDING_CONNECTIONS: u32 = 65536;
+
+/// Per-namespace configuration.
+/// - key: network-namespace cookie (`u64`); value: [`PodConfig`]
+/// - written by: the loader (`capture`, `capture clean`); read by: connect4/connect6.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+pub static CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(MAX_NAMESPACES, 0);
 
-/// Adds one to `counter`.
+/// Port and owner-group sets of each configuration.
+/// - key: [`SetKey`] (config id, set kind, port or gid); value: `u8` 1
+/// - written by: the loader; read by: connect4/connect6.
+#[map]
+pub static SETS: HashMap<SetKey, u8> = HashMap::pinned(MAX_SET_ENTRIES, 0);
+
+/// CIDR sets of each configuration, matched by longest prefix.
+/// - key: [`CidrKeyData`] (config id, CIDR kind, IPv4-mapped address) with a prefix length that always
+///   covers the id and kind; value: `u8` 1
+/// - written by: the loader; read by: connect4/connect6.
+#[map]
+pub static CIDRS: LpmTrie<CidrKeyData, u8> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0);
+
+/// Original destinations of redirected TCP connections, from connect() until the socket has a local port.
+/// - key: socket cookie (`u64`); value: [`OrigDst`]
+/// - written by: connect4/connect6; moved to [`ORIG_BY_ADDR`] and deleted by sockops (TCP_CONNECT_CB).
+#[map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+
+/// Original destinations by the connection as the proxy sees it.
+/// - key: [`ConnKey`] (netns, client address and port, proxy port); value: [`OrigDst`]
+/// - written by: sockops (TCP_CONNECT_CB of the application's socket); read by: getsockopt
+///   (`SO_ORIGINAL_DST`); deleted by: sockops when the proxy's accepted socket closes.
+#[map]
+pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+
+/// Per-namespace counters, per CPU.
+/// - key: network-namespace cookie; value: [`NetnsCounters`]
+/// - created by: the loader on registration; incremented by: every program; read by: `capture status`.
+#[map]
+pub static NETNS_COUNTERS: PerCpuHashMap<u64, NetnsCounters> = PerCpuHashMap::pinned(MAX_NAMESPACES, 0);
+
+/// The command line each namespace was registered with.
+/// - key: network-namespace cookie; value: [`FlagsText`]
+/// - written and read by: the loader only (`capture status`); the programs never touch it.
+#[map]
+pub static FLAGS_TEXT: HashMap<u64, FlagsText> = HashMap::pinned(MAX_NAMESPACES, 0);
+
+/// Adds one to `counter` of namespace `netns` (if it is registered).
 #[inline(always)]
-pub fn bump(counter: capture_common::counters::Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter.index()) {
-        // SAFETY: the pointer is this CPU's slot of a live map value; no other program touches it concurrently.
-        unsafe { *slot += 1 };
+pub fn bump(netns: u64, counter: Counter) {
+    if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(netns) {
+        // SAFETY: a live per-CPU value of this CPU; the index is a `Counter`, always in range.
+        unsafe { (*counters).0[counter.index()] += 1 };
     }
 }

@@ -392,6 +392,8 @@ pub struct Options {
     pub backend: Backend,
     /// `--cgroup`: where the eBPF programs attach (default: the cgroup v2 root, found at run time).
     pub cgroup: Option<PathBuf>,
+    /// `--pin-dir`: the eBPF backend's bpffs directory.
+    pub pin_dir: PathBuf,
     /// `--resolv-conf`: where DNS servers are read from.
     pub resolv_conf: PathBuf,
     /// `-n/--dry-run`.
@@ -491,7 +493,8 @@ pub fn command() -> Command {
     .subcommand(
         Command::new("status")
             .about("Show the capture applied to the network namespace")
-            .arg(backend_arg()),
+            .arg(backend_arg())
+            .arg(pin_dir_arg()),
     )
 }
 
@@ -531,9 +534,17 @@ fn backend_arg() -> Arg {
         .help("How capture is applied [default: ebpf]")
 }
 
-fn our_args() -> [Arg; 3] {
+fn pin_dir_arg() -> Arg {
+    Arg::new("pin-dir")
+        .long("pin-dir")
+        .value_name("PATH")
+        .help("bpffs directory the eBPF backend pins its programs and maps in [default: /sys/fs/bpf/capture]")
+}
+
+fn our_args() -> [Arg; 4] {
     [
         backend_arg(),
+        pin_dir_arg(),
         Arg::new("cgroup")
             .long("cgroup")
             .value_name("PATH")
@@ -632,6 +643,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
             config: Config::default(),
             options: Options {
                 backend,
+                pin_dir: pin_dir(ours("pin-dir")),
                 ..default_options(Action::Status)
             },
         });
@@ -775,6 +787,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         action: if cleanup_only { Action::Clean } else { action },
         backend,
         cgroup: ours("cgroup").map(PathBuf::from),
+        pin_dir: pin_dir(ours("pin-dir")),
         resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from),
         dry_run: boolean_value(&get("dry-run"))?,
         dry_run_file: env(ENV_DRY_RUN_FILE).filter(|p| !p.is_empty()).map(PathBuf::from),
@@ -789,11 +802,16 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     Ok(Invocation { config, options })
 }
 
+fn pin_dir(given: Option<String>) -> PathBuf {
+    given.map_or_else(|| PathBuf::from(crate::ebpf::DEFAULT_PIN_DIR), PathBuf::from)
+}
+
 fn default_options(action: Action) -> Options {
     Options {
         action,
         backend: Backend::Ebpf,
         cgroup: None,
+        pin_dir: pin_dir(None),
         resolv_conf: PathBuf::from("/etc/resolv.conf"),
         dry_run: false,
         dry_run_file: None,

@@ -5,7 +5,17 @@ use std::{fs::File, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result};
 
-use crate::config::{Config, Environment, Nameserver};
+use ipnet::IpNet;
+
+use crate::{
+    config::{Config, Environment, Nameserver},
+    ebpf::entries::Facts,
+};
+
+/// `SO_NETNS_COOKIE` (asm-generic/socket.h): a namespace's cookie, as BPF programs see it.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+/// The proxy's IPv6 inbound-passthrough source address, which istio adds to lo when IPv6 is on.
+const PASSTHROUGH_V6: &str = "::6/128";
 
 /// Moves this process (this thread, before any other thread exists) into the network namespace at `path`.
 pub fn enter(path: &Path) -> Result<()> {
@@ -31,6 +41,86 @@ pub fn detect(config: &Config, resolv_conf: &Path) -> Result<Environment> {
         ipv6: ipv6_enabled(&addrs, config.dual_stack),
         nameservers,
     })
+}
+
+/// The current network namespace's cookie (`bpf_get_netns_cookie`), read through a socket made in it.
+pub fn cookie() -> Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .context("open a socket to read the namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `cookie`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_NETNS_COOKIE (Linux 5.14+)");
+    }
+    Ok(cookie)
+}
+
+/// What the eBPF backend needs to know of the namespace: its addresses, and the subnets of `-c`
+/// interfaces.
+pub fn facts(config: &Config) -> Result<Facts> {
+    let mut excluded_subnets = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().context("list interfaces")? {
+        if !config
+            .exclude_interfaces
+            .iter()
+            .any(|name| interface_matches(name, &ifa.interface_name))
+        {
+            continue;
+        }
+        let (Some(addr), Some(mask)) = (ifa.address, ifa.netmask) else {
+            continue;
+        };
+        let net = match (
+            addr.as_sockaddr_in(),
+            mask.as_sockaddr_in(),
+            addr.as_sockaddr_in6(),
+            mask.as_sockaddr_in6(),
+        ) {
+            (Some(a), Some(m), _, _) => IpNet::with_netmask(IpAddr::V4(a.ip()), IpAddr::V4(m.ip())).ok(),
+            (_, _, Some(a), Some(m)) => IpNet::with_netmask(IpAddr::V6(a.ip()), IpAddr::V6(m.ip())).ok(),
+            _ => None,
+        };
+        excluded_subnets.extend(net.map(|n| n.trunc()));
+    }
+    Ok(Facts {
+        local: addresses().context("list the namespace's addresses")?,
+        excluded_subnets,
+    })
+}
+
+/// iptables' interface match: an exact name, or a prefix ending in `+`.
+fn interface_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('+') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// Adds `::6` to lo when IPv6 is on, as istio does: the proxy binds it as its inbound passthrough source.
+pub fn add_passthrough_v6(env: &Environment) -> Result<()> {
+    if !env.ipv6 {
+        return Ok(());
+    }
+    let out = std::process::Command::new("ip")
+        .args(["-6", "addr", "add", PASSTHROUGH_V6, "dev", "lo"])
+        .output()
+        .context("run ip (iproute2)")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && !stderr.contains("File exists") {
+        anyhow::bail!("ip -6 addr add {PASSTHROUGH_V6} dev lo failed: {}", stderr.trim());
+    }
+    Ok(())
 }
 
 /// Every address of every interface in the current network namespace, in the kernel's order.

@@ -1,13 +1,281 @@
-//! The eBPF backend: kernel programs attached to a cgroup, fed from maps filled from the same flags.
+//! The eBPF backend: kernel programs attached once to a cgroup, fed per network namespace from maps that
+//! are filled from the same flags as the iptables backend.
+//!
+//! Programs, links and maps are pinned under one bpffs directory (`--pin-dir`), so capture stays in the
+//! kernel after the loader exits, like iptables rules. The first namespace registered attaches the
+//! programs; `capture clean` in the last one detaches them and removes every pin.
 
-use anyhow::{Result, bail};
+pub mod entries;
+mod maps;
+mod sys;
 
-use crate::{config::Environment, flags::Invocation};
+use std::{
+    fs::File,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    EbpfLoader,
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SockOps},
+    sys::is_program_supported,
+};
+
+use self::{
+    entries::{Entries, Facts},
+    maps::Maps,
+    sys::AttachType,
+};
+use crate::{
+    cgroup,
+    config::Environment,
+    flags::{Action, Invocation},
+    namespace,
+};
 
 /// The kernel programs, built by build.rs and embedded in this binary.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture-ebpf"));
 
-/// Runs one invocation with the eBPF backend.
-pub fn run(_inv: &Invocation, _env: &Environment) -> Result<String> {
-    bail!("the eBPF backend cannot capture yet (only its toolchain is in place); use --backend iptables")
+/// Where the pins go unless `--pin-dir` says otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/capture";
+/// Where bpffs is mounted if no bpffs holds the pin directory yet.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// statfs(2) magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// A kernel program, the hook it attaches to, and the name its link is pinned under.
+struct Hook {
+    program: &'static str,
+    attach: AttachType,
+    link: &'static str,
+    /// What the hook is for and the first kernel that has it, for the error when it is missing.
+    needs: &'static str,
+}
+
+const HOOKS: [Hook; 4] = [
+    Hook {
+        program: "capture_connect4",
+        attach: AttachType::Connect4,
+        link: "link_connect4",
+        needs: "cgroup connect4 (Linux 4.17)",
+    },
+    Hook {
+        program: "capture_connect6",
+        attach: AttachType::Connect6,
+        link: "link_connect6",
+        needs: "cgroup connect6 (Linux 4.17)",
+    },
+    Hook {
+        program: "capture_sockops",
+        attach: AttachType::SockOps,
+        link: "link_sockops",
+        needs: "sockops (Linux 4.13)",
+    },
+    Hook {
+        program: "capture_getsockopt",
+        attach: AttachType::GetSockopt,
+        link: "link_getsockopt",
+        needs: "cgroup getsockopt (Linux 5.3)",
+    },
+];
+
+/// Runs one invocation with the eBPF backend in the current network namespace; returns what to print.
+pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
+    let opts = &inv.options;
+    match opts.action {
+        Action::Apply => {
+            let facts = namespace::facts(&inv.config)?;
+            // Built first: a configuration the kernel cannot take fails before anything is touched.
+            let entries = entries::entries(&inv.config, env, &facts, 0)?;
+            if opts.dry_run {
+                return Ok(describe(&entries));
+            }
+            if opts.skip_rule_apply {
+                return Ok(String::new());
+            }
+            namespace::add_passthrough_v6(env)?;
+            apply(inv, env, &facts, &opts.pin_dir)?;
+            Ok(String::new())
+        }
+        Action::Clean if opts.dry_run => Ok(format!(
+            "would unregister this namespace from {}\n",
+            opts.pin_dir.display()
+        )),
+        Action::Clean => clean(&opts.pin_dir),
+        Action::Status => status(&opts.pin_dir),
+    }
+}
+
+/// A dry run's account of what would be written.
+fn describe(e: &Entries) -> String {
+    let mut out = format!("CONFIG[this namespace] = {:?}\n", e.config);
+    for key in &e.sets {
+        out.push_str(&format!("SETS += {key:?}\n"));
+    }
+    for (bits, data) in &e.cidrs {
+        out.push_str(&format!("CIDRS += /{bits} {data:?}\n"));
+    }
+    out
+}
+
+/// Fails with one line naming the first program type this kernel lacks.
+fn probe() -> Result<()> {
+    let types = [
+        (
+            ProgramType::CgroupSockAddr,
+            "cgroup sock_addr programs (connect4/connect6, Linux 4.17)",
+        ),
+        (ProgramType::SockOps, "sockops programs (Linux 4.13)"),
+        (
+            ProgramType::CgroupSockopt,
+            "cgroup sockopt programs (getsockopt, Linux 5.3)",
+        ),
+    ];
+    for (ty, what) in types {
+        if !is_program_supported(ty).unwrap_or(false) {
+            bail!("this kernel lacks {what}; use --backend iptables");
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure `dir` is on a bpffs (mounting one at /sys/fs/bpf if that is where it belongs) and exists.
+fn ensure_pin_dir(dir: &Path) -> Result<()> {
+    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    let mount = Path::new(BPFFS_MOUNT);
+    if !on_bpffs(dir.parent().unwrap_or(dir)) {
+        if dir.starts_with(mount) && !on_bpffs(mount) {
+            nix::mount::mount(
+                Some("bpf"),
+                mount,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .with_context(|| format!("mount bpffs at {BPFFS_MOUNT}"))?;
+        } else if !dir.parent().is_some_and(on_bpffs) {
+            bail!("--pin-dir {}: not on a bpffs", dir.display());
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))
+}
+
+fn links_pinned(dir: &Path) -> bool {
+    HOOKS.iter().all(|h| dir.join(h.link).exists())
+}
+
+/// Loads the programs, attaching and pinning them if this pin directory has no links yet, then registers
+/// the namespace. On failure nothing stays: a first registration that fails removes the pins it made.
+fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<()> {
+    probe()?;
+    let fresh = !dir.join(maps::names::CONFIG).exists();
+    ensure_pin_dir(dir)?;
+    let result = load_and_register(inv, env, facts, dir);
+    if result.is_err() && fresh {
+        let _ = remove_pins(dir);
+    }
+    result
+}
+
+fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<()> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(PROGRAMS)
+        .context("load capture's kernel programs")?;
+    if !links_pinned(dir) {
+        let cgroup = match &inv.options.cgroup {
+            Some(c) => c.clone(),
+            None => cgroup::cgroup2_root()?,
+        };
+        let cgroup_dir = File::open(&cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        for hook in &HOOKS {
+            let program = ebpf
+                .program_mut(hook.program)
+                .with_context(|| format!("{} is missing", hook.program))?;
+            let loaded = match hook.attach {
+                AttachType::Connect4 | AttachType::Connect6 => {
+                    let p: &mut CgroupSockAddr = program.try_into()?;
+                    p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+                }
+                AttachType::SockOps => {
+                    let p: &mut SockOps = program.try_into()?;
+                    p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+                }
+                AttachType::GetSockopt => {
+                    let p: &mut CgroupSockopt = program.try_into()?;
+                    p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+                }
+            };
+            let prog_fd = loaded
+                .with_context(|| format!("the kernel rejected {} ({})", hook.program, hook.needs))??
+                .with_context(|| format!("duplicate the fd of {}", hook.program))?;
+            let link = sys::link_create(prog_fd.as_fd(), cgroup_dir.as_fd(), hook.attach)
+                .with_context(|| format!("attach {} to {} ({})", hook.program, cgroup.display(), hook.needs))?;
+            sys::obj_pin(link.as_fd(), &dir.join(hook.link))
+                .with_context(|| format!("pin the link of {}", hook.program))?;
+        }
+    }
+    let mut maps = Maps::open(dir)?;
+    maps.register(namespace::cookie()?, &inv.config, env, facts, &flags_text())
+}
+
+/// The command line, for `capture status`.
+fn flags_text() -> String {
+    std::env::args()
+        .skip(1)
+        .map(|a| if a.is_empty() { "''".to_owned() } else { a })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Unregisters the current namespace; the last one out detaches the programs and removes every pin.
+fn clean(dir: &Path) -> Result<String> {
+    if !dir.join(maps::names::CONFIG).exists() {
+        return Ok(String::new());
+    }
+    let mut maps = Maps::open(dir)?;
+    maps.unregister(namespace::cookie()?)?;
+    if maps.registered()?.is_empty() {
+        drop(maps);
+        remove_pins(dir)?;
+    }
+    Ok(String::new())
+}
+
+/// Removes every pin in `dir` (links first, which detaches the programs) and `dir` itself.
+fn remove_pins(dir: &Path) -> Result<()> {
+    for hook in &HOOKS {
+        let path = dir.join(hook.link);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("unpin {}", path.display()))?;
+        }
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path: PathBuf = entry?.path();
+        std::fs::remove_file(&path).with_context(|| format!("unpin {}", path.display()))?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("remove {}", dir.display()))
+}
+
+/// `capture status`: every registered namespace, its flags and counters.
+fn status(dir: &Path) -> Result<String> {
+    if !dir.join(maps::names::CONFIG).exists() {
+        return Ok(format!("ebpf: nothing registered (no pins in {})\n", dir.display()));
+    }
+    let attached: Vec<&str> = HOOKS
+        .iter()
+        .filter(|h| dir.join(h.link).exists())
+        .map(|h| h.program)
+        .collect();
+    let mut out = format!("ebpf: pins in {}; attached: {}\n", dir.display(), attached.join(", "));
+    let maps = Maps::open(dir)?;
+    let here = namespace::cookie()?;
+    for ns in maps.registered()? {
+        let this = if ns.netns == here { " (this namespace)" } else { "" };
+        out.push_str(&format!("netns {}{this}: {}\n", ns.netns, ns.flags));
+        let counters: Vec<String> = ns.counters.iter().map(|(name, n)| format!("{name}={n}")).collect();
+        out.push_str(&format!("  {}\n", counters.join(" ")));
+    }
+    Ok(out)
 }

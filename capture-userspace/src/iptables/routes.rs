@@ -1,14 +1,14 @@
-//! The addresses and policy routes istio-iptables sets up beside its rules (REFERENCE §3.2, "Routing and
-//! addresses"): `::6` on lo for the proxy's IPv6 passthrough source, and the TPROXY mark's routing table.
+//! The policy routes istio-iptables sets up beside its rules in TPROXY mode (REFERENCE §3.2, "Routing and
+//! addresses"). The other half, `::6` on lo, is shared with the eBPF backend: [`namespace::add_passthrough_v6`].
 
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::config::{Config, Environment, InboundPorts, InterceptionMode};
-
-/// The proxy's IPv6 inbound-passthrough source address.
-const PASSTHROUGH_V6: &str = "::6/128";
+use crate::{
+    config::{Config, Environment, InboundPorts, InterceptionMode},
+    namespace,
+};
 
 /// Runs `ip ARGS`; `tolerate` is the error text that means "already so" (or "already gone").
 fn ip(args: &[&str], tolerate: &str) -> Result<()> {
@@ -27,9 +27,7 @@ fn tproxy_routes(config: &Config) -> bool {
 /// Adds what istio adds: `::6` on lo when IPv6 is on; the TPROXY rule and local route when TPROXY
 /// captures inbound. Idempotent.
 pub fn configure(config: &Config, env: &Environment) -> Result<()> {
-    if env.ipv6 {
-        ip(&["-6", "addr", "add", PASSTHROUGH_V6, "dev", "lo"], "File exists")?;
-    }
+    namespace::add_passthrough_v6(env)?;
     if tproxy_routes(config) {
         let mark = config.tproxy_mark.to_string();
         let table = config.tproxy_route_table.to_string();

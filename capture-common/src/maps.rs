@@ -1,0 +1,214 @@
+//! Keys and values of the maps the loader fills and the kernel programs read: `#[repr(C)]`, no implicit
+//! padding, so both sides agree on every byte.
+
+use crate::addr::Addr;
+
+/// Names the kernel programs' maps have in the object, as the loader looks them up.
+pub mod names {
+    /// Per-namespace configuration.
+    pub const CONFIG: &str = "CONFIG";
+    /// Port and group sets.
+    pub const SETS: &str = "SETS";
+    /// CIDR sets.
+    pub const CIDRS: &str = "CIDRS";
+    /// Original destination by the redirected socket's cookie.
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// Original destination by the redirected connection's client address.
+    pub const ORIG_BY_ADDR: &str = "ORIG_BY_ADDR";
+    /// Per-namespace counters.
+    pub const NETNS_COUNTERS: &str = "NETNS_COUNTERS";
+    /// The flags each namespace was registered with (for `capture status`).
+    pub const FLAGS_TEXT: &str = "FLAGS_TEXT";
+}
+
+/// At most this many proxy uids, and as many gids (`-u`, `-g`); istio's injector passes one.
+pub const MAX_PROXY_IDS: usize = 8;
+
+/// [`PodConfig::flags`] bits.
+pub mod flag {
+    /// `-i '*'`.
+    pub const INCLUDE_ALL: u32 = 1 << 0;
+    /// `-i` lists a loopback CIDR (istio's `HasLoopBackIP`): no c2/d2 rules.
+    pub const INCLUDE_HAS_LOOPBACK: u32 = 1 << 1;
+    /// DNS capture is effective in some family: c1/c2 take their DNS form.
+    pub const DNS: u32 = 1 << 2;
+    /// DNS capture for IPv4 destinations (rule f).
+    pub const DNS_V4: u32 = 1 << 3;
+    /// DNS capture for IPv6 destinations (rule f).
+    pub const DNS_V6: u32 = 1 << 4;
+    /// `--capture-all-dns`.
+    pub const CAPTURE_ALL_DNS: u32 = 1 << 5;
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` is a list: only those groups are captured. Otherwise the group set
+    /// holds `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
+    pub const OWNER_GROUPS_ONLY: u32 = 1 << 6;
+    /// IPv6 capture is on for this namespace (istio's `EnableIPv6`); without it IPv6 connections pass.
+    pub const IPV6: u32 = 1 << 7;
+}
+
+/// One namespace's scalar configuration. Value of the `CONFIG` map, keyed by network-namespace cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Prefix of this configuration's `SETS` and `CIDRS` entries. A new apply writes its entries under a
+    /// fresh id and then swaps this value, so a connection never sees half of two configurations.
+    pub id: u32,
+    /// [`flag`] bits.
+    pub flags: u32,
+    /// `-p`.
+    pub proxy_port: u16,
+    /// `-z`.
+    pub inbound_capture_port: u16,
+    /// `-e`.
+    pub tunnel_port: u16,
+    /// The IPv4 loopback CIDR's prefix length (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), 8–32.
+    pub loopback_v4_len: u16,
+    /// The IPv4 loopback CIDR's address.
+    pub loopback_v4: [u8; 4],
+    /// How many of `uids` are used.
+    pub n_uids: u32,
+    /// How many of `gids` are used.
+    pub n_gids: u32,
+    /// `-u`, in order.
+    pub uids: [u32; MAX_PROXY_IDS],
+    /// `-g`, in order.
+    pub gids: [u32; MAX_PROXY_IDS],
+}
+
+/// What a `SETS` entry is a member of.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetKind {
+    /// `-o`: outbound ports never captured.
+    OutboundExcludePort = 1,
+    /// `-q`: outbound TCP ports captured.
+    OutboundIncludePort = 2,
+    /// Owner groups: the include list or the exclude list (see [`flag::OWNER_GROUPS_ONLY`]).
+    OwnerGroup = 3,
+}
+
+/// Key of the `SETS` hash map; the value is a `u8` 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SetKey {
+    /// [`PodConfig::id`].
+    pub id: u32,
+    /// [`SetKind`] as u32.
+    pub kind: u32,
+    /// A port or a gid.
+    pub value: u32,
+}
+
+/// What a `CIDRS` entry is a member of.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CidrKind {
+    /// `-x`.
+    Exclude = 1,
+    /// `-i` (when it is a list).
+    Include = 2,
+    /// The namespace's own addresses: a connection to them is what iptables sees as `-o lo`.
+    Local = 3,
+    /// resolv.conf nameservers, for DNS capture.
+    DnsServer = 4,
+    /// Subnets on `-c` interfaces: the connect hook has no route, so a destination on an excluded
+    /// interface's subnet stands for "routed out of that interface".
+    ExcludedInterface = 5,
+}
+
+/// Bits of [`CidrKeyData`] before the address: id and kind.
+pub const CIDR_KEY_HEADER_BITS: u32 = 64;
+
+/// Data of an LPM-trie key of the `CIDRS` map (the trie matches `prefix_len` bits of it, in memory
+/// order). Bytes only, so there is no padding and the id and kind are matched exactly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKeyData {
+    /// [`PodConfig::id`], big-endian.
+    pub id: [u8; 4],
+    /// [`CidrKind`], big-endian.
+    pub kind: [u8; 4],
+    /// The address (IPv4 mapped).
+    pub addr: Addr,
+}
+
+impl CidrKeyData {
+    /// The key data for `addr` in set `kind` of configuration `id`.
+    #[inline(always)]
+    pub fn new(id: u32, kind: CidrKind, addr: Addr) -> Self {
+        CidrKeyData {
+            id: id.to_be_bytes(),
+            kind: (kind as u32).to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Where a captured connection was going. Value of `ORIG_BY_COOKIE` and `ORIG_BY_ADDR`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// The namespace the connection was made in.
+    pub netns: u64,
+    /// Original destination address (IPv4 mapped).
+    pub addr: Addr,
+    /// Original destination port.
+    pub port: u16,
+    /// The port the connection was redirected to (the proxy's listener).
+    pub proxy_port: u16,
+    /// 1 if the application's socket was IPv6 (its view of the address), else 0.
+    pub v6_socket: u32,
+}
+
+/// Key of `ORIG_BY_ADDR`: the redirected connection as the proxy sees it from its accepted socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnKey {
+    /// Network-namespace cookie.
+    pub netns: u64,
+    /// The application's address (the proxy's peer), IPv4 mapped.
+    pub client: Addr,
+    /// The application's port.
+    pub client_port: u16,
+    /// The proxy's listening port the connection was redirected to.
+    pub proxy_port: u16,
+    /// Zero; makes the size a multiple of 8 explicitly.
+    pub _pad: u32,
+}
+
+/// Longest flags text kept for `capture status`.
+pub const FLAGS_TEXT_LEN: usize = 1024;
+
+/// Value of `FLAGS_TEXT`: the command line a namespace was registered with, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlagsText(pub [u8; FLAGS_TEXT_LEN]);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): plain-old-data, repr(C), no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::PodConfig {}
+    unsafe impl aya::Pod for super::SetKey {}
+    unsafe impl aya::Pod for super::CidrKeyData {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::FlagsText {}
+    unsafe impl aya::Pod for crate::counters::NetnsCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(
+            size_of::<PodConfig>(),
+            4 * 2 + 2 * 4 + 4 + 4 * 2 + 4 * 2 * MAX_PROXY_IDS
+        );
+        assert_eq!(size_of::<SetKey>(), 12);
+        assert_eq!(size_of::<CidrKeyData>(), 24);
+        assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<ConnKey>(), 8 + 16 + 2 + 2 + 4);
+    }
+}

@@ -1,0 +1,273 @@
+//! The outbound capture decision: istio's `ISTIO_OUTPUT` chain (REFERENCE §3.4) as one function.
+//!
+//! The kernel's connect4/connect6 programs call [`outbound`] with lookups backed by BPF maps; the host
+//! tests call it with lookups backed by plain collections and check it against istio's scenario table
+//! and against the iptables backend. Rule letters (a, b, c1 …) are those of REFERENCE §3.2.
+
+use crate::{
+    addr::{self, Addr},
+    maps::{CidrKind, MAX_PROXY_IDS, PodConfig, SetKind, flag},
+};
+
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
+/// istio-agent's DNS proxy port, where captured DNS goes.
+pub const DNS_PROXY_PORT: u16 = 15053;
+
+/// The transport protocol of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP (a connected UDP socket, or a datagram).
+    Udp,
+}
+
+/// A connection as the connect hook sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conn {
+    /// Protocol.
+    pub proto: Proto,
+    /// Destination (IPv4 mapped); an IPv4-mapped destination is an IPv4 connection.
+    pub dst: Addr,
+    /// Destination port.
+    pub dport: u16,
+    /// The address the socket is bound to, [`addr::UNSPECIFIED`] if none (IPv4 mapped).
+    pub src: Addr,
+    /// The calling task's uid.
+    pub uid: u32,
+    /// The calling task's gid.
+    pub gid: u32,
+}
+
+/// The rule of `ISTIO_OUTPUT` (or the chain's end) that decided, for counters, logs and tests.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// The namespace does not capture this family (IPv6 off).
+    FamilyOff,
+    /// `-c`: the destination is on an excluded interface's subnet.
+    ExcludedInterface,
+    /// a: `-o` port.
+    OutboundExcludePort,
+    /// b: source 127.0.0.6 / ::6 to a local address.
+    Passthrough,
+    /// c1: a proxy uid to a local non-loopback address.
+    ProxyUidToLocal,
+    /// c2: another uid's local traffic.
+    LocalNotProxyUid,
+    /// c3: a proxy uid.
+    ProxyUid,
+    /// d1: a proxy gid to a local non-loopback address.
+    ProxyGidToLocal,
+    /// d2: another gid's local traffic.
+    LocalNotProxyGid,
+    /// d3: a proxy gid.
+    ProxyGid,
+    /// e: owner-group filter.
+    OwnerGroup,
+    /// f: DNS.
+    Dns,
+    /// g: localhost.
+    Loopback,
+    /// h: `-x`.
+    ExcludeCidr,
+    /// i: `-q`.
+    OutboundIncludePort,
+    /// j: `-i`.
+    IncludeCidr,
+    /// End of the chain.
+    NoMatch,
+}
+
+/// What happens to a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Left alone.
+    Pass(Rule),
+    /// Sent to this port on localhost, keeping the original destination for `SO_ORIGINAL_DST`.
+    Redirect(u16, Rule),
+}
+
+impl Verdict {
+    /// The rule that decided.
+    pub fn rule(self) -> Rule {
+        match self {
+            Verdict::Pass(r) | Verdict::Redirect(_, r) => r,
+        }
+    }
+}
+
+/// The set lookups the decision needs; backed by BPF maps in the kernel, by collections in tests.
+pub trait Lookups {
+    /// Whether `value` is in set `kind` of the configuration.
+    fn in_set(&self, kind: SetKind, value: u32) -> bool;
+    /// Whether `addr` is in CIDR set `kind` of the configuration.
+    fn in_cidrs(&self, kind: CidrKind, addr: &Addr) -> bool;
+}
+
+const PASSTHROUGH_V4: Addr = addr::from_v4([127, 0, 0, 6]);
+const PASSTHROUGH_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+const LOOPBACK_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const LOOPBACK_NET_V4: Addr = addr::from_v4([127, 0, 0, 0]);
+const LOOPBACK_NET_V4_BITS: u32 = addr::V4_MAPPED_PREFIX_BITS + 8;
+
+/// `LOOP4`/`LOOP6`: what istio's `-d 127.0.0.1/32` (or the configured CIDR) and `-d ::1/128` match.
+#[inline(always)]
+fn in_loopback_cidr(cfg: &PodConfig, dst: &Addr, v4: bool) -> bool {
+    if v4 {
+        let net = addr::from_v4(cfg.loopback_v4);
+        addr::in_prefix(dst, &net, addr::V4_MAPPED_PREFIX_BITS + u32::from(cfg.loopback_v4_len))
+    } else {
+        *dst == LOOPBACK_V6
+    }
+}
+
+/// iptables' `-o lo`: the route goes back into the namespace. That is every loopback address, the
+/// unspecified address (connecting to it reaches the local host), and the namespace's own addresses.
+#[inline(always)]
+fn is_local<L: Lookups>(dst: &Addr, v4: bool, lookups: &L) -> bool {
+    let loopback = if v4 {
+        addr::in_prefix(dst, &LOOPBACK_NET_V4, LOOPBACK_NET_V4_BITS) || *dst == addr::from_v4([0; 4])
+    } else {
+        *dst == LOOPBACK_V6 || *dst == addr::UNSPECIFIED
+    };
+    loopback || lookups.in_cidrs(CidrKind::Local, dst)
+}
+
+/// The proxy-identity rules (c for uids, d for gids) for one id list; `None` means no rule matched.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn proxy_rules(
+    ids: &[u32; MAX_PROXY_IDS],
+    n: u32,
+    id: u32,
+    to_local_non_loopback: bool,
+    local: bool,
+    conn: &Conn,
+    cfg: &PodConfig,
+    dns_in_redirect: bool,
+    rules: [Rule; 3],
+) -> Option<Verdict> {
+    let dns = cfg.flags & flag::DNS != 0;
+    let tcp = conn.proto == Proto::Tcp;
+    let mut i = 0;
+    while i < MAX_PROXY_IDS {
+        if i as u32 >= n {
+            break;
+        }
+        let owner = ids[i];
+        // 1: the proxy calling a local non-loopback address (its own pod IP) goes to the inbound port.
+        if to_local_non_loopback
+            && tcp
+            && conn.dport != cfg.tunnel_port
+            && !(dns_in_redirect && conn.dport == DNS_PORT)
+            && id == owner
+        {
+            return Some(Verdict::Redirect(cfg.inbound_capture_port, rules[0]));
+        }
+        // 2: anyone else's local traffic passes (unless -i lists a loopback CIDR).
+        if cfg.flags & flag::INCLUDE_HAS_LOOPBACK == 0
+            && local
+            && id != owner
+            && (!dns || (tcp && conn.dport != DNS_PORT))
+        {
+            return Some(Verdict::Pass(rules[1]));
+        }
+        // 3: the proxy's own traffic passes.
+        if id == owner {
+            return Some(Verdict::Pass(rules[2]));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// istio's outbound decision for `conn` under `cfg`.
+#[inline(always)]
+pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdict {
+    let v4 = addr::is_v4(&conn.dst);
+    let tcp = conn.proto == Proto::Tcp;
+    if !v4 && cfg.flags & flag::IPV6 == 0 {
+        return Verdict::Pass(Rule::FamilyOff);
+    }
+    if lookups.in_cidrs(CidrKind::ExcludedInterface, &conn.dst) {
+        return Verdict::Pass(Rule::ExcludedInterface);
+    }
+    // a
+    if lookups.in_set(SetKind::OutboundExcludePort, u32::from(conn.dport)) {
+        return Verdict::Pass(Rule::OutboundExcludePort);
+    }
+    let local = is_local(&conn.dst, v4, lookups);
+    // b
+    let passthrough = if v4 { PASSTHROUGH_V4 } else { PASSTHROUGH_V6 };
+    if local && conn.src == passthrough {
+        return Verdict::Pass(Rule::Passthrough);
+    }
+    let to_local_non_loopback = local && !in_loopback_cidr(cfg, &conn.dst, v4);
+    // c: uids, with the DNS form of c1 when DNS is on.
+    let dns = cfg.flags & flag::DNS != 0;
+    let uid_rules = [Rule::ProxyUidToLocal, Rule::LocalNotProxyUid, Rule::ProxyUid];
+    if let Some(v) = proxy_rules(
+        &cfg.uids,
+        cfg.n_uids,
+        conn.uid,
+        to_local_non_loopback,
+        local,
+        conn,
+        cfg,
+        dns,
+        uid_rules,
+    ) {
+        return v;
+    }
+    // d: gids; d1 has no DNS exception (istio's rule).
+    let gid_rules = [Rule::ProxyGidToLocal, Rule::LocalNotProxyGid, Rule::ProxyGid];
+    if let Some(v) = proxy_rules(
+        &cfg.gids,
+        cfg.n_gids,
+        conn.gid,
+        to_local_non_loopback,
+        local,
+        conn,
+        cfg,
+        false,
+        gid_rules,
+    ) {
+        return v;
+    }
+    // e
+    let in_groups = lookups.in_set(SetKind::OwnerGroup, conn.gid);
+    if (cfg.flags & flag::OWNER_GROUPS_ONLY != 0) != in_groups {
+        return Verdict::Pass(Rule::OwnerGroup);
+    }
+    // f
+    let dns_here = cfg.flags & if v4 { flag::DNS_V4 } else { flag::DNS_V6 } != 0;
+    if dns_here
+        && conn.dport == DNS_PORT
+        && (cfg.flags & flag::CAPTURE_ALL_DNS != 0 || lookups.in_cidrs(CidrKind::DnsServer, &conn.dst))
+    {
+        return Verdict::Redirect(DNS_PROXY_PORT, Rule::Dns);
+    }
+    // g
+    if in_loopback_cidr(cfg, &conn.dst, v4) {
+        return Verdict::Pass(Rule::Loopback);
+    }
+    // h
+    if lookups.in_cidrs(CidrKind::Exclude, &conn.dst) {
+        return Verdict::Pass(Rule::ExcludeCidr);
+    }
+    // i
+    if tcp && lookups.in_set(SetKind::OutboundIncludePort, u32::from(conn.dport)) {
+        return Verdict::Redirect(cfg.proxy_port, Rule::OutboundIncludePort);
+    }
+    // j: ISTIO_REDIRECT only redirects TCP; anything else falls through it.
+    if cfg.flags & flag::INCLUDE_ALL != 0 || lookups.in_cidrs(CidrKind::Include, &conn.dst) {
+        return if tcp {
+            Verdict::Redirect(cfg.proxy_port, Rule::IncludeCidr)
+        } else {
+            Verdict::Pass(Rule::IncludeCidr)
+        };
+    }
+    Verdict::Pass(Rule::NoMatch)
+}

@@ -1,0 +1,102 @@
+//! sockops: joins the application's redirected socket to the proxy's accepted one, so getsockopt can
+//! answer `SO_ORIGINAL_DST`, and forgets the connection when the proxy's socket closes.
+//!
+//! - TCP_CONNECT_CB (application side, just before the SYN; the local port is known): move the original
+//!   destination from `ORIG_BY_COOKIE` to `ORIG_BY_ADDR`, keyed by what the proxy will see as its peer.
+//! - PASSIVE_ESTABLISHED_CB (proxy side): if the connection is one of ours, ask for state callbacks.
+//! - STATE_CB to TCP_CLOSE (proxy side): delete the entry.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockOpsContext,
+};
+use capture_common::{
+    addr::{self, Addr},
+    maps::ConnKey,
+};
+
+use crate::{
+    fields::words,
+    maps::{ORIG_BY_ADDR, ORIG_BY_COOKIE},
+};
+
+const AF_INET: u32 = 2;
+/// `TCP_CLOSE` in the kernel's TCP state numbering.
+const TCP_CLOSE: u32 = 7;
+
+/// The socket's local address (IPv4 mapped).
+#[inline(always)]
+fn local_addr(ctx: &SockOpsContext) -> Addr {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    let ops = unsafe { &*ctx.ops };
+    if ctx.family() == AF_INET {
+        addr::from_v4_word(ops.local_ip4)
+    } else {
+        addr::from_words(words(&ops.local_ip6))
+    }
+}
+
+/// The socket's peer address (IPv4 mapped).
+#[inline(always)]
+fn remote_addr(ctx: &SockOpsContext) -> Addr {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    let ops = unsafe { &*ctx.ops };
+    if ctx.family() == AF_INET {
+        addr::from_v4_word(ops.remote_ip4)
+    } else {
+        addr::from_words(words(&ops.remote_ip6))
+    }
+}
+
+/// The key of a proxy-side socket: its peer is the application, its local port the proxy's listener.
+#[inline(always)]
+fn proxy_side_key(ctx: &SockOpsContext) -> ConnKey {
+    // SAFETY: the context pointer is the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    ConnKey {
+        netns,
+        client: remote_addr(ctx),
+        client_port: addr::port_from_sockops_remote(ctx.remote_port()),
+        proxy_port: ctx.local_port() as u16,
+        _pad: 0,
+    }
+}
+
+/// Handles one sockops callback.
+#[inline(always)]
+pub fn handle(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: the context pointer is the program's own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: the value is copied out before the entry is removed.
+            let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+                return;
+            };
+            let key = ConnKey {
+                netns: orig.netns,
+                client: local_addr(ctx),
+                client_port: ctx.local_port() as u16,
+                proxy_port: orig.proxy_port,
+                _pad: 0,
+            };
+            let _ = ORIG_BY_ADDR.insert(&key, &orig, 0);
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let key = proxy_side_key(ctx);
+            if ORIG_BY_ADDR.get_ptr(&key).is_some() {
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            let _ = ORIG_BY_ADDR.remove(&proxy_side_key(ctx));
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,133 @@
+//! cgroup getsockopt: answers `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) on the
+//! proxy's accepted socket from `ORIG_BY_ADDR`, as conntrack does under iptables. Every other option, and
+//! these for connections we did not redirect, keep the kernel's own answer untouched.
+
+use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, programs::SockoptContext};
+use capture_common::{
+    addr::{self, Addr},
+    counters::Counter,
+    maps::{ConnKey, OrigDst},
+};
+
+use crate::{
+    fields::words,
+    maps::{ORIG_BY_ADDR, bump},
+};
+
+/// Lets the getsockopt complete with whatever answer it has (0 would fail it with EPERM).
+pub const PROCEED: i32 = 1;
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the number.
+const SO_ORIGINAL_DST: i32 = 80;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// `struct sockaddr_in`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: Addr,
+    scope_id: u32,
+}
+
+/// Writes `value` as the option's answer if the buffer has room; returns whether it did.
+#[inline(always)]
+fn answer<T>(ctx: &SockoptContext, value: T) -> bool {
+    let len = core::mem::size_of::<T>();
+    // SAFETY: the kernel's context; the buffer is written only within [optval, optval_end).
+    unsafe {
+        let so = &mut *ctx.sockopt;
+        let start = so.__bindgen_anon_2.optval as *mut u8;
+        let end = so.__bindgen_anon_3.optval_end as *mut u8;
+        if start.add(len) > end {
+            return false;
+        }
+        core::ptr::write_unaligned(start.cast::<T>(), value);
+        so.optlen = len as i32;
+        so.retval = 0;
+    }
+    true
+}
+
+/// Handles one getsockopt.
+#[inline(always)]
+pub fn getsockopt(ctx: &SockoptContext) {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    let (level, optname, sk) = unsafe {
+        let so = &*ctx.sockopt;
+        (so.level, so.optname, so.__bindgen_anon_1.sk)
+    };
+    if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        return;
+    }
+    // SAFETY: the socket the option is asked on, valid for the program's lifetime.
+    let (client, client_port, proxy_port) = unsafe {
+        let sk = &*sk;
+        let client = if sk.family == u32::from(AF_INET) {
+            addr::from_v4_word(sk.dst_ip4)
+        } else {
+            addr::from_words(words(&sk.dst_ip6))
+        };
+        (client, u16::from_be(sk.dst_port), sk.src_port as u16)
+    };
+    // SAFETY: the context pointer is the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = ConnKey {
+        netns,
+        client,
+        client_port,
+        proxy_port,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let Some(orig): Option<OrigDst> = (unsafe { ORIG_BY_ADDR.get(&key) }).copied() else {
+        bump(netns, Counter::OrigDstMisses);
+        return;
+    };
+    let port = orig.port.to_be();
+    let answered = if level == SOL_IP {
+        // IPv4 only, like conntrack: an IPv6 connection has no IPv4 original destination.
+        addr::is_v4(&orig.addr)
+            && answer(
+                ctx,
+                SockaddrIn {
+                    family: AF_INET,
+                    port,
+                    addr: addr::v4_octets(&orig.addr),
+                    zero: [0; 8],
+                },
+            )
+    } else {
+        answer(
+            ctx,
+            SockaddrIn6 {
+                family: AF_INET6,
+                port,
+                flowinfo: 0,
+                addr: orig.addr,
+                scope_id: 0,
+            },
+        )
+    };
+    bump(
+        netns,
+        if answered {
+            Counter::OrigDstLookups
+        } else {
+            Counter::OrigDstMisses
+        },
+    );
+}

@@ -1,0 +1,175 @@
+//! The capture model for the kernel: a [`Config`] and the namespace's facts turned into the map entries
+//! the programs read. Pure, so the same entries drive the host-side model in the tests.
+
+use std::{collections::HashSet, net::IpAddr};
+
+use anyhow::{Result, bail};
+use capture_common::{
+    addr::{self, Addr},
+    maps::{CIDR_KEY_HEADER_BITS, CidrKeyData, CidrKind, MAX_PROXY_IDS, PodConfig, SetKey, SetKind, flag},
+    model::Lookups,
+};
+use ipnet::IpNet;
+
+use crate::config::{Config, Environment, IncludeCidrs, Owner, OwnerGroups};
+
+/// What the loader learns about the namespace itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Every address of the namespace: a connection to one of them is local (`-o lo` to iptables).
+    pub local: Vec<IpAddr>,
+    /// The subnets of the `-c` interfaces (see [`CidrKind::ExcludedInterface`]).
+    pub excluded_subnets: Vec<IpNet>,
+}
+
+/// One CIDR-set entry: an LPM key's prefix length and data.
+pub type CidrEntry = (u32, CidrKeyData);
+
+/// All map entries of one namespace's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entries {
+    /// The `CONFIG` value.
+    pub config: PodConfig,
+    /// `SETS` keys.
+    pub sets: Vec<SetKey>,
+    /// `CIDRS` keys.
+    pub cidrs: Vec<CidrEntry>,
+}
+
+fn ids(owners: &[Owner], flag: &str) -> Result<([u32; MAX_PROXY_IDS], u32)> {
+    if owners.len() > MAX_PROXY_IDS {
+        bail!(
+            "{flag}: the eBPF backend takes at most {MAX_PROXY_IDS} ids, got {}",
+            owners.len()
+        );
+    }
+    let mut out = [0; MAX_PROXY_IDS];
+    for (slot, o) in out.iter_mut().zip(owners) {
+        *slot = o.id;
+    }
+    Ok((out, owners.len() as u32))
+}
+
+/// A CIDR as an LPM entry of configuration `id`.
+pub fn cidr_entry(id: u32, kind: CidrKind, net: &IpNet) -> CidrEntry {
+    let net = net.trunc();
+    let (a, bits) = match net {
+        IpNet::V4(v4) => (
+            addr::from_v4(v4.addr().octets()),
+            addr::V4_MAPPED_PREFIX_BITS + u32::from(v4.prefix_len()),
+        ),
+        IpNet::V6(v6) => (v6.addr().octets(), u32::from(v6.prefix_len())),
+    };
+    (CIDR_KEY_HEADER_BITS + bits, CidrKeyData::new(id, kind, a))
+}
+
+fn host(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+/// The entries for `cfg` in a namespace with `env` and `facts`, under configuration id `id`.
+pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Result<Entries> {
+    let (uids, n_uids) = ids(&cfg.proxy_uids, "-u/--proxy-uid")?;
+    let (gids, n_gids) = ids(&cfg.proxy_gids, "-g/--proxy-gid")?;
+    let mut flags = 0;
+    let mut set_flag = |on: bool, bit: u32| {
+        if on {
+            flags |= bit;
+        }
+    };
+    set_flag(cfg.include_cidrs == IncludeCidrs::All, flag::INCLUDE_ALL);
+    set_flag(cfg.include_cidrs.has_loopback(), flag::INCLUDE_HAS_LOOPBACK);
+    set_flag(cfg.dns_effective(env), flag::DNS);
+    set_flag(cfg.dns_effective_for(env, false), flag::DNS_V4);
+    set_flag(cfg.dns_effective_for(env, true), flag::DNS_V6);
+    set_flag(cfg.capture_all_dns, flag::CAPTURE_ALL_DNS);
+    set_flag(
+        matches!(cfg.owner_groups, OwnerGroups::Only(_)),
+        flag::OWNER_GROUPS_ONLY,
+    );
+    set_flag(env.ipv6, flag::IPV6);
+    let config = PodConfig {
+        id,
+        flags,
+        proxy_port: cfg.proxy_port,
+        inbound_capture_port: cfg.inbound_capture_port,
+        tunnel_port: cfg.inbound_tunnel_port,
+        loopback_v4_len: u16::from(cfg.loopback_cidr_v4.prefix_len()),
+        loopback_v4: cfg.loopback_cidr_v4.addr().octets(),
+        n_uids,
+        n_gids,
+        uids,
+        gids,
+    };
+
+    let set = |kind: SetKind, value: u32| SetKey {
+        id,
+        kind: kind as u32,
+        value,
+    };
+    let groups = match &cfg.owner_groups {
+        OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => g,
+    };
+    let sets = cfg
+        .outbound_exclude_ports
+        .iter()
+        .map(|&p| set(SetKind::OutboundExcludePort, u32::from(p)))
+        .chain(
+            cfg.outbound_ports
+                .iter()
+                .map(|&p| set(SetKind::OutboundIncludePort, u32::from(p))),
+        )
+        .chain(groups.iter().map(|g| set(SetKind::OwnerGroup, g.id)))
+        .collect();
+
+    let mut cidrs = Vec::new();
+    let mut add = |kind: CidrKind, net: &IpNet| cidrs.push(cidr_entry(id, kind, net));
+    cfg.exclude_cidrs.iter().for_each(|n| add(CidrKind::Exclude, n));
+    if let IncludeCidrs::List(list) = &cfg.include_cidrs {
+        list.iter().for_each(|n| add(CidrKind::Include, n));
+    }
+    facts.local.iter().for_each(|&ip| add(CidrKind::Local, &host(ip)));
+    env.nameservers
+        .iter()
+        .for_each(|n| add(CidrKind::DnsServer, &host(n.addr)));
+    facts
+        .excluded_subnets
+        .iter()
+        .for_each(|n| add(CidrKind::ExcludedInterface, n));
+    Ok(Entries { config, sets, cidrs })
+}
+
+/// The model's lookups over a set of entries, as the kernel sees them in its maps.
+pub struct EntryLookups {
+    sets: HashSet<SetKey>,
+    cidrs: Vec<CidrEntry>,
+    id: u32,
+}
+
+impl EntryLookups {
+    /// Lookups over `entries`.
+    pub fn new(entries: &Entries) -> Self {
+        EntryLookups {
+            sets: entries.sets.iter().copied().collect(),
+            cidrs: entries.cidrs.clone(),
+            id: entries.config.id,
+        }
+    }
+}
+
+impl Lookups for EntryLookups {
+    fn in_set(&self, kind: SetKind, value: u32) -> bool {
+        self.sets.contains(&SetKey {
+            id: self.id,
+            kind: kind as u32,
+            value,
+        })
+    }
+
+    fn in_cidrs(&self, kind: CidrKind, a: &Addr) -> bool {
+        let want = CidrKeyData::new(self.id, kind, *a);
+        self.cidrs.iter().any(|(bits, data)| {
+            data.id == want.id && data.kind == want.kind && addr::in_prefix(a, &data.addr, bits - CIDR_KEY_HEADER_BITS)
+        })
+    }
+}

@@ -1,0 +1,177 @@
+//! The pinned maps, opened by path: registering and unregistering a namespace, and reading them back.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key};
+pub use capture_common::maps::names;
+use capture_common::{
+    counters::{Counter, NetnsCounters},
+    maps::{CidrKeyData, ConnKey, FLAGS_TEXT_LEN, FlagsText, OrigDst, PodConfig, SetKey},
+};
+
+use super::entries::{self, Facts};
+use crate::config::{Config, Environment};
+
+/// The maps the loader writes.
+pub struct Maps {
+    config: HashMap<MapData, u64, PodConfig>,
+    sets: HashMap<MapData, SetKey, u8>,
+    cidrs: LpmTrie<MapData, CidrKeyData, u8>,
+    orig_by_addr: HashMap<MapData, ConnKey, OrigDst>,
+    counters: PerCpuHashMap<MapData, u64, NetnsCounters>,
+    flags: HashMap<MapData, u64, FlagsText>,
+}
+
+/// One registered namespace, as `capture status` shows it.
+pub struct Registered {
+    /// Its cookie.
+    pub netns: u64,
+    /// The command line it was registered with.
+    pub flags: String,
+    /// Its counters, summed over CPUs, by name.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+fn open<T: TryFrom<Map>>(dir: &Path, name: &str) -> Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Maps> {
+        Ok(Maps {
+            config: open(dir, names::CONFIG)?,
+            sets: open(dir, names::SETS)?,
+            cidrs: open(dir, names::CIDRS)?,
+            orig_by_addr: open(dir, names::ORIG_BY_ADDR)?,
+            counters: open(dir, names::NETNS_COUNTERS)?,
+            flags: open(dir, names::FLAGS_TEXT)?,
+        })
+    }
+
+    /// A configuration id no registered namespace uses.
+    fn fresh_id(&self) -> Result<u32> {
+        let used: Vec<u32> = self
+            .config
+            .iter()
+            .map(|r| r.map(|(_, c)| c.id))
+            .collect::<Result<_, _>>()?;
+        Ok((1..=u32::MAX)
+            .find(|id| !used.contains(id))
+            .expect("fewer namespaces than ids"))
+    }
+
+    /// Registers (or re-registers) namespace `netns`. The new entries go in under a fresh id and the
+    /// `CONFIG` value switches to it in one update, so a connection sees the old configuration or the new
+    /// one, never a mix; the old entries go after. On failure the new entries are removed again.
+    pub fn register(&mut self, netns: u64, cfg: &Config, env: &Environment, facts: &Facts, flags: &str) -> Result<()> {
+        let old = self.config.get(&netns, 0).ok();
+        let id = self.fresh_id()?;
+        let e = entries::entries(cfg, env, facts, id)?;
+        let written = self.write(&e).and_then(|()| {
+            if self.counters.get(&netns, 0).is_err() {
+                let zero = PerCpuValues::try_from(vec![
+                    NetnsCounters::default();
+                    aya::util::nr_cpus().map_err(|(_, e)| e)?
+                ])?;
+                self.counters.insert(netns, zero, 0)?;
+            }
+            let mut text = [0u8; FLAGS_TEXT_LEN];
+            let n = flags.len().min(FLAGS_TEXT_LEN);
+            text[..n].copy_from_slice(&flags.as_bytes()[..n]);
+            self.flags.insert(netns, FlagsText(text), 0)?;
+            self.config.insert(netns, e.config, 0)?;
+            Ok(())
+        });
+        if let Err(err) = written {
+            self.remove_entries(id)?;
+            return Err(err).context("register the namespace");
+        }
+        if let Some(old) = old {
+            self.remove_entries(old.id)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, e: &entries::Entries) -> Result<()> {
+        for key in &e.sets {
+            self.sets.insert(key, 1, 0).context("SETS")?;
+        }
+        for (bits, data) in &e.cidrs {
+            self.cidrs.insert(&Key::new(*bits, *data), 1, 0).context("CIDRS")?;
+        }
+        Ok(())
+    }
+
+    /// Removes the set and CIDR entries of configuration `id`.
+    fn remove_entries(&mut self, id: u32) -> Result<()> {
+        let sets: Vec<SetKey> = self.sets.keys().filter_map(Result::ok).filter(|k| k.id == id).collect();
+        for key in sets {
+            self.sets.remove(&key)?;
+        }
+        let id_bytes = id.to_be_bytes();
+        let cidrs: Vec<Key<CidrKeyData>> = self
+            .cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().id == id_bytes)
+            .collect();
+        for key in cidrs {
+            self.cidrs.remove(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Unregisters `netns`: its configuration, counters, flags and pending original destinations.
+    pub fn unregister(&mut self, netns: u64) -> Result<()> {
+        let Ok(cfg) = self.config.get(&netns, 0) else {
+            return Ok(());
+        };
+        self.config.remove(&netns)?;
+        self.remove_entries(cfg.id)?;
+        let _ = self.counters.remove(&netns);
+        let _ = self.flags.remove(&netns);
+        let pending: Vec<ConnKey> = self
+            .orig_by_addr
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns == netns)
+            .collect();
+        for key in pending {
+            let _ = self.orig_by_addr.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Every registered namespace.
+    pub fn registered(&self) -> Result<Vec<Registered>> {
+        let mut out = Vec::new();
+        for entry in self.config.iter() {
+            let (netns, _) = entry?;
+            let flags = self
+                .flags
+                .get(&netns, 0)
+                .map(|t| String::from_utf8_lossy(&t.0).trim_end_matches('\0').to_owned())
+                .unwrap_or_default();
+            let per_cpu = self.counters.get(&netns, 0).ok();
+            let counters = Counter::ALL
+                .iter()
+                .map(|c| {
+                    (
+                        c.name(),
+                        per_cpu.as_ref().map_or(0, |v| v.iter().map(|n| n.0[c.index()]).sum()),
+                    )
+                })
+                .collect();
+            out.push(Registered { netns, flags, counters });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,70 @@
+//! The two bpf(2) commands the loader needs and aya 0.14 does not offer for every program type: create a
+//! cgroup link for a loaded program, and pin a link so the attachment outlives the loader.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+/// bpf(2) commands (include/uapi/linux/bpf.h).
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// Attach types (enum bpf_attach_type) of the hooks capture uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachType {
+    /// BPF_CGROUP_SOCK_OPS.
+    SockOps = 3,
+    /// BPF_CGROUP_INET4_CONNECT.
+    Connect4 = 10,
+    /// BPF_CGROUP_INET6_CONNECT.
+    Connect6 = 11,
+    /// BPF_CGROUP_GETSOCKOPT.
+    GetSockopt = 21,
+}
+
+/// `union bpf_attr`, as a zeroed buffer big enough for the commands used here; the kernel requires every
+/// byte past the fields it knows to be zero.
+#[repr(C, align(8))]
+struct Attr([u8; 64]);
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialised buffer of the size passed.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), size_of::<Attr>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn put_u32(attr: &mut Attr, offset: usize, value: u32) {
+    attr.0[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+}
+
+/// Attaches `prog` to the cgroup `cgroup` with a BPF link (multi-attach: other programs on the same hook
+/// keep running). Kernel ≥ 5.7.
+pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
+    let mut attr = Attr([0; 64]);
+    // link_create: prog_fd, target_fd, attach_type, flags.
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, attach as u32);
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the BPF object `fd` (here, a link) at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut attr = Attr([0; 64]);
+    // obj_pin: pathname (u64 pointer), bpf_fd, file_flags.
+    attr.0[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
