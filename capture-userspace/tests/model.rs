@@ -1,0 +1,296 @@
+//! The outbound decision model against istio's scenario table (REFERENCE §3.9) and the quirks of §3.10,
+//! run on the very map entries the loader would write for the same flags.
+
+use std::net::IpAddr;
+
+use capture::{
+    config::{Environment, Nameserver},
+    ebpf::entries::{EntryLookups, Facts, entries},
+    flags,
+};
+use capture_common::{
+    addr::{self, Addr},
+    model::{Conn, Proto, Rule, Verdict, outbound},
+};
+
+const POD_IP: &str = "10.1.1.5";
+const POD_IP6: &str = "fd00::5";
+const APP: u32 = 1000;
+const PROXY: u32 = 1337;
+const INJECTOR: &str = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x '' -b * -d 15090,15021,15020";
+
+fn ip(s: &str) -> Addr {
+    match s.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v4) => addr::from_v4(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// A pod: flags (as a command line; `''` is an empty value), IPv6 on or off, nameservers.
+struct Pod {
+    entries: capture::ebpf::entries::Entries,
+    lookups: EntryLookups,
+}
+
+fn pod_with(flags_line: &str, env_vars: &[(&str, &str)], ipv6: bool, nameservers: &[&str]) -> Pod {
+    let args = std::iter::once("capture")
+        .chain(flags_line.split_whitespace().map(|w| if w == "''" { "" } else { w }))
+        .collect::<Vec<_>>();
+    let env_vars: Vec<(String, String)> = env_vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let inv = flags::parse(args, &|k| {
+        if k == "ENVOY_USER" {
+            return Some("capture-test-no-such-user".into());
+        }
+        env_vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    })
+    .unwrap_or_else(|e| panic!("{flags_line}: {e}"));
+    let env = Environment {
+        ipv6,
+        nameservers: nameservers
+            .iter()
+            .map(|t| Nameserver {
+                addr: t.parse().unwrap(),
+                text: (*t).into(),
+            })
+            .collect(),
+    };
+    let facts = Facts {
+        local: [POD_IP, POD_IP6, "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect(),
+        excluded_subnets: vec![],
+    };
+    let entries = entries(&inv.config, &env, &facts, 7).unwrap();
+    let lookups = EntryLookups::new(&entries);
+    Pod { entries, lookups }
+}
+
+fn pod(flags_line: &str) -> Pod {
+    pod_with(flags_line, &[], true, &[])
+}
+
+impl Pod {
+    fn decide(&self, proto: Proto, dst: &str, dport: u16, uid: u32, gid: u32, src: Option<&str>) -> Verdict {
+        let conn = Conn {
+            proto,
+            dst: ip(dst),
+            dport,
+            src: src.map_or(addr::UNSPECIFIED, ip),
+            uid,
+            gid,
+        };
+        outbound(&self.entries.config, &conn, &self.lookups)
+    }
+
+    fn tcp(&self, dst: &str, dport: u16, uid: u32) -> Verdict {
+        self.decide(Proto::Tcp, dst, dport, uid, uid, None)
+    }
+}
+
+use Rule::*;
+use Verdict::{Pass, Redirect};
+
+#[test]
+fn scenario_table_outbound_rows() {
+    let p = pod(INJECTOR);
+    // 1: app → remote: 15001.
+    assert_eq!(p.tcp("10.2.0.9", 80, APP), Redirect(15001, IncludeCidr));
+    // 2: app → localhost: passes (c2).
+    assert_eq!(p.tcp("127.0.0.1", 8080, APP), Pass(LocalNotProxyUid));
+    // 3: app → own pod IP: passes (c2).
+    assert_eq!(p.tcp(POD_IP, 8080, APP), Pass(LocalNotProxyUid));
+    // 4/5: Envoy → remote passes (c3); Envoy → own pod IP goes to 15006 (c1).
+    assert_eq!(p.tcp("10.2.0.9", 80, PROXY), Pass(ProxyUid));
+    assert_eq!(p.tcp(POD_IP, 8080, PROXY), Redirect(15006, ProxyUidToLocal));
+    // 6: Envoy → 127.0.0.1: passes (c1 excludes LOOP4; c3).
+    assert_eq!(p.tcp("127.0.0.1", 15000, PROXY), Pass(ProxyUid));
+    // 7: Envoy → 127.0.0.5: 15006 (the validator relies on it).
+    assert_eq!(p.tcp("127.0.0.5", 15002, PROXY), Redirect(15006, ProxyUidToLocal));
+    // 8: Envoy's passthrough from 127.0.0.6 → pod IP: passes (b).
+    assert_eq!(
+        p.decide(Proto::Tcp, POD_IP, 8080, PROXY, PROXY, Some("127.0.0.6")),
+        Pass(Passthrough)
+    );
+    // 9: Envoy → own pod IP:15008: passes (c1 excludes the tunnel port; c3).
+    assert_eq!(p.tcp(POD_IP, 15008, PROXY), Pass(ProxyUid));
+    // 11: uid ≠ 1337 with gid 1337 → remote: passes (d3).
+    assert_eq!(p.decide(Proto::Tcp, "10.2.0.9", 80, APP, 1337, None), Pass(ProxyGid));
+    // 12: uid ≠ 1337, gid 1337 → own pod IP: c2 wins before d1.
+    assert_eq!(
+        p.decide(Proto::Tcp, POD_IP, 80, APP, 1337, None),
+        Pass(LocalNotProxyUid)
+    );
+    // 13: UDP that is not DNS: passes at j.
+    assert_eq!(
+        p.decide(Proto::Udp, "10.2.0.9", 9999, APP, APP, None),
+        Pass(IncludeCidr)
+    );
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_destinations() {
+    let p = pod(INJECTOR);
+    assert_eq!(p.tcp("2001:db8::9", 80, APP), Redirect(15001, IncludeCidr));
+    assert_eq!(p.tcp("::1", 80, APP), Pass(LocalNotProxyUid));
+    assert_eq!(
+        p.tcp("::ffff:10.2.0.9", 80, APP),
+        Redirect(15001, IncludeCidr),
+        "mapped is IPv4"
+    );
+    assert_eq!(p.tcp("::ffff:127.0.0.1", 80, APP), Pass(LocalNotProxyUid));
+    assert_eq!(
+        p.decide(Proto::Tcp, POD_IP6, 80, PROXY, PROXY, Some("::6")),
+        Pass(Passthrough)
+    );
+    let no_v6 = pod_with(INJECTOR, &[], false, &[]);
+    assert_eq!(
+        no_v6.tcp("2001:db8::9", 80, APP),
+        Pass(FamilyOff),
+        "IPv6 off: as istio without ip6tables rules"
+    );
+    assert_eq!(
+        no_v6.tcp("::ffff:10.2.0.9", 80, APP),
+        Redirect(15001, IncludeCidr),
+        "mapped is still IPv4"
+    );
+}
+
+#[test]
+fn exclusions_and_includes_in_istios_order() {
+    // -o beats everything, the proxy→pod IP redirect included.
+    let p = pod("-u 1337 -i * -o 8080");
+    assert_eq!(p.tcp("10.2.0.9", 8080, APP), Pass(OutboundExcludePort));
+    assert_eq!(p.tcp(POD_IP, 8080, PROXY), Pass(OutboundExcludePort));
+    assert_eq!(
+        p.decide(Proto::Udp, "10.2.0.9", 8080, APP, APP, None),
+        Pass(OutboundExcludePort)
+    );
+    // -x is applied even with an explicit -i, and before it.
+    let p = pod("-u 1337 -i 10.0.0.0/8 -x 10.2.0.0/16");
+    assert_eq!(p.tcp("10.2.0.9", 80, APP), Pass(ExcludeCidr));
+    assert_eq!(p.tcp("10.3.0.9", 80, APP), Redirect(15001, IncludeCidr));
+    assert_eq!(p.tcp("11.0.0.1", 80, APP), Pass(NoMatch));
+    // A wider -x than -i still wins (no longest-prefix shortcut).
+    let p = pod("-u 1337 -i 10.2.0.0/16 -x 10.0.0.0/8");
+    assert_eq!(p.tcp("10.2.0.9", 80, APP), Pass(ExcludeCidr));
+    // -x does not stop the proxy→pod-IP redirect.
+    let p = pod(&format!("-u 1337 -i * -x {POD_IP}/32"));
+    assert_eq!(p.tcp(POD_IP, 80, PROXY), Redirect(15006, ProxyUidToLocal));
+    // -q without -i captures those ports anywhere not excluded; TCP only.
+    let p = pod("-u 1337 -q 32000 -x 10.9.0.0/16");
+    assert_eq!(p.tcp("11.0.0.1", 32000, APP), Redirect(15001, OutboundIncludePort));
+    assert_eq!(p.tcp("10.9.0.1", 32000, APP), Pass(ExcludeCidr));
+    assert_eq!(p.tcp("11.0.0.1", 32001, APP), Pass(NoMatch));
+    assert_eq!(p.decide(Proto::Udp, "11.0.0.1", 32000, APP, APP, None), Pass(NoMatch));
+    // -i lists only one family: the other is not captured.
+    let p = pod("-u 1337 -i 10.0.0.0/8");
+    assert_eq!(p.tcp("2001:db8::9", 80, APP), Pass(NoMatch));
+}
+
+#[test]
+fn multiple_proxy_uids_keep_istios_ordering_quirk() {
+    // With -u 3,4 the first uid's c2 (other local traffic passes) catches uid 4 before its c1.
+    let p = pod("-u 3,4 -g 1,2 -i *");
+    assert_eq!(
+        p.decide(Proto::Tcp, POD_IP, 80, 3, 3, None),
+        Redirect(15006, ProxyUidToLocal)
+    );
+    assert_eq!(p.decide(Proto::Tcp, POD_IP, 80, 4, 4, None), Pass(LocalNotProxyUid));
+    assert_eq!(p.decide(Proto::Tcp, "10.2.0.9", 80, 4, 4, None), Pass(ProxyUid));
+    assert_eq!(p.decide(Proto::Tcp, "10.2.0.9", 80, 9, 2, None), Pass(ProxyGid));
+    assert_eq!(
+        p.decide(Proto::Tcp, "10.2.0.9", 80, 9, 9, None),
+        Redirect(15001, IncludeCidr)
+    );
+}
+
+#[test]
+fn loopback_include_and_loopback_cidr() {
+    // A loopback CIDR in -i removes c2/d2: local app traffic goes on down the chain.
+    let p = pod("-u 1337 -i 127.1.2.3/32");
+    assert_eq!(p.tcp("127.1.2.3", 80, APP), Redirect(15001, IncludeCidr));
+    assert_eq!(p.tcp("127.0.0.1", 80, APP), Pass(Loopback));
+    assert_eq!(p.tcp(POD_IP, 80, APP), Pass(NoMatch));
+    // ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR=127.0.0.1/8 widens "localhost" for c1 and g.
+    let p = pod_with(
+        "-u 1337 -i *",
+        &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
+        true,
+        &[],
+    );
+    assert_eq!(p.tcp("127.0.0.5", 15002, PROXY), Pass(ProxyUid));
+    let narrow = pod("-u 1337 -i *");
+    assert_eq!(narrow.tcp("127.0.0.5", 15002, PROXY), Redirect(15006, ProxyUidToLocal));
+}
+
+#[test]
+fn owner_groups() {
+    let only = pod_with("-u 1337 -i *", &[("ISTIO_OUTBOUND_OWNER_GROUPS", "100,200")], true, &[]);
+    assert_eq!(
+        only.decide(Proto::Tcp, "10.2.0.9", 80, APP, 100, None),
+        Redirect(15001, IncludeCidr)
+    );
+    assert_eq!(
+        only.decide(Proto::Tcp, "10.2.0.9", 80, APP, 300, None),
+        Pass(OwnerGroup)
+    );
+    let except = pod_with(
+        "-u 1337 -i *",
+        &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "300")],
+        true,
+        &[],
+    );
+    assert_eq!(
+        except.decide(Proto::Tcp, "10.2.0.9", 80, APP, 300, None),
+        Pass(OwnerGroup)
+    );
+    assert_eq!(
+        except.decide(Proto::Tcp, "10.2.0.9", 80, APP, 100, None),
+        Redirect(15001, IncludeCidr)
+    );
+}
+
+#[test]
+fn dns_capture_order() {
+    let p = pod_with(
+        "-u 1337 -i * -x 10.96.0.0/12 --redirect-dns",
+        &[],
+        true,
+        &["10.96.0.10"],
+    );
+    // DNS to the listed server goes to 15053 before the -x exclusion, over UDP and TCP.
+    assert_eq!(
+        p.decide(Proto::Udp, "10.96.0.10", 53, APP, APP, None),
+        Redirect(15053, Dns)
+    );
+    assert_eq!(p.tcp("10.96.0.10", 53, APP), Redirect(15053, Dns));
+    // Another server: not DNS-captured; UDP passes, TCP falls to -i.
+    assert_eq!(p.decide(Proto::Udp, "10.2.0.9", 53, APP, APP, None), Pass(IncludeCidr));
+    // The proxy's own DNS passes.
+    assert_eq!(
+        p.decide(Proto::Udp, "10.96.0.10", 53, PROXY, PROXY, None),
+        Pass(ProxyUid)
+    );
+    // In DNS mode, c1 spares port 53 and c2 only lets TCP other than 53 pass.
+    assert_eq!(p.tcp(POD_IP, 53, PROXY), Pass(ProxyUid));
+    assert_eq!(
+        p.tcp(POD_IP, 53, APP),
+        Redirect(15001, IncludeCidr),
+        "REFERENCE §3.7's edge case"
+    );
+    // -o 53 disables it.
+    let p = pod_with("-u 1337 -i * -o 53 --redirect-dns --capture-all-dns", &[], true, &[]);
+    assert_eq!(
+        p.decide(Proto::Udp, "10.2.0.9", 53, APP, APP, None),
+        Pass(OutboundExcludePort)
+    );
+    // capture-all catches any server; no nameserver and no capture-all turns DNS off.
+    let p = pod_with("-u 1337 --redirect-dns --capture-all-dns", &[], true, &[]);
+    assert_eq!(
+        p.decide(Proto::Udp, "10.2.0.9", 53, APP, APP, None),
+        Redirect(15053, Dns)
+    );
+    let p = pod_with("-u 1337 --redirect-dns", &[], true, &[]);
+    assert_eq!(p.decide(Proto::Udp, "10.2.0.9", 53, APP, APP, None), Pass(NoMatch));
+}
