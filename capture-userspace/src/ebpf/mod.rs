@@ -142,7 +142,7 @@ fn probe() -> Result<()> {
 
 /// Makes sure `dir` is on a bpffs (mounting one at /sys/fs/bpf if that is where it belongs) and exists.
 fn ensure_pin_dir(dir: &Path) -> Result<()> {
-    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     let mount = Path::new(BPFFS_MOUNT);
     if !on_bpffs(dir.parent().unwrap_or(dir)) {
         if dir.starts_with(mount) && !on_bpffs(mount) {
