@@ -191,14 +191,15 @@ pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdic
     if !v4 && cfg.flags & flag::IPV6 == 0 {
         return Verdict::Pass(Rule::FamilyOff);
     }
-    if lookups.in_cidrs(CidrKind::ExcludedInterface, &conn.dst) {
+    let local = is_local(&conn.dst, v4, lookups);
+    // A local destination is routed over lo, never out of an excluded interface.
+    if !local && lookups.in_cidrs(CidrKind::ExcludedInterface, &conn.dst) {
         return Verdict::Pass(Rule::ExcludedInterface);
     }
     // a
     if lookups.in_set(SetKind::OutboundExcludePort, u32::from(conn.dport)) {
         return Verdict::Pass(Rule::OutboundExcludePort);
     }
-    let local = is_local(&conn.dst, v4, lookups);
     // b
     let passthrough = if v4 { PASSTHROUGH_V4 } else { PASSTHROUGH_V6 };
     if local && conn.src == passthrough {

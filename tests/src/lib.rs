@@ -1,20 +1,20 @@
-//! Test harness for capture's integration tests: throwaway network namespaces joined by veth, processes and
-//! sockets inside them as a chosen uid/gid, listeners that report what they accepted, and the `capture`
-//! binary run inside a namespace. Everything created here is removed on drop, also when a test fails.
+//! Test harness for capture's integration tests: throwaway network namespaces joined by veth, child cgroups
+//! and bpffs pin directories; client and listener processes (`capture-probe`) inside them as a chosen
+//! uid/gid, the listeners reporting what they accepted; and the `capture` binary run inside a namespace.
+//! Everything created here is removed on drop, also when a test fails.
 //!
 //! Traffic only ever goes to loopback or to addresses inside namespaces made here (TEST-NET-1 and the IPv6
 //! documentation prefix), never through the host's namespace.
 
 use std::{
     fs::File,
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsFd as _, unix::process::CommandExt as _},
+    io::{BufRead as _, BufReader, Read as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::process::CommandExt as _,
     path::PathBuf,
-    process::{Command, Output},
+    process::{Child, ChildStdin, Command, Output, Stdio},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -22,8 +22,6 @@ use std::{
 };
 
 pub mod sidecar;
-
-use capture::sockopt::original_dst;
 
 /// How long a test connection may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -106,7 +104,9 @@ impl Netns {
     }
 
     /// Runs `f` on a new thread inside this namespace, as `ids` (uid, gid) if given. Credentials and
-    /// namespace change only for that thread (raw syscalls, not libc's process-wide wrappers).
+    /// namespace change only for that thread (raw syscalls, not libc's process-wide wrappers); the cgroup
+    /// does not, so cgroup BPF programs never see its sockets. Only the in-process sidecar uses this: test
+    /// clients and servers are `capture-probe` processes ([`Listeners`], [`connect_as`]).
     pub fn spawn<T: Send + 'static>(
         &self,
         ids: Option<(u32, u32)>,
@@ -124,11 +124,6 @@ impl Netns {
             }
             f()
         })
-    }
-
-    /// Runs `f` inside this namespace and waits for it.
-    pub fn within<T: Send + 'static>(&self, ids: Option<(u32, u32)>, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(ids, f).join().expect("namespace thread panicked")
     }
 
     /// Capture rules and user chains in this namespace, as `iptables-save` shows them (counters and
@@ -199,84 +194,282 @@ pub struct Accepted {
     pub original_dst: Option<SocketAddr>,
 }
 
-/// TCP listeners inside a namespace that report every accepted connection, answer with one byte, and
-/// stop on drop.
+/// What a UDP listener saw of one datagram (which it echoed back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    /// The port of the socket that received it.
+    pub listener: u16,
+    /// The sender's address.
+    pub peer: SocketAddr,
+}
+
+/// How long a probe listener may take to bind and say `ready`.
+const PROBE_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `capture-probe` binary (the tests crate's client/server process): `$CAPTURE_PROBE_BIN` (set by
+/// `cargo xtask test` and `cargo xtask run`), else `capture-probe` next to the `capture` binary.
+pub fn probe_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CAPTURE_PROBE_BIN") {
+        return bin.into();
+    }
+    let bin = capture_bin().with_file_name("capture-probe");
+    assert!(
+        bin.exists(),
+        "{} does not exist: run `cargo xtask test`, or `cargo build -p tests --bin capture-probe` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A `capture-probe` command that starts inside `ns`, inside `cgroup` if given, as `ids` (uid, gid) if given.
+fn probe_command(ns: &Netns, cgroup: Option<&Cgroup>, ids: Option<(u32, u32)>) -> Command {
+    let mut cmd = ns.command(probe_bin());
+    // Its own process group: a Ctrl-C meant for the demo or a test run reaches only the parent, which then
+    // stops its probes itself (killed on drop; a listener also ends when its stdin closes).
+    cmd.process_group(0);
+    if let Some(cgroup) = cgroup {
+        cgroup.enter(&mut cmd);
+    }
+    if let Some(ids) = ids {
+        run_as(&mut cmd, ids);
+    }
+    cmd
+}
+
+/// Makes `cmd` run as `(uid, gid)` with no supplementary groups. Not `CommandExt::{uid, gid}`: std drops
+/// credentials before it runs `pre_exec` closures, and joining a namespace or cgroup needs root. Closures
+/// run in the order they were added, so call this after [`Netns::command`] and [`Cgroup::enter`].
+pub fn run_as(cmd: &mut Command, (uid, gid): (u32, u32)) {
+    // SAFETY: setgroups/setgid/setuid are async-signal-safe; the closure makes only those calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// TCP listeners (and UDP sockets) in a `capture-probe listen` process inside a namespace: every accepted
+/// connection is reported, answered with one byte and closed; every datagram is reported and echoed. The
+/// process is killed on drop.
 pub struct Listeners {
-    rx: mpsc::Receiver<Accepted>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    child: Child,
+    /// The probe runs until its stdin closes: kept open for as long as this lives.
+    _stdin: ChildStdin,
+    accepted: mpsc::Receiver<Accepted>,
+    datagrams: mpsc::Receiver<Datagram>,
+    stdout: Option<JoinHandle<()>>,
+    stderr: Option<JoinHandle<String>>,
 }
 
 impl Listeners {
-    /// Listens on each address (bound inside `ns`).
-    pub fn start(ns: &Netns, addrs: &[SocketAddr]) -> Listeners {
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let threads = addrs
-            .iter()
-            .map(|&addr| {
-                let (tx, stop, ready) = (tx.clone(), stop.clone(), ready_tx.clone());
-                ns.spawn(None, move || {
-                    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
-                    listener.set_nonblocking(true).expect("nonblocking");
-                    ready.send(()).expect("ready");
-                    while !stop.load(Ordering::Relaxed) {
-                        match listener.accept() {
-                            Ok((mut conn, peer)) => {
-                                conn.set_nonblocking(false).expect("blocking");
-                                let original_dst = original_dst(conn.as_fd(), addr.is_ipv6()).ok();
-                                let _ = conn.write_all(&[1]);
-                                let _ = tx.send(Accepted {
-                                    listener: addr.port(),
-                                    peer,
-                                    original_dst,
-                                });
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                        }
-                    }
-                })
-            })
-            .collect();
-        for _ in addrs {
-            ready_rx.recv_timeout(CONNECT_TIMEOUT).expect("listener did not start");
+    /// Listens on each TCP address, inside `ns`, inside `cgroup` if given, as `ids` (uid, gid) if given.
+    pub fn start(ns: &Netns, cgroup: Option<&Cgroup>, ids: Option<(u32, u32)>, addrs: &[SocketAddr]) -> Listeners {
+        Listeners::start_with_udp(ns, cgroup, ids, addrs, &[])
+    }
+
+    /// As [`Listeners::start`], plus UDP echo sockets on `udp`.
+    pub fn start_with_udp(
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        ids: Option<(u32, u32)>,
+        tcp: &[SocketAddr],
+        udp: &[SocketAddr],
+    ) -> Listeners {
+        let mut cmd = probe_command(ns, cgroup, ids);
+        cmd.arg("listen").args(tcp.iter().map(|a| a.to_string()));
+        for a in udp {
+            cmd.arg("--udp").arg(a.to_string());
         }
-        Listeners { rx, stop, threads }
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let (stdin, stdout, stderr) = (
+            child.stdin.take().expect("piped stdin"),
+            child.stdout.take().expect("piped stdout"),
+            child.stderr.take().expect("piped stderr"),
+        );
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (accepted_tx, accepted) = mpsc::channel();
+        let (datagram_tx, datagrams) = mpsc::channel();
+        let stdout = std::thread::spawn(move || {
+            let mut ready = Some(ready_tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match (line.split_whitespace().collect::<Vec<_>>().as_slice(), &ready) {
+                    (["ready"], Some(tx)) => {
+                        let _ = tx.send(Ok(()));
+                        ready = None;
+                    }
+                    (_, Some(tx)) => {
+                        let _ = tx.send(Err(line.clone()));
+                    }
+                    (["accepted", port, peer, dst], None) => {
+                        let _ = accepted_tx.send(Accepted {
+                            listener: parse_field(port, &line),
+                            peer: parse_field(peer, &line),
+                            original_dst: (*dst != "-").then(|| parse_field(dst, &line)),
+                        });
+                    }
+                    (["udp", port, peer], None) => {
+                        let _ = datagram_tx.send(Datagram {
+                            listener: parse_field(port, &line),
+                            peer: parse_field(peer, &line),
+                        });
+                    }
+                    _ => eprintln!("capture-probe listen: unexpected line {line:?}"),
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = BufReader::new(stderr).take(64 * 1024).read_to_string(&mut text);
+            text
+        });
+        let mut listeners = Listeners {
+            child,
+            _stdin: stdin,
+            accepted,
+            datagrams,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        };
+        let problem = match ready_rx.recv_timeout(PROBE_READY_TIMEOUT) {
+            Ok(Ok(())) => return listeners,
+            Ok(Err(line)) => format!("said {line:?}"),
+            Err(mpsc::RecvTimeoutError::Timeout) => format!("was not ready within {PROBE_READY_TIMEOUT:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => "exited without saying ready".to_owned(),
+        };
+        let stderr = listeners.stop();
+        panic!(
+            "capture-probe listen {tcp:?} --udp {udp:?} in {}: {problem}; stderr: {stderr}",
+            ns.name()
+        );
     }
 
     /// The next accepted connection, if one arrives within the timeout.
     pub fn next(&self) -> Option<Accepted> {
-        self.rx.recv_timeout(CONNECT_TIMEOUT).ok()
+        self.accepted.recv_timeout(CONNECT_TIMEOUT).ok()
     }
 
     /// Connections already reported, without waiting.
     pub fn drain(&self) -> Vec<Accepted> {
-        self.rx.try_iter().collect()
+        self.accepted.try_iter().collect()
+    }
+
+    /// The next datagram, if one arrives within the timeout.
+    pub fn next_datagram(&self) -> Option<Datagram> {
+        self.datagrams.recv_timeout(CONNECT_TIMEOUT).ok()
+    }
+
+    /// Datagrams already reported, without waiting.
+    pub fn drain_datagrams(&self) -> Vec<Datagram> {
+        self.datagrams.try_iter().collect()
+    }
+
+    /// Kills the probe, waits for it and its output; returns what it wrote on stderr.
+    fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(t) = self.stdout.take() {
+            let _ = t.join();
+        }
+        self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default()
     }
 }
 
 impl Drop for Listeners {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
-/// Connects from inside `ns` as `(uid, gid)` to `dst`, waits for the listener's byte, closes. Returns the
-/// local address the connection used, or the error.
-pub fn connect_as(ns: &Netns, ids: (u32, u32), dst: SocketAddr) -> std::io::Result<SocketAddr> {
-    ns.within(Some(ids), move || {
-        let mut s = TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT)?;
-        s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
-        let mut byte = [0];
-        s.read_exact(&mut byte)?;
-        let local = s.local_addr()?;
-        let _ = s.shutdown(Shutdown::Both);
-        Ok(local)
-    })
+fn parse_field<T: std::str::FromStr>(field: &str, line: &str) -> T {
+    field
+        .parse()
+        .unwrap_or_else(|_| panic!("capture-probe listen: cannot parse {field:?} in {line:?}"))
+}
+
+/// How [`connect_with`] connects; the default is a plain TCP connect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Connect {
+    /// Bind the socket to this address first (port chosen by the kernel).
+    pub bind: Option<IpAddr>,
+    /// TCP Fast Open: `sendto` with `MSG_FASTOPEN` and one byte instead of `connect`.
+    pub fastopen: bool,
+    /// UDP: connect, send `ping`, wait for the echo.
+    pub udp: bool,
+    /// Load: this many connections one after the other (0 and 1 both mean one).
+    pub count: u32,
+}
+
+/// Connects from inside `ns` (inside `cgroup` if given) as `(uid, gid)` to `dst`, waits for the listener's
+/// byte, closes. Returns the local address the connection used, or the error.
+pub fn connect_as(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    ids: (u32, u32),
+    dst: SocketAddr,
+) -> std::io::Result<SocketAddr> {
+    connect_with(ns, cgroup, ids, dst, Connect::default())
+}
+
+/// As [`connect_as`], the way `how` says. The error carries the probe's text (which names the step that
+/// failed and the OS error) and the matching [`std::io::ErrorKind`]. Panics if the probe itself cannot run
+/// or answers nonsense, so that a broken harness never passes for a refused connection.
+pub fn connect_with(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    ids: (u32, u32),
+    dst: SocketAddr,
+    how: Connect,
+) -> std::io::Result<SocketAddr> {
+    let mut cmd = probe_command(ns, cgroup, Some(ids));
+    cmd.arg("connect")
+        .arg(dst.to_string())
+        .arg("--timeout-ms")
+        .arg(CONNECT_TIMEOUT.as_millis().to_string());
+    if let Some(ip) = how.bind {
+        cmd.arg("--bind").arg(ip.to_string());
+    }
+    if how.fastopen {
+        cmd.arg("--fastopen");
+    }
+    if how.udp {
+        cmd.arg("--udp");
+    }
+    if how.count > 1 {
+        cmd.arg("--count").arg(how.count.to_string());
+    }
+    cmd.stdin(Stdio::null());
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().next().unwrap_or_default();
+    if out.status.success()
+        && let Some(Ok(local)) = line.strip_prefix("ok ").map(str::parse)
+    {
+        return Ok(local);
+    }
+    match line.strip_prefix("err ") {
+        Some(text) if out.status.code() == Some(1) => Err(probe_error(text)),
+        _ => panic!(
+            "{cmd:?}: {}, stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// An error with the probe's text, and the kind of the OS error it ends with (`... (os error N)`).
+fn probe_error(text: &str) -> std::io::Error {
+    let kind = text
+        .rsplit_once("(os error ")
+        .and_then(|(_, n)| n.strip_suffix(')')?.parse().ok())
+        .map_or(std::io::ErrorKind::Other, |n| {
+            std::io::Error::from_raw_os_error(n).kind()
+        });
+    std::io::Error::new(kind, text.to_owned())
 }
 
 /// The `capture` binary under test: `$CAPTURE_BIN` (set by `cargo xtask test`), else the one cargo built
@@ -384,6 +577,8 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        // Whatever still runs in it is a leftover of a failed test: end it (cgroup.kill, Linux 5.14+).
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
         // Processes started in it may take a moment to be reaped.
         for _ in 0..50 {
             if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
@@ -391,5 +586,42 @@ impl Drop for Cgroup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A private bpffs for one test's `capture --backend ebpf --pin-dir`: mounted on a fresh directory under
+/// /run, so tests neither share nor disturb /sys/fs/bpf (nor leave a bpffs mounted there). On drop,
+/// whatever is still pinned is unpinned (links too, which detaches the programs) and the bpffs unmounted.
+pub struct BpfPins {
+    mount: PathBuf,
+    dir: PathBuf,
+}
+
+impl BpfPins {
+    /// Mounts the bpffs; the pin directory inside it does not exist yet (capture creates it).
+    pub fn new(tag: &str) -> BpfPins {
+        let mount = PathBuf::from("/run/capture-tests").join(unique(tag));
+        std::fs::create_dir_all(&mount).unwrap_or_else(|e| panic!("create {}: {e}", mount.display()));
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount));
+        let dir = mount.join("capture");
+        BpfPins { mount, dir }
+    }
+
+    /// The pin directory to give capture.
+    pub fn path(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for BpfPins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir(&self.mount);
     }
 }

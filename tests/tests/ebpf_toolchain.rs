@@ -1,44 +1,60 @@
-//! The whole kernel toolchain, proven end to end: the connect4 program embedded in the `capture` binary
-//! loads, attaches to a child cgroup, and counts exactly the connects made inside that cgroup.
+//! The whole kernel toolchain, proven end to end: the programs embedded in the `capture` binary load and
+//! attach to a child cgroup (`capture --backend ebpf --cgroup`), and judge exactly the connects made by
+//! processes inside that cgroup, as the namespace's counters in the pinned maps show.
 
-use std::{fs::File, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf,
-    maps::PerCpuArray,
-    programs::{CgroupAttachMode, CgroupSockAddr},
+use aya::maps::{Map, MapData, PerCpuHashMap};
+use capture_common::{
+    counters::{COUNTERS, Counter, NetnsCounters},
+    maps::names,
 };
-use capture_common::counters::Counter;
-use tests::{Cgroup, Listeners, Netns, connect_as, run, sa};
+use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, capture, connect_as, sa};
 
 const PORT: u16 = 7000;
 const CONNECTS_IN_CGROUP: u64 = 3;
 
+/// Counter totals (over CPUs) of every namespace registered in `pins`.
+fn counters(pins: &BpfPins) -> Vec<(u64, [u64; COUNTERS])> {
+    let path = pins.path().join(names::NETNS_COUNTERS);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let map: PerCpuHashMap<_, u64, NetnsCounters> =
+        PerCpuHashMap::try_from(Map::from_map_data(data).expect("NETNS_COUNTERS")).expect("a per-CPU hash map");
+    map.iter()
+        .map(|entry| {
+            let (netns, per_cpu) = entry.expect("read NETNS_COUNTERS");
+            (
+                netns,
+                Counter::ALL.map(|c| per_cpu.iter().map(|n| n.0[c.index()]).sum()),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn embedded_connect4_program_counts_connects_in_its_cgroup_only() {
+fn embedded_programs_judge_connects_in_their_cgroup_only() {
     let ns = Netns::new("bpf");
     let cgroup = Cgroup::new("bpf");
-    let mut ebpf = Ebpf::load(capture::ebpf::PROGRAMS).expect("load the embedded object");
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut("capture_connect4")
-        .expect("capture_connect4 is in the object")
-        .try_into()
-        .expect("capture_connect4 is a cgroup sock_addr program");
-    program.load().expect("the verifier accepts capture_connect4");
-    let cgroup_dir = File::open(cgroup.path()).expect("open the cgroup");
-    // The link lives as long as `ebpf`, which is dropped before `cgroup`: detached before it is removed.
-    program
-        .attach(cgroup_dir, CgroupAttachMode::Single)
-        .expect("attach to the child cgroup");
+    let pins = BpfPins::new("bpf");
+    let cgroup_arg = cgroup.path().display().to_string();
+    let pin_arg = pins.path().display().to_string();
+    let mut args = vec!["--backend", "ebpf", "--cgroup", &cgroup_arg, "--pin-dir", &pin_arg];
+    args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let out = capture(&ns, &args);
+    assert!(
+        out.status.success(),
+        "capture --backend ebpf failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(counters(&pins).len(), 1, "one namespace registered");
 
-    let listeners = Listeners::start(&ns, &[sa(Ipv4Addr::LOCALHOST, PORT)]);
+    // To 127.0.0.1 every connection passes (istio's `-d 127.0.0.1/32 -j RETURN`), judged or not.
+    let dst = sa(Ipv4Addr::LOCALHOST, PORT);
+    let listeners = Listeners::start(&ns, None, None, &[dst]);
     // A connect from outside the cgroup is not seen.
-    connect_as(&ns, (0, 0), sa(Ipv4Addr::LOCALHOST, PORT)).expect("connect outside the cgroup");
+    connect_as(&ns, None, (0, 0), dst).expect("connect outside the cgroup");
     for _ in 0..CONNECTS_IN_CGROUP {
-        let mut cmd = ns.command("bash");
-        cmd.args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{PORT}")]);
-        cgroup.enter(&mut cmd);
-        run(&mut cmd);
+        connect_as(&ns, Some(&cgroup), (0, 0), dst).expect("connect inside the cgroup");
     }
     let accepted = (0..=CONNECTS_IN_CGROUP).filter_map(|_| listeners.next()).count() as u64;
     assert_eq!(
@@ -47,12 +63,22 @@ fn embedded_connect4_program_counts_connects_in_its_cgroup_only() {
         "every connection reached the listener"
     );
 
-    let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(ebpf.map("COUNTERS").expect("COUNTERS map")).expect("COUNTERS is a per-CPU array");
-    let seen: u64 = counters
-        .get(&Counter::Connect4Calls.index(), 0)
-        .expect("read the counter")
-        .iter()
-        .sum();
-    assert_eq!(seen, CONNECTS_IN_CGROUP, "connect4 calls counted in the cgroup");
+    let [(_, counted)] = counters(&pins)[..] else {
+        panic!("not exactly one namespace registered");
+    };
+    assert_eq!(
+        (counted[Counter::Redirected.index()], counted[Counter::Passed.index()]),
+        (0, CONNECTS_IN_CGROUP),
+        "(redirected, passed) counted for the connects in the cgroup"
+    );
+
+    let mut clean = vec!["clean", "--backend", "ebpf", "--pin-dir", &pin_arg];
+    clean.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let out = capture(&ns, &clean);
+    assert!(
+        out.status.success(),
+        "capture clean failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.path().exists(), "the last clean leaves no pins");
 }

@@ -21,12 +21,17 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
     );
     assert_ne!(pod.pod.iptables_rules(), before, "capture applied no rules");
 
-    let sidecar = Listeners::start(&pod.pod, &[sa([0, 0, 0, 0], 15001), sa([0, 0, 0, 0], 15006)]);
-    let remote = Listeners::start(&pod.remote, &[sa(REMOTE_V4, REMOTE_PORT)]);
+    let sidecar = Listeners::start(
+        &pod.pod,
+        None,
+        None,
+        &[sa([0, 0, 0, 0], 15001), sa([0, 0, 0, 0], 15006)],
+    );
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, REMOTE_PORT)]);
     let dst = sa(REMOTE_V4, REMOTE_PORT);
 
     // The app's connection lands on the sidecar's outbound port, which reads the original destination.
-    let local = connect_as(&pod.pod, APP, dst).expect("app connection");
+    let local = connect_as(&pod.pod, None, APP, dst).expect("app connection");
     let got = sidecar.next().expect("the app's connection did not reach the sidecar");
     assert_eq!(got.listener, 15001);
     assert_eq!(got.original_dst, Some(dst));
@@ -37,7 +42,7 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
     );
 
     // The proxy's own connection goes straight to the remote server.
-    connect_as(&pod.pod, PROXY, dst).expect("proxy connection");
+    connect_as(&pod.pod, None, PROXY, dst).expect("proxy connection");
     let got = remote
         .next()
         .expect("the proxy's connection did not reach the remote server");
@@ -65,6 +70,6 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
     assert_eq!(pod.pod.iptables_rules(), before, "clean did not restore the namespace");
 
     // And with capture gone, the app reaches the remote server directly.
-    connect_as(&pod.pod, APP, dst).expect("app connection after clean");
+    connect_as(&pod.pod, None, APP, dst).expect("app connection after clean");
     assert_eq!(remote.next().map(|a| a.listener), Some(REMOTE_PORT));
 }

@@ -7,7 +7,10 @@
 
 mod setup;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -37,7 +40,8 @@ enum Cmd {
     },
     /// Build and run every test (unit, golden, integration in throwaway namespaces).
     Test {
-        /// Only tests whose name contains this.
+        /// Only the integration test file `tests/tests/<FILTER>.rs` if there is one (e.g. `iptables_backend`),
+        /// else only tests whose name contains this.
         filter: Option<String>,
     },
 }
@@ -56,14 +60,38 @@ fn checked(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Builds the `capture` binary and returns its path.
-fn build_capture() -> Result<std::path::PathBuf> {
-    checked(cargo().args(["build", "--quiet", "--package", "capture-userspace", "--bin", "capture"]))?;
+/// What [`build`] made.
+struct Built {
+    /// The `capture` binary.
+    capture: PathBuf,
+    /// The tests' client/server process, `capture-probe` (package `tests`), handed to the tests and the demo
+    /// as `$CAPTURE_PROBE_BIN`.
+    probe: PathBuf,
+}
+
+/// Builds the `capture` binary and the tests' `capture-probe`, and returns their paths. Only through cargo:
+/// xtask itself depends on neither crate, so that it builds before set-up.
+fn build() -> Result<Built> {
+    checked(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "capture-userspace",
+        "--bin",
+        "capture",
+        "--package",
+        "tests",
+        "--bin",
+        "capture-probe",
+    ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        std::path::PathBuf::from,
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
     );
-    Ok(target.join("debug/capture"))
+    Ok(Built {
+        capture: target.join("debug/capture"),
+        probe: target.join("debug/capture-probe"),
+    })
 }
 
 fn main() -> Result<()> {
@@ -76,28 +104,37 @@ fn main() -> Result<()> {
             flags,
         } => {
             setup::ensure()?;
-            let capture = build_capture()?;
+            let built = build()?;
             if flags.is_empty() {
                 // The demo lives in the tests crate, next to the harness it uses; it is built only after
                 // set-up, since building it builds the kernel programs.
                 return checked(
                     cargo()
                         .args(["run", "--quiet", "--package", "tests", "--bin", "capture-demo", "--"])
-                        .arg(&capture)
-                        .args([&backend, &seconds.to_string()]),
+                        .arg(&built.capture)
+                        .args([&backend, &seconds.to_string()])
+                        .env("CAPTURE_PROBE_BIN", &built.probe),
                 );
             }
-            let status = Command::new(&capture).args(&flags).status().context("run capture")?;
+            let status = Command::new(&built.capture)
+                .args(&flags)
+                .status()
+                .context("run capture")?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { filter } => {
             setup::ensure()?;
-            let capture = build_capture()?;
+            let built = build()?;
             let mut cmd = cargo();
-            cmd.args(["test", "--all-targets"]).env("CAPTURE_BIN", &capture);
-            if let Some(f) = filter {
-                cmd.args(["--", &f]);
-            }
+            cmd.arg("test")
+                .env("CAPTURE_BIN", &built.capture)
+                .env("CAPTURE_PROBE_BIN", &built.probe);
+            let test_file = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/tests/{f}.rs"));
+            match filter {
+                Some(f) if test_file(&f).is_file() => cmd.args(["--package", "tests", "--test", &f]),
+                Some(f) => cmd.args(["--all-targets", "--", &f]),
+                None => cmd.arg("--all-targets"),
+            };
             checked(&mut cmd)
         }
     }

@@ -9,8 +9,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, iptables for the iptables backend and its tests, iproute2 for
-/// namespaces and veth, bpftool to inspect what is attached.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iptables", "iproute2", "bpftool"];
+/// namespaces and veth, bpftool to inspect what is attached, haproxy as the real third-party transparent
+/// proxy of the integration tests.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iptables", "iproute2", "bpftool", "haproxy"];
 /// Where Debian's LLVM 22 keeps llvm-config, which bpf-linker's build looks for.
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// The nightly toolchain that builds the kernel crate (build-std needs its rust-src).

@@ -53,8 +53,8 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     let pod = Pod::new("demo");
     let (tx, rx) = mpsc::channel::<Forwarded>();
     let _sidecar = Sidecar::start(&pod.pod, PROXY, &[15001, 15006], 15006, tx);
-    let remote = Listeners::start(&pod.remote, &[sa(REMOTE_V4, REMOTE_PORT)]);
-    let app = Listeners::start(&pod.pod, &[sa(Ipv4Addr::UNSPECIFIED, APP_PORT)]);
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, REMOTE_PORT)]);
+    let app = Listeners::start(&pod.pod, None, None, &[sa(Ipv4Addr::UNSPECIFIED, APP_PORT)]);
 
     let mut args = vec!["--backend", backend];
     args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
@@ -86,7 +86,7 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
             ),
         ];
         for (what, ns, ids, dst) in calls {
-            let outcome = connect_as(ns, ids, dst);
+            let outcome = connect_as(ns, None, ids, dst);
             std::thread::sleep(Duration::from_millis(50));
             let via: Vec<String> = rx
                 .try_iter()

@@ -1,0 +1,292 @@
+//! The eBPF backend's life: several namespaces on one attachment, re-applying, status, clean, the last clean
+//! detaching everything; a real third-party proxy as the sidecar; and original-destination entries that do
+//! not outlive their connections.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use capture_common::maps::{ConnKey, OrigDst, SetKey, names};
+use tests::{
+    BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, POD_V4, Pod, REMOTE_V4, capture, connect_as,
+    connect_with, sa,
+};
+
+const APP: (u32, u32) = (1000, 1000);
+const PROXY: (u32, u32) = (1337, 1337);
+
+/// `capture --backend ebpf` with the attachment and pins of this test, then `extra`.
+fn ebpf_args<'a>(cgroup: &'a str, pins: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--backend", "ebpf", "--cgroup", cgroup, "--pin-dir", pins];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Entries in a pinned hash map.
+fn entries<K: aya::Pod, V: aya::Pod>(pins: &BpfPins, name: &str) -> usize {
+    let data = MapData::from_pin(pins.path().join(name)).unwrap_or_else(|e| panic!("open {name}: {e}"));
+    let map: HashMap<_, K, V> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    map.keys().count()
+}
+
+/// Where an app connection to `dst` from `pod` lands: (listener port, original destination).
+fn lands(
+    pod: &Pod,
+    cgroup: &Cgroup,
+    sidecar: &Listeners,
+    remote: &Listeners,
+    dst: SocketAddr,
+) -> (u16, Option<SocketAddr>) {
+    connect_as(&pod.pod, Some(cgroup), APP, dst).unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Some(a) = sidecar.drain().into_iter().chain(remote.drain()).next() {
+            return (a.listener, a.original_dst);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("no listener saw the connection to {dst}");
+}
+
+#[test]
+fn namespaces_share_one_attachment_reapply_in_place_and_the_last_clean_detaches() {
+    let (a, b) = (Pod::new("life-a"), Pod::new("life-b"));
+    let cgroup = Cgroup::new("life");
+    let pins = BpfPins::new("life");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let any = |p| sa(Ipv6Addr::UNSPECIFIED, p);
+    let sidecars = [&a, &b].map(|p| Listeners::start(&p.pod, Some(&cgroup), None, &[any(15001), any(15006)]));
+    let remotes = [&a, &b].map(|p| Listeners::start(&p.remote, None, None, &[any(80), any(8080)]));
+    let to_8080 = sa(REMOTE_V4, 8080);
+    let to_80 = sa(REMOTE_V4, 80);
+
+    for pod in [&a, &b] {
+        ok(
+            capture(&pod.pod, &ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS)),
+            "apply",
+        );
+    }
+    assert_eq!(
+        lands(&a, &cgroup, &sidecars[0], &remotes[0], to_8080),
+        (15001, Some(to_8080))
+    );
+    assert_eq!(
+        lands(&b, &cgroup, &sidecars[1], &remotes[1], to_80),
+        (15001, Some(to_80))
+    );
+
+    let status = ok(
+        capture(&a.pod, &["status", "--backend", "ebpf", "--pin-dir", &pin]),
+        "status",
+    );
+    assert_eq!(
+        status.matches("\nnetns ").count(),
+        2,
+        "two namespaces registered:\n{status}"
+    );
+    assert_eq!(status.matches("(this namespace)").count(), 1, "{status}");
+    assert!(status.contains("-i * -x '' -b *"), "status shows the flags:\n{status}");
+    assert_eq!(
+        status.matches("redirected=1 ").count(),
+        2,
+        "one redirect each:\n{status}"
+    );
+    assert_eq!(status.matches("original_dst_lookups=1 ").count(), 2, "{status}");
+
+    // Re-applying with other flags replaces A's configuration in place, and only A's.
+    let mut with_o = INJECTOR_DEFAULT_FLAGS.to_vec();
+    with_o.extend_from_slice(&["-o", "8080"]);
+    for _ in 0..2 {
+        ok(capture(&a.pod, &ebpf_args(&cg, &pin, &with_o)), "re-apply");
+        assert_eq!(
+            entries::<SetKey, u8>(&pins, names::SETS),
+            1,
+            "the old configuration's entries are gone"
+        );
+    }
+    assert_eq!(
+        lands(&a, &cgroup, &sidecars[0], &remotes[0], to_8080),
+        (8080, None),
+        "-o 8080 now applies in A"
+    );
+    assert_eq!(lands(&a, &cgroup, &sidecars[0], &remotes[0], to_80).0, 15001);
+    assert_eq!(
+        lands(&b, &cgroup, &sidecars[1], &remotes[1], to_8080).0,
+        15001,
+        "B keeps its own flags"
+    );
+
+    // Clean A: A is released, B is still captured, the programs stay attached.
+    let mut clean = vec!["clean"];
+    clean.extend(ebpf_args(&cg, &pin, &[]));
+    ok(capture(&a.pod, &clean), "clean A");
+    assert_eq!(lands(&a, &cgroup, &sidecars[0], &remotes[0], to_80), (80, None));
+    assert_eq!(lands(&b, &cgroup, &sidecars[1], &remotes[1], to_80).0, 15001);
+    let status = ok(
+        capture(&b.pod, &["status", "--backend", "ebpf", "--pin-dir", &pin]),
+        "status",
+    );
+    assert_eq!(status.matches("\nnetns ").count(), 1, "{status}");
+    assert_eq!(entries::<SetKey, u8>(&pins, names::SETS), 0, "A's entries are gone");
+
+    // Clean B, the last one: every pin goes, and with the links the programs are detached.
+    ok(capture(&b.pod, &clean), "clean B");
+    assert!(!pins.path().exists(), "pins left in {}", pins.path().display());
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show", &cg])
+        .output()
+        .expect("bpftool");
+    assert!(
+        String::from_utf8_lossy(&attached.stdout).trim().is_empty(),
+        "programs still attached to {cg}: {}",
+        String::from_utf8_lossy(&attached.stdout)
+    );
+    assert_eq!(lands(&b, &cgroup, &sidecars[1], &remotes[1], to_80), (80, None));
+}
+
+/// A child process killed on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HAProxy forwarding whatever reaches it on 15001 to the connection's original destination, which it reads
+/// with `getsockopt(SO_ORIGINAL_DST)` for a server address of 0.0.0.0.
+const HAPROXY_CFG: &str = "global
+    maxconn 64
+defaults
+    mode tcp
+    timeout connect 3s
+    timeout client 10s
+    timeout server 10s
+frontend capture_outbound
+    bind 0.0.0.0:15001
+    default_backend original_destination
+backend original_destination
+    server original 0.0.0.0
+";
+
+#[test]
+fn haproxy_as_the_sidecar_forwards_to_the_original_destination() {
+    let pod = Pod::new("hap");
+    let cgroup = Cgroup::new("hap");
+    let pins = BpfPins::new("hap");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let dir = std::env::temp_dir().join(format!("capture-haproxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, HAPROXY_CFG).unwrap();
+
+    ok(
+        capture(&pod.pod, &ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS)),
+        "apply",
+    );
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(Ipv4Addr::UNSPECIFIED, 8080)]);
+    let mut cmd = pod.pod.command("haproxy");
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cgroup.enter(&mut cmd);
+    tests::run_as(&mut cmd, PROXY);
+    let haproxy = Running(cmd.spawn().expect("start haproxy (installed by cargo xtask setup)"));
+
+    // HAProxy needs a moment to bind; the app retries until it is there (bounded).
+    let dst = sa(REMOTE_V4, 8080);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reached = loop {
+        match connect_as(&pod.pod, Some(&cgroup), APP, dst) {
+            Ok(local) => break local,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the app never got through HAProxy: {e}"),
+        }
+    };
+    let got = remote.next().expect("the remote server saw nothing");
+    assert_eq!(
+        got.peer.ip(),
+        std::net::IpAddr::V4(POD_V4),
+        "HAProxy's own connection left the pod directly"
+    );
+    assert_ne!(got.peer, reached, "the remote saw HAProxy's connection, not the app's");
+    assert!(
+        remote.drain().is_empty(),
+        "HAProxy's connection was captured again (a loop)"
+    );
+    drop(haproxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn original_destination_entries_do_not_outlive_their_connections() {
+    const CONNECTIONS: u32 = 100_000;
+    let pod = Pod::new("load");
+    let cgroup = Cgroup::new("load");
+    let pins = BpfPins::new("load");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    // 100,000 connections in a few seconds: let the client reuse ports in TIME_WAIT.
+    tests::run(pod.pod.command("sysctl").args([
+        "-qw",
+        "net.ipv4.tcp_tw_reuse=1",
+        "net.ipv4.ip_local_port_range=1024 65000",
+    ]));
+    ok(
+        capture(&pod.pod, &ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS)),
+        "apply",
+    );
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let dst = sa(REMOTE_V4, 8080);
+    connect_with(
+        &pod.pod,
+        Some(&cgroup),
+        APP,
+        dst,
+        Connect {
+            count: CONNECTIONS,
+            ..Connect::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("load: {e}"));
+
+    // Every connection reached the sidecar with its original destination.
+    let mut seen = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen < CONNECTIONS && Instant::now() < deadline {
+        for a in sidecar.drain() {
+            assert_eq!(a.original_dst, Some(dst), "connection {seen}");
+            seen += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(seen, CONNECTIONS);
+    // All are closed now (the sidecar closes each after its client): no entry may be left.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let left = loop {
+        let left = entries::<ConnKey, OrigDst>(&pins, names::ORIG_BY_ADDR)
+            + entries::<u64, OrigDst>(&pins, names::ORIG_BY_COOKIE);
+        if left == 0 || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        left, 0,
+        "original-destination entries left after {CONNECTIONS} closed connections"
+    );
+}
