@@ -575,6 +575,33 @@ impl Cgroup {
     }
 }
 
+impl Cgroup {
+    /// Moves this whole process into the cgroup until the guard drops, for code that must run in it on
+    /// threads (the demo's in-process sidecar). Drop the guard before the cgroup.
+    pub fn enter_self(&self) -> InCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("this process is in a cgroup v2 hierarchy");
+        let root = capture::cgroup::cgroup2_root().expect("cgroup v2 root");
+        let back = root.join(rel.trim_start_matches('/'));
+        std::fs::write(self.path.join("cgroup.procs"), std::process::id().to_string()).expect("join the cgroup");
+        InCgroup { back }
+    }
+}
+
+/// While it lives, this process is in a test cgroup; on drop it returns where it was.
+pub struct InCgroup {
+    back: PathBuf,
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.back.join("cgroup.procs"), std::process::id().to_string());
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // Whatever still runs in it is a leftover of a failed test: end it (cgroup.kill, Linux 5.14+).

@@ -32,7 +32,7 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
         /// Demo: the backend to show.
-        #[arg(long, default_value = "iptables")]
+        #[arg(long, default_value = "ebpf")]
         backend: String,
         /// Flags for `capture` (after `--`).
         #[arg(last = true)]

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use tests::{
-    INJECTOR_DEFAULT_FLAGS, Listeners, POD_V4, Pod, REMOTE_V4, capture_with_env, connect_as, sa,
+    BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Listeners, POD_V4, Pod, REMOTE_V4, capture_with_env, connect_as, sa,
     sidecar::{Forwarded, Sidecar},
 };
 
@@ -51,12 +51,21 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
 
     println!("demo: creating a pod namespace and a remote namespace joined by veth ({POD_V4} <-> {REMOTE_V4})");
     let pod = Pod::new("demo");
+    // The eBPF backend attaches to a cgroup of its own here, never to the machine's root cgroup: the
+    // sidecar (threads of this process) and the app (probe processes) run inside it.
+    let cgroup = Cgroup::new("demo");
+    let pins = BpfPins::new("demo");
+    let _inside = cgroup.enter_self();
     let (tx, rx) = mpsc::channel::<Forwarded>();
     let _sidecar = Sidecar::start(&pod.pod, PROXY, &[15001, 15006], 15006, tx);
     let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, REMOTE_PORT)]);
-    let app = Listeners::start(&pod.pod, None, None, &[sa(Ipv4Addr::UNSPECIFIED, APP_PORT)]);
+    let app = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, APP_PORT)]);
 
+    let (cgroup_arg, pins_arg) = (cgroup.path().display().to_string(), pins.path().display().to_string());
     let mut args = vec!["--backend", backend];
+    if backend == "ebpf" {
+        args.extend_from_slice(&["--cgroup", &cgroup_arg, "--pin-dir", &pins_arg]);
+    }
     args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
     println!(
         "demo: capture {}",
@@ -77,6 +86,7 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
         round += 1;
         let calls: [(&str, &tests::Netns, (u32, u32), SocketAddr); 3] = [
             ("app (uid 1000) -> remote", &pod.pod, APP, sa(REMOTE_V4, REMOTE_PORT)),
+            // Inbound capture in the eBPF backend is not written yet: there this shows "direct".
             ("remote -> app", &pod.remote, (0, 0), sa(POD_V4, APP_PORT)),
             (
                 "app (uid 1000) -> localhost",
@@ -86,7 +96,8 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
             ),
         ];
         for (what, ns, ids, dst) in calls {
-            let outcome = connect_as(ns, None, ids, dst);
+            let in_pod = std::ptr::eq(ns, &pod.pod);
+            let outcome = connect_as(ns, in_pod.then_some(&cgroup), ids, dst);
             std::thread::sleep(Duration::from_millis(50));
             let via: Vec<String> = rx
                 .try_iter()
@@ -121,8 +132,8 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     }
 
     println!("\ndemo: removing capture and the namespaces");
-    let mut clean = vec!["clean", "--backend", backend];
-    clean.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let mut clean = vec!["clean"];
+    clean.extend_from_slice(&args);
     let out = capture_with_env(&pod.pod, &clean, &[]);
     if !out.status.success() {
         eprintln!(
