@@ -14,6 +14,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use ipnet::{IpNet, Ipv4Net};
 
+use capture_common::maps::MAX_PROXY_IDS;
+
 use crate::config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, MAX_OWNER_GROUPS, Owner, OwnerGroups};
 
 /// What kind of value a flag takes.
@@ -772,6 +774,18 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         boolean_value(&get(flag))?;
     }
     let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
+
+    if backend == Backend::Ebpf {
+        for (ids, flag) in [(&config.proxy_uids, "proxy-uid"), (&config.proxy_gids, "proxy-gid")] {
+            if ids.len() > MAX_PROXY_IDS {
+                let tokens: Vec<&str> = ids.iter().map(|o| o.token.as_str()).collect();
+                return Err(get(flag).error_for(
+                    &tokens.join(","),
+                    format!("the eBPF backend takes at most {MAX_PROXY_IDS} ids (use --backend iptables for more)"),
+                ));
+            }
+        }
+    }
 
     let native_nftables = boolean_value(&get("native-nftables"))?;
     if native_nftables && backend == Backend::Iptables {

@@ -29,7 +29,7 @@ use self::{
 };
 use crate::{
     cgroup,
-    config::Environment,
+    config::{Environment, InboundPorts},
     flags::{Action, Invocation},
     namespace,
 };
@@ -96,6 +96,7 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
             }
             namespace::add_passthrough_v6(env)?;
             apply(inv, env, &facts, &opts.pin_dir)?;
+            warn_unsupported(inv);
             Ok(String::new())
         }
         Action::Clean if opts.dry_run => Ok(format!(
@@ -104,6 +105,23 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
         )),
         Action::Clean => clean(&opts.pin_dir),
         Action::Status => status(&opts.pin_dir),
+    }
+}
+
+/// Says which of the flags this backend does not act on yet, so nobody mistakes it for iptables' capture.
+fn warn_unsupported(inv: &Invocation) {
+    let cfg = &inv.config;
+    if cfg.inbound_ports != InboundPorts::None || !cfg.kube_virt_interfaces.is_empty() {
+        eprintln!(
+            "capture: warning: the eBPF backend does not capture inbound connections yet (-b, -k); \
+             use --backend iptables where inbound capture matters"
+        );
+    }
+    if cfg.redirect_dns {
+        eprintln!(
+            "capture: warning: the eBPF backend captures DNS only over TCP and connected UDP sockets yet; \
+             use --backend iptables where DNS capture matters"
+        );
     }
 }
 
