@@ -40,7 +40,8 @@ pub struct Conn {
     pub gid: u32,
 }
 
-/// The rule of `ISTIO_OUTPUT` (or the chain's end) that decided, for counters, logs and tests.
+/// The rule of `ISTIO_OUTPUT` (or the chain's end) that decided, for logs and tests. Kernel logs print the
+/// number: 0 is `FamilyOff`, in declaration order, 15 is `IncludeCidr`.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {

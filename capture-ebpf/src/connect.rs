@@ -7,6 +7,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use capture_common::{
     addr::{self, Addr},
     counters::Counter,
@@ -57,7 +58,39 @@ fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, 
         gid: (ids >> 32) as u32,
     };
     let verdict = model::outbound(cfg, &conn, &MapLookups { id: cfg.id });
+    let record = Decision {
+        netns,
+        uid: conn.uid,
+        gid: conn.gid,
+        dport,
+        to: match verdict {
+            Verdict::Redirect(port, _) => port,
+            Verdict::Pass(_) => 0,
+        },
+    };
+    log_decision(ctx, &record);
     Some((netns, verdict, proto, dport))
+}
+
+/// What [`log_decision`] logs.
+struct Decision {
+    netns: u64,
+    uid: u32,
+    gid: u32,
+    dport: u16,
+    /// The port redirected to, 0 for a pass.
+    to: u16,
+}
+
+/// Logs one decision (at debug level; a no-op unless `capture --log-level debug` loaded the programs).
+/// A function of its own, not inlined: inlined into connect6 the log's register pressure made LLVM emit
+/// code the verifier rejects.
+#[inline(never)]
+fn log_decision(ctx: &SockAddrContext, d: &Decision) {
+    debug!(
+        ctx,
+        "connect netns {} uid {} gid {} port {} -> {}", d.netns, d.uid, d.gid, d.dport, d.to
+    );
 }
 
 /// Records where a redirected TCP connection was going, for sockops to pick up once it has a port.

@@ -374,6 +374,38 @@ pub enum IptablesFlavour {
     Nft,
 }
 
+/// How much the kernel programs log (`--log-level`): compiled in, off unless asked.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    /// No records (the default): the programs only test a global and go on.
+    Off = 0,
+    /// aya-log's levels, in its numbering.
+    Error = 1,
+    /// See [`LogLevel::Error`].
+    Warn = 2,
+    /// See [`LogLevel::Error`].
+    Info = 3,
+    /// One record per connect judged in a registered namespace.
+    Debug = 4,
+    /// See [`LogLevel::Error`].
+    Trace = 5,
+}
+
+impl LogLevel {
+    /// The matching userspace filter.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
 /// What to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -396,6 +428,8 @@ pub struct Options {
     pub cgroup: Option<PathBuf>,
     /// `--pin-dir`: the eBPF backend's bpffs directory.
     pub pin_dir: PathBuf,
+    /// `--log-level`: the eBPF programs' logging, forwarded while `capture` runs.
+    pub log_level: LogLevel,
     /// `--resolv-conf`: where DNS servers are read from.
     pub resolv_conf: PathBuf,
     /// `-n/--dry-run`.
@@ -543,10 +577,14 @@ fn pin_dir_arg() -> Arg {
         .help("bpffs directory the eBPF backend pins its programs and maps in [default: /sys/fs/bpf/capture]")
 }
 
-fn our_args() -> [Arg; 4] {
+fn our_args() -> [Arg; 5] {
     [
         backend_arg(),
         pin_dir_arg(),
+        Arg::new("log-level")
+            .long("log-level")
+            .value_name("off|error|warn|info|debug|trace")
+            .help("eBPF backend: the kernel programs' log level; other than off, capture stays and forwards the logs until Ctrl-C [default: off]"),
         Arg::new("cgroup")
             .long("cgroup")
             .value_name("PATH")
@@ -787,6 +825,22 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
     }
 
+    let log_level = match ours("log-level").as_deref() {
+        None | Some("off") => LogLevel::Off,
+        Some("error") => LogLevel::Error,
+        Some("warn") => LogLevel::Warn,
+        Some("info") => LogLevel::Info,
+        Some("debug") => LogLevel::Debug,
+        Some("trace") => LogLevel::Trace,
+        Some(other) => {
+            return Err(FlagError {
+                origin: "--log-level".into(),
+                value: other.into(),
+                reason: "expected off, error, warn, info, debug or trace".into(),
+            });
+        }
+    };
+
     let native_nftables = boolean_value(&get("native-nftables"))?;
     if native_nftables && backend == Backend::Iptables {
         return Err(FlagError {
@@ -802,6 +856,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         backend,
         cgroup: ours("cgroup").map(PathBuf::from),
         pin_dir: pin_dir(ours("pin-dir")),
+        log_level,
         resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from),
         dry_run: boolean_value(&get("dry-run"))?,
         dry_run_file: env(ENV_DRY_RUN_FILE).filter(|p| !p.is_empty()).map(PathBuf::from),
@@ -826,6 +881,7 @@ fn default_options(action: Action) -> Options {
         backend: Backend::Ebpf,
         cgroup: None,
         pin_dir: pin_dir(None),
+        log_level: LogLevel::Off,
         resolv_conf: PathBuf::from("/etc/resolv.conf"),
         dry_run: false,
         dry_run_file: None,

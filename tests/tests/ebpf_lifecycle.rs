@@ -290,3 +290,79 @@ fn original_destination_entries_do_not_outlive_their_connections() {
         "original-destination entries left after {CONNECTIONS} closed connections"
     );
 }
+
+#[test]
+fn kernel_logs_are_forwarded_while_capture_runs_and_a_new_apply_swaps_the_programs_in_place() {
+    use std::io::{BufRead as _, BufReader};
+
+    let pod = Pod::new("log");
+    let cgroup = Cgroup::new("log");
+    let pins = BpfPins::new("log");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(Ipv4Addr::UNSPECIFIED, 8080)]);
+    let dst = sa(REMOTE_V4, 8080);
+
+    // Without --log-level the programs log nothing and capture exits at once (covered by every other test);
+    // with it, capture stays and forwards.
+    let mut cmd = pod.pod.command(tests::capture_bin());
+    cmd.args(ebpf_args(&cg, &pin, &["--log-level", "debug"]))
+        .args(INJECTOR_DEFAULT_FLAGS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut forwarder = Running(cmd.spawn().expect("start capture --log-level debug"));
+    let stderr = forwarder.0.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if line.contains(needle) {
+                return line;
+            }
+            seen.push(line);
+        }
+        panic!("capture never printed {needle:?}; it printed {seen:#?}");
+    };
+    wait_for("forwarding");
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote, dst), (15001, Some(dst)));
+    let line = wait_for("port 8080 -> 15001");
+    assert!(line.contains("uid 1000"), "{line}");
+
+    // Ctrl-C ends the forwarder; capture stays in the kernel.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(forwarder.0.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = forwarder.0.wait().expect("wait for capture");
+    assert!(status.success(), "capture --log-level exited with {status}");
+    drop(forwarder);
+    let _ = reader.join();
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote, dst), (15001, Some(dst)));
+
+    // Applying again (logging off) swaps the attached programs for new ones: still captured, same pins.
+    ok(
+        capture(&pod.pod, &ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS)),
+        "re-apply",
+    );
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote, dst), (15001, Some(dst)));
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show", &cg])
+        .output()
+        .expect("bpftool");
+    let attached = String::from_utf8_lossy(&attached.stdout);
+    assert_eq!(
+        attached.matches("capture_").count(),
+        4,
+        "exactly our four programs attached:\n{attached}"
+    );
+}

@@ -13,14 +13,20 @@ use std::{
     fs::File,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SockOps},
     sys::is_program_supported,
 };
+
+use nix::poll::{PollFd, PollFlags, poll};
 
 use self::{
     entries::{Entries, Facts},
@@ -30,7 +36,7 @@ use self::{
 use crate::{
     cgroup,
     config::{Environment, InboundPorts},
-    flags::{Action, Invocation},
+    flags::{Action, Invocation, LogLevel},
     namespace,
 };
 
@@ -41,6 +47,8 @@ pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/capture";
 /// Where bpffs is mounted if no bpffs holds the pin directory yet.
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// How long the log forwarder waits for records before checking for Ctrl-C.
+const LOG_POLL_MS: u16 = 200;
 /// statfs(2) magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -95,8 +103,11 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
                 return Ok(String::new());
             }
             namespace::add_passthrough_v6(env)?;
-            apply(inv, env, &facts, &opts.pin_dir)?;
+            let mut ebpf = apply(inv, env, &facts, &opts.pin_dir)?;
             warn_unsupported(inv);
+            if opts.log_level != LogLevel::Off {
+                forward_logs(&mut ebpf, opts.log_level)?;
+            }
             Ok(String::new())
         }
         Action::Clean if opts.dry_run => Ok(format!(
@@ -183,9 +194,9 @@ fn links_pinned(dir: &Path) -> bool {
     HOOKS.iter().all(|h| dir.join(h.link).exists())
 }
 
-/// Loads the programs, attaching and pinning them if this pin directory has no links yet, then registers
-/// the namespace. On failure nothing stays: a first registration that fails removes the pins it made.
-fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<()> {
+/// Loads, attaches and registers (see [`load_and_register`]). On failure nothing stays: a first
+/// registration that fails removes the pins it made.
+fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
     probe()?;
     let fresh = !dir.join(maps::names::CONFIG).exists();
     ensure_pin_dir(dir)?;
@@ -196,46 +207,83 @@ fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Resu
     result
 }
 
-fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<()> {
+/// Loads one program of the object and returns a descriptor of it that outlives the object.
+fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
+    let program = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("{} is missing", hook.program))?;
+    let loaded = match hook.attach {
+        AttachType::Connect4 | AttachType::Connect6 => {
+            let p: &mut CgroupSockAddr = program.try_into()?;
+            p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+        }
+        AttachType::SockOps => {
+            let p: &mut SockOps = program.try_into()?;
+            p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+        }
+        AttachType::GetSockopt => {
+            let p: &mut CgroupSockopt = program.try_into()?;
+            p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+        }
+    };
+    loaded
+        .with_context(|| format!("the kernel rejected {} ({})", hook.program, hook.needs))??
+        .with_context(|| format!("duplicate the fd of {}", hook.program))
+}
+
+/// Loads the programs (with the requested log level) and attaches them: new links on the first
+/// registration, or the existing pinned links switched to the new programs, atomically each, so a newer
+/// `capture` or another log level takes over with no moment unattached. Then registers the namespace.
+fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
+    let level = inv.options.log_level as u8;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
+        .override_global(aya_log::LEVEL, &level, true)
         .load(PROGRAMS)
         .context("load capture's kernel programs")?;
-    if !links_pinned(dir) {
-        let cgroup = match &inv.options.cgroup {
-            Some(c) => c.clone(),
-            None => cgroup::cgroup2_root()?,
-        };
-        let cgroup_dir = File::open(&cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
-        for hook in &HOOKS {
-            let program = ebpf
-                .program_mut(hook.program)
-                .with_context(|| format!("{} is missing", hook.program))?;
-            let loaded = match hook.attach {
-                AttachType::Connect4 | AttachType::Connect6 => {
-                    let p: &mut CgroupSockAddr = program.try_into()?;
-                    p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
-                }
-                AttachType::SockOps => {
-                    let p: &mut SockOps = program.try_into()?;
-                    p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
-                }
-                AttachType::GetSockopt => {
-                    let p: &mut CgroupSockopt = program.try_into()?;
-                    p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
-                }
-            };
-            let prog_fd = loaded
-                .with_context(|| format!("the kernel rejected {} ({})", hook.program, hook.needs))??
-                .with_context(|| format!("duplicate the fd of {}", hook.program))?;
-            let link = sys::link_create(prog_fd.as_fd(), cgroup_dir.as_fd(), hook.attach)
+    let attached = links_pinned(dir);
+    let cgroup = match &inv.options.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup::cgroup2_root()?,
+    };
+    for hook in &HOOKS {
+        let prog = load_program(&mut ebpf, hook)?;
+        let pin = dir.join(hook.link);
+        if attached {
+            let link = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
+            sys::link_update(link.as_fd(), prog.as_fd())
+                .with_context(|| format!("switch the link of {} to the new program", hook.program))?;
+        } else {
+            let cgroup_dir = File::open(&cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+            let link = sys::link_create(prog.as_fd(), cgroup_dir.as_fd(), hook.attach)
                 .with_context(|| format!("attach {} to {} ({})", hook.program, cgroup.display(), hook.needs))?;
-            sys::obj_pin(link.as_fd(), &dir.join(hook.link))
-                .with_context(|| format!("pin the link of {}", hook.program))?;
+            sys::obj_pin(link.as_fd(), &pin).with_context(|| format!("pin the link of {}", hook.program))?;
         }
     }
     let mut maps = Maps::open(dir)?;
-    maps.register(namespace::cookie()?, &inv.config, env, facts, &flags_text())
+    maps.register(namespace::cookie()?, &inv.config, env, facts, &flags_text())?;
+    Ok(ebpf)
+}
+
+/// Forwards the kernel programs' log records to stderr until Ctrl-C (or SIGTERM).
+fn forward_logs(ebpf: &mut Ebpf, level: LogLevel) -> Result<()> {
+    env_logger::Builder::new()
+        .filter_level(level.filter())
+        .target(env_logger::Target::Stderr)
+        .init();
+    let mut logger = aya_log::EbpfLogger::init(ebpf).context("open the programs' log buffer")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)).context("install the Ctrl-C handler")?;
+    eprintln!("capture: forwarding the kernel programs' {level:?} logs; Ctrl-C to stop");
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, LOG_POLL_MS) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => logger.flush(),
+            Err(e) => return Err(e).context("wait for log records"),
+        }
+    }
+    Ok(())
 }
 
 /// The command line, for `capture status`.

@@ -1,5 +1,6 @@
-//! The two bpf(2) commands the loader needs and aya 0.14 does not offer for every program type: create a
-//! cgroup link for a loaded program, and pin a link so the attachment outlives the loader.
+//! The bpf(2) link commands the loader needs and aya 0.14 does not offer for every program type: create a
+//! cgroup link for a loaded program, pin it so the attachment outlives the loader, open a pinned link, and
+//! swap the program behind a link (a new loader replaces the programs with no moment unattached).
 
 use std::{
     ffi::CString,
@@ -10,7 +11,9 @@ use std::{
 
 /// bpf(2) commands (include/uapi/linux/bpf.h).
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// Attach types (enum bpf_attach_type) of the hooks capture uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,13 +61,36 @@ pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach: AttachT
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
 /// Pins the BPF object `fd` (here, a link) at `path` on a bpffs.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let c_path = c_path(path)?;
     let mut attr = Attr([0; 64]);
     // obj_pin: pathname (u64 pointer), bpf_fd, file_flags.
     attr.0[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
     put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Opens the BPF object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = c_path(path)?;
+    let mut attr = Attr([0; 64]);
+    attr.0[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Makes `link` run `prog` instead of its current program, atomically.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr([0; 64]);
+    // link_update: link_fd, new_prog_fd, flags, old_prog_fd.
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
