@@ -94,6 +94,46 @@ fn build() -> Result<Built> {
     })
 }
 
+/// Runs `cargo test`, passing its output through, and closes with one line totalling every test binary's
+/// `test result:` line, so a reader (or CI) sees the whole run's count at the end.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("stdout is piped")).lines() {
+        let line = line.context("read cargo test's output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |what: &str| {
+                result
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(what)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait().context("wait for cargo test")?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -135,7 +175,7 @@ fn main() -> Result<()> {
                 Some(f) => cmd.args(["--all-targets", "--", &f]),
                 None => cmd.arg("--all-targets"),
             };
-            checked(&mut cmd)
+            run_tests(&mut cmd)
         }
     }
 }
