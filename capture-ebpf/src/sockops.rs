@@ -29,6 +29,9 @@ const AF_INET: u32 = 2;
 /// `TCP_CLOSE` in the kernel's TCP state numbering.
 const TCP_CLOSE: u32 = 7;
 
+// local_addr and remote_addr look alike on purpose: a shared helper taking the two field references
+// compiles to a pointer chosen at run time, which the verifier rejects for context loads.
+
 /// The socket's local address (IPv4 mapped).
 #[inline(always)]
 fn local_addr(ctx: &SockOpsContext) -> Addr {

@@ -16,51 +16,29 @@ pub const SO_ORIGINAL_DST: libc::c_int = 80;
 /// `IP6T_SO_ORIGINAL_DST` (linux/netfilter_ipv6/ip6_tables.h), level `SOL_IPV6`; same number.
 pub const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
 
+/// Reads a fixed-size option value.
+fn get<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    // SAFETY: only used with plain C structs (sockaddr_in, sockaddr_in6), for which all-zero is valid.
+    let mut value: T = unsafe { zeroed() };
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `value`, which outlives the call.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut value).cast(), &mut len) };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The original destination of an accepted connection. `v6` selects the question (IPv4 or IPv6 socket).
 pub fn original_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<SocketAddr> {
     if v6 {
-        // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
-        let mut sa: libc::sockaddr_in6 = unsafe { zeroed() };
-        let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        // SAFETY: the pointer and length describe `sa`, which outlives the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_IPV6,
-                IP6T_SO_ORIGINAL_DST,
-                (&raw mut sa).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::from(sa.sin6_addr.s6_addr),
-            u16::from_be(sa.sin6_port),
-            0,
-            0,
-        )))
+        let sa: libc::sockaddr_in6 = get(fd, libc::SOL_IPV6, IP6T_SO_ORIGINAL_DST)?;
+        let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+        Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0)))
     } else {
-        // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
-        let mut sa: libc::sockaddr_in = unsafe { zeroed() };
-        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: the pointer and length describe `sa`, which outlives the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_IP,
-                SO_ORIGINAL_DST,
-                (&raw mut sa).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-            u16::from_be(sa.sin_port),
-        )))
+        let sa: libc::sockaddr_in = get(fd, libc::SOL_IP, SO_ORIGINAL_DST)?;
+        let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+        Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sa.sin_port))))
     }
 }
