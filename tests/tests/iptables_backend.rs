@@ -73,3 +73,38 @@ fn injector_defaults_redirect_the_app_not_the_proxy_and_clean_restores_the_names
     connect_as(&pod.pod, None, APP, dst).expect("app connection after clean");
     assert_eq!(remote.next().map(|a| a.listener), Some(REMOTE_PORT));
 }
+
+/// `--run-validation` as istio's CNI mode runs it: rules applied first (as root), then the validation alone
+/// as the proxy user, which passes, and as another user, which fails with istio's exit code 126.
+#[test]
+fn run_validation_passes_as_the_proxy_user_and_fails_otherwise() {
+    let pod = Pod::new("vld");
+    let mut apply = vec!["--backend", "iptables"];
+    apply.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let out = capture(&pod.pod, &apply);
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+
+    let validate = |ids: (u32, u32)| {
+        let mut cmd = pod.pod.command(tests::capture_bin());
+        cmd.args(&apply)
+            .args(["--run-validation", "--skip-rule-apply", "--probe-timeout", "2s"])
+            .env_clear();
+        tests::run_as(&mut cmd, ids);
+        cmd.output().expect("run capture --run-validation")
+    };
+    let out = validate(PROXY);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "as the proxy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = validate(APP);
+    assert_eq!(
+        out.status.code(),
+        Some(126),
+        "as the app: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("validation failed"));
+}
