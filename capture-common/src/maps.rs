@@ -19,6 +19,10 @@ pub mod names {
     pub const NETNS_COUNTERS: &str = "NETNS_COUNTERS";
     /// The flags each namespace was registered with (for `capture status`).
     pub const FLAGS_TEXT: &str = "FLAGS_TEXT";
+    /// The proxy's listening sockets, for inbound capture.
+    pub const LISTENERS: &str = "LISTENERS";
+    /// The global that tells an sk_lookup program copy which namespace it serves.
+    pub const NETNS_GLOBAL: &str = "CAPTURE_NETNS";
 }
 
 /// At most this many proxy uids, and as many gids (`-u`, `-g`); istio's injector passes one.
@@ -43,6 +47,10 @@ pub mod flag {
     pub const OWNER_GROUPS_ONLY: u32 = 1 << 6;
     /// IPv6 capture is on for this namespace (istio's `EnableIPv6`); without it IPv6 connections pass.
     pub const IPV6: u32 = 1 << 7;
+    /// `-b '*'`: every inbound TCP port except `-d` ports and the tunnel port.
+    pub const INBOUND_ALL: u32 = 1 << 8;
+    /// `-b` is a list: only the ports in the inbound-port set.
+    pub const INBOUND_LIST: u32 = 1 << 9;
 }
 
 /// One namespace's scalar configuration. Value of the `CONFIG` map, keyed by network-namespace cookie.
@@ -84,6 +92,14 @@ pub enum SetKind {
     OutboundIncludePort = 2,
     /// Owner groups: the include list or the exclude list (see [`flag::OWNER_GROUPS_ONLY`]).
     OwnerGroup = 3,
+    /// `-b` as a list: inbound ports captured.
+    InboundPort = 4,
+    /// `-d` (with `-b '*'`): inbound ports not captured.
+    InboundExcludePort = 5,
+    /// `-c`: interface indexes whose inbound traffic is never captured.
+    ExcludedIfindex = 6,
+    /// `-k`: interface indexes whose inbound traffic is treated as outbound.
+    VirtIfindex = 7,
 }
 
 /// Key of the `SETS` hash map; the value is a `u8` 1.
@@ -175,6 +191,18 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
+/// Key of the `LISTENERS` sockhash: the proxy's listening socket on `port` in a namespace, per family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerKey {
+    /// Network-namespace cookie.
+    pub netns: u64,
+    /// The listening port (`-z`, or `-p` for `-k` interfaces).
+    pub port: u32,
+    /// AF_INET or AF_INET6 of the listening socket.
+    pub family: u32,
+}
+
 /// Longest flags text kept for `capture status`.
 pub const FLAGS_TEXT_LEN: usize = 1024;
 
@@ -192,6 +220,7 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::FlagsText {}
+    unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for crate::counters::NetnsCounters {}
 }
 

@@ -79,7 +79,35 @@ pub enum Rule {
     IncludeCidr,
     /// End of the chain.
     NoMatch,
+    /// Inbound, `-k`: treated as outbound (redirected to the outbound port if `-i` covers it).
+    VirtInterface,
+    /// Inbound over lo: locally generated, never captured inbound (nat PREROUTING never sees it).
+    LocalInbound,
+    /// Inbound, `-b` empty: no inbound capture.
+    InboundOff,
+    /// Inbound to the tunnel port.
+    TunnelPort,
+    /// Inbound, `-d` with `-b '*'`.
+    InboundExcludePort,
+    /// Inbound, a captured port.
+    InboundPort,
 }
+
+/// A new inbound TCP connection, as sk_lookup sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InConn {
+    /// The local address it is for (IPv4 mapped).
+    pub dst: Addr,
+    /// The peer's address (IPv4 mapped).
+    pub src: Addr,
+    /// The local port it is for.
+    pub dport: u16,
+    /// The interface it arrived on.
+    pub ifindex: u32,
+}
+
+/// The loopback interface's index in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// What happens to a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,4 +300,47 @@ pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdic
         };
     }
     Verdict::Pass(Rule::NoMatch)
+}
+
+/// istio's inbound decision (`ISTIO_INBOUND` in REDIRECT mode, REFERENCE §3.5) for a new TCP connection.
+#[inline(always)]
+pub fn inbound<L: Lookups>(cfg: &PodConfig, conn: &InConn, lookups: &L) -> Verdict {
+    let v4 = addr::is_v4(&conn.dst);
+    if !v4 && cfg.flags & flag::IPV6 == 0 {
+        return Verdict::Pass(Rule::FamilyOff);
+    }
+    // Locally generated (from one of the namespace's own addresses, over lo): nat PREROUTING never sees
+    // it. The ingress interface alone does not tell: a connection to the pod's own IP reports eth0.
+    if conn.ifindex == LOOPBACK_IFINDEX || is_local(&conn.src, v4, lookups) {
+        return Verdict::Pass(Rule::LocalInbound);
+    }
+    // -k, inserted above everything: outbound capture, -x not consulted.
+    if lookups.in_set(SetKind::VirtIfindex, conn.ifindex) {
+        return if cfg.flags & flag::INCLUDE_ALL != 0 || lookups.in_cidrs(CidrKind::Include, &conn.dst) {
+            Verdict::Redirect(cfg.proxy_port, Rule::VirtInterface)
+        } else {
+            Verdict::Pass(Rule::VirtInterface)
+        };
+    }
+    if lookups.in_set(SetKind::ExcludedIfindex, conn.ifindex) {
+        return Verdict::Pass(Rule::ExcludedInterface);
+    }
+    if cfg.flags & (flag::INBOUND_ALL | flag::INBOUND_LIST) == 0 {
+        return Verdict::Pass(Rule::InboundOff);
+    }
+    if conn.dport == cfg.tunnel_port {
+        return Verdict::Pass(Rule::TunnelPort);
+    }
+    let port = u32::from(conn.dport);
+    if cfg.flags & flag::INBOUND_ALL != 0 {
+        if lookups.in_set(SetKind::InboundExcludePort, port) {
+            return Verdict::Pass(Rule::InboundExcludePort);
+        }
+        return Verdict::Redirect(cfg.inbound_capture_port, Rule::InboundPort);
+    }
+    if lookups.in_set(SetKind::InboundPort, port) {
+        Verdict::Redirect(cfg.inbound_capture_port, Rule::InboundPort)
+    } else {
+        Verdict::Pass(Rule::NoMatch)
+    }
 }

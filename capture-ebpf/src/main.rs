@@ -6,12 +6,13 @@ mod connect;
 mod fields;
 mod lookups;
 mod maps;
+mod sk_lookup;
 mod sockops;
 mod sockopt;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
 /// Outbound capture for IPv4 sockets.
@@ -41,6 +42,12 @@ pub fn capture_sockops(ctx: SockOpsContext) -> u32 {
 pub fn capture_getsockopt(ctx: SockoptContext) -> i32 {
     sockopt::getsockopt(&ctx);
     sockopt::PROCEED
+}
+
+/// Inbound capture for one namespace (one copy per registered namespace).
+#[sk_lookup]
+pub fn capture_sk_lookup(ctx: SkLookupContext) -> u32 {
+    sk_lookup::lookup(&ctx)
 }
 
 #[cfg(not(test))]

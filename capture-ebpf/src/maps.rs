@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
 };
 use capture_common::{
     counters::{Counter, NetnsCounters},
-    maps::{CidrKeyData, ConnKey, FlagsText, OrigDst, PodConfig, SetKey},
+    maps::{CidrKeyData, ConnKey, FlagsText, ListenerKey, OrigDst, PodConfig, SetKey},
 };
 
 /// Registered network namespaces (pods) a node can hold.
@@ -46,8 +46,8 @@ pub static CIDRS: LpmTrie<CidrKeyData, u8> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0
 pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
 
 /// Original destinations by the connection as the proxy sees it.
-/// - key: [`ConnKey`] (netns, client address and port, proxy port); value: [`OrigDst`]
-/// - written by: sockops (TCP_CONNECT_CB of the application's socket); read by: getsockopt
+/// - key: [`ConnKey`] (netns, client address and port, the proxy socket's local port); value: [`OrigDst`]
+/// - written by: sockops (TCP_CONNECT_CB of the application's socket), sk_lookup (inbound); read by: getsockopt
 ///   (`SO_ORIGINAL_DST`); deleted by: sockops when the proxy's accepted socket closes.
 #[map]
 pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
@@ -63,6 +63,13 @@ pub static NETNS_COUNTERS: PerCpuHashMap<u64, NetnsCounters> = PerCpuHashMap::pi
 /// - written and read by: the loader only (`capture status`); the programs never touch it.
 #[map]
 pub static FLAGS_TEXT: HashMap<u64, FlagsText> = HashMap::pinned(MAX_NAMESPACES, 0);
+
+/// The proxy's listening sockets on its capture ports, for inbound capture.
+/// - key: [`ListenerKey`] (netns, port, family); value: the socket
+/// - written by: sockops (TCP_LISTEN_CB) when a socket in a registered namespace listens on `-z` or `-p`;
+///   the kernel removes a socket when it closes. Read by: sk_lookup.
+#[map]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_NAMESPACES * 2, 0);
 
 /// Adds one to `counter` of namespace `netns` (if it is registered).
 #[inline(always)]

@@ -9,20 +9,20 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
 use capture_common::{
     addr::{self, Addr},
-    maps::ConnKey,
+    maps::{ConnKey, ListenerKey},
 };
 
 use crate::{
     fields::words,
-    maps::{ORIG_BY_ADDR, ORIG_BY_COOKIE},
+    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, ORIG_BY_COOKIE},
 };
 
 const AF_INET: u32 = 2;
@@ -70,6 +70,28 @@ fn proxy_side_key(ctx: &SockOpsContext) -> ConnKey {
     }
 }
 
+/// Keeps a socket that starts listening on a capture port of a registered namespace, for sk_lookup.
+#[inline(always)]
+fn remember_listener(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer is the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read only for the duration of this call.
+    let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
+        return;
+    };
+    let port = ctx.local_port();
+    if port != u32::from(cfg.inbound_capture_port) && port != u32::from(cfg.proxy_port) {
+        return;
+    }
+    let mut key = ListenerKey {
+        netns,
+        port,
+        family: ctx.family(),
+    };
+    // SAFETY: the kernel's context, valid for the program's lifetime.
+    let _ = LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
+}
+
 /// Handles one sockops callback.
 #[inline(always)]
 pub fn handle(ctx: &SockOpsContext) {
@@ -100,6 +122,7 @@ pub fn handle(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             let _ = ORIG_BY_ADDR.remove(&proxy_side_key(ctx));
         }
+        BPF_SOCK_OPS_TCP_LISTEN_CB => remember_listener(ctx),
         _ => {}
     }
 }

@@ -96,7 +96,24 @@ pub fn facts(config: &Config) -> Result<Facts> {
     Ok(Facts {
         local: addresses().context("list the namespace's addresses")?,
         excluded_subnets,
+        excluded_ifindexes: ifindexes(&config.exclude_interfaces)?,
+        virt_ifindexes: ifindexes(&config.kube_virt_interfaces)?,
     })
+}
+
+/// The indexes of the interfaces matching `patterns` (iptables' `+` suffix included) that exist now.
+fn ifindexes(patterns: &[String]) -> Result<Vec<u32>> {
+    if patterns.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for iface in nix::net::if_::if_nameindex().context("list interfaces")?.iter() {
+        let name = iface.name().to_string_lossy();
+        if patterns.iter().any(|p| interface_matches(p, &name)) && !out.contains(&iface.index()) {
+            out.push(iface.index());
+        }
+    }
+    Ok(out)
 }
 
 /// iptables' interface match: an exact name, or a prefix ending in `+`.

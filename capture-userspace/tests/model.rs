@@ -59,7 +59,7 @@ fn pod_with(flags_line: &str, env_vars: &[(&str, &str)], ipv6: bool, nameservers
             .iter()
             .map(|s| s.parse().unwrap())
             .collect(),
-        excluded_subnets: vec![],
+        ..Facts::default()
     };
     let entries = entries(&inv.config, &env, &facts, 7).unwrap();
     let lookups = EntryLookups::new(&entries);
@@ -293,4 +293,59 @@ fn dns_capture_order() {
     );
     let p = pod_with("-u 1337 --redirect-dns", &[], true, &[]);
     assert_eq!(p.decide(Proto::Udp, "10.2.0.9", 53, APP, APP, None), Pass(NoMatch));
+}
+
+fn inbound_to(p: &Pod, dst: &str, dport: u16, src: &str, ifindex: u32) -> Verdict {
+    let conn = capture_common::model::InConn {
+        dst: ip(dst),
+        src: ip(src),
+        dport,
+        ifindex,
+    };
+    capture_common::model::inbound(&p.entries.config, &conn, &p.lookups)
+}
+
+/// The interface a remote connection arrives on in these tests (anything but lo).
+const ETH0: u32 = 2;
+
+#[test]
+fn scenario_table_inbound_rows() {
+    let p = pod(INJECTOR);
+    // 14: inbound TCP from outside to an app port: 15006.
+    assert_eq!(
+        inbound_to(&p, POD_IP, 8080, "10.2.0.9", ETH0),
+        Redirect(15006, InboundPort)
+    );
+    // 15: tunnel and -d ports pass.
+    assert_eq!(inbound_to(&p, POD_IP, 15008, "10.2.0.9", ETH0), Pass(TunnelPort));
+    for port in [15090, 15021, 15020] {
+        assert_eq!(inbound_to(&p, POD_IP, port, "10.2.0.9", ETH0), Pass(InboundExcludePort));
+    }
+    // 16: port 22 is captured.
+    assert_eq!(
+        inbound_to(&p, POD_IP, 22, "10.2.0.9", ETH0),
+        Redirect(15006, InboundPort)
+    );
+    // Locally generated connections never are, whatever interface the kernel reports.
+    assert_eq!(inbound_to(&p, POD_IP, 8080, POD_IP, ETH0), Pass(LocalInbound));
+    assert_eq!(inbound_to(&p, POD_IP, 8080, "127.0.0.6", 1), Pass(LocalInbound));
+}
+
+#[test]
+fn inbound_lists_interfaces_and_families() {
+    let list = pod("-u 1337 -b 8080 -d 8080");
+    assert_eq!(
+        inbound_to(&list, POD_IP, 8080, "10.2.0.9", ETH0),
+        Redirect(15006, InboundPort),
+        "-d ignored"
+    );
+    assert_eq!(inbound_to(&list, POD_IP, 9090, "10.2.0.9", ETH0), Pass(NoMatch));
+    let off = pod("-u 1337 -i *");
+    assert_eq!(inbound_to(&off, POD_IP, 8080, "10.2.0.9", ETH0), Pass(InboundOff));
+    let v4_only = pod_with(INJECTOR, &[], false, &[]);
+    assert_eq!(inbound_to(&v4_only, POD_IP6, 8080, "fd00::9", ETH0), Pass(FamilyOff));
+    assert_eq!(
+        inbound_to(&pod(INJECTOR), POD_IP6, 8080, "fd00::9", ETH0),
+        Redirect(15006, InboundPort)
+    );
 }

@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+pub mod diff;
 pub mod sidecar;
 
 /// How long a test connection may take before it counts as failed.

@@ -102,13 +102,17 @@ fn namespaces_share_one_attachment_reapply_in_place_and_the_last_clean_detaches(
     assert_eq!(status.matches("original_dst_lookups=1 ").count(), 2, "{status}");
 
     // Re-applying with other flags replaces A's configuration in place, and only A's.
+    // Each namespace has its three -d ports in SETS; A's re-apply adds one -o port, and must not leave
+    // its old configuration's entries behind.
+    let per_namespace = entries::<SetKey, u8>(&pins, names::SETS) / 2;
+    assert_eq!(per_namespace, 3, "-d 15090,15021,15020");
     let mut with_o = INJECTOR_DEFAULT_FLAGS.to_vec();
     with_o.extend_from_slice(&["-o", "8080"]);
     for _ in 0..2 {
         ok(capture(&a.pod, &ebpf_args(&cg, &pin, &with_o)), "re-apply");
         assert_eq!(
             entries::<SetKey, u8>(&pins, names::SETS),
-            1,
+            2 * per_namespace + 1,
             "the old configuration's entries are gone"
         );
     }
@@ -135,7 +139,11 @@ fn namespaces_share_one_attachment_reapply_in_place_and_the_last_clean_detaches(
         "status",
     );
     assert_eq!(status.matches("\nnetns ").count(), 1, "{status}");
-    assert_eq!(entries::<SetKey, u8>(&pins, names::SETS), 0, "A's entries are gone");
+    assert_eq!(
+        entries::<SetKey, u8>(&pins, names::SETS),
+        per_namespace,
+        "only B's entries are left"
+    );
 
     // Clean B, the last one: every pin goes, and with the links the programs are detached.
     ok(capture(&b.pod, &clean), "clean B");

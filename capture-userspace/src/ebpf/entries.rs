@@ -11,7 +11,7 @@ use capture_common::{
 };
 use ipnet::IpNet;
 
-use crate::config::{Config, Environment, IncludeCidrs, Owner, OwnerGroups};
+use crate::config::{Config, Environment, InboundPorts, IncludeCidrs, Owner, OwnerGroups};
 
 /// What the loader learns about the namespace itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,6 +20,10 @@ pub struct Facts {
     pub local: Vec<IpAddr>,
     /// The subnets of the `-c` interfaces (see [`CidrKind::ExcludedInterface`]).
     pub excluded_subnets: Vec<IpNet>,
+    /// Indexes of the `-c` interfaces (inbound).
+    pub excluded_ifindexes: Vec<u32>,
+    /// Indexes of the `-k` interfaces.
+    pub virt_ifindexes: Vec<u32>,
 }
 
 /// One CIDR-set entry: an LPM key's prefix length and data.
@@ -88,6 +92,8 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
         flag::OWNER_GROUPS_ONLY,
     );
     set_flag(env.ipv6, flag::IPV6);
+    set_flag(cfg.inbound_ports == InboundPorts::All, flag::INBOUND_ALL);
+    set_flag(matches!(cfg.inbound_ports, InboundPorts::List(_)), flag::INBOUND_LIST);
     let config = PodConfig {
         id,
         flags,
@@ -107,6 +113,12 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
         kind: kind as u32,
         value,
     };
+    let (inbound_ports, inbound_excluded): (&[u16], &[u16]) = match &cfg.inbound_ports {
+        InboundPorts::None => (&[], &[]),
+        // istio applies -d only with -b '*'.
+        InboundPorts::All => (&[], &cfg.inbound_exclude_ports),
+        InboundPorts::List(ports) => (ports, &[]),
+    };
     let groups = match &cfg.owner_groups {
         OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => g,
     };
@@ -120,6 +132,19 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
                 .map(|&p| set(SetKind::OutboundIncludePort, u32::from(p))),
         )
         .chain(groups.iter().map(|g| set(SetKind::OwnerGroup, g.id)))
+        .chain(inbound_ports.iter().map(|&p| set(SetKind::InboundPort, u32::from(p))))
+        .chain(
+            inbound_excluded
+                .iter()
+                .map(|&p| set(SetKind::InboundExcludePort, u32::from(p))),
+        )
+        .chain(
+            facts
+                .excluded_ifindexes
+                .iter()
+                .map(|&i| set(SetKind::ExcludedIfindex, i)),
+        )
+        .chain(facts.virt_ifindexes.iter().map(|&i| set(SetKind::VirtIfindex, i)))
         .collect();
 
     let mut cidrs = Vec::new();

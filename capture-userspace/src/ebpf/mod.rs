@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SockOps},
     sys::is_program_supported,
 };
 
@@ -35,7 +35,7 @@ use self::{
 };
 use crate::{
     cgroup,
-    config::{Environment, InboundPorts},
+    config::Environment,
     flags::{Action, Invocation, LogLevel},
     namespace,
 };
@@ -59,6 +59,19 @@ struct Hook {
     link: &'static str,
     /// What the hook is for and the first kernel that has it, for the error when it is missing.
     needs: &'static str,
+}
+
+/// The inbound hook: one copy of the program per registered namespace, attached to that namespace.
+const SK_LOOKUP: Hook = Hook {
+    program: "capture_sk_lookup",
+    attach: AttachType::SkLookup,
+    link: "link_sk_lookup",
+    needs: "sk_lookup (Linux 5.9)",
+};
+
+/// Where the sk_lookup link of namespace `netns` is pinned.
+fn sk_lookup_pin(dir: &Path, netns: u64) -> PathBuf {
+    dir.join(format!("{}_{netns}", SK_LOOKUP.link))
 }
 
 const HOOKS: [Hook; 4] = [
@@ -122,12 +135,6 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
 /// Says which of the flags this backend does not act on yet, so nobody mistakes it for iptables' capture.
 fn warn_unsupported(inv: &Invocation) {
     let cfg = &inv.config;
-    if cfg.inbound_ports != InboundPorts::None || !cfg.kube_virt_interfaces.is_empty() {
-        eprintln!(
-            "capture: warning: the eBPF backend does not capture inbound connections yet (-b, -k); \
-             use --backend iptables where inbound capture matters"
-        );
-    }
     if cfg.redirect_dns {
         eprintln!(
             "capture: warning: the eBPF backend captures DNS only over TCP and connected UDP sockets yet; \
@@ -225,6 +232,10 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
             let p: &mut CgroupSockopt = program.try_into()?;
             p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
         }
+        AttachType::SkLookup => {
+            let p: &mut SkLookup = program.try_into()?;
+            p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+        }
     };
     loaded
         .with_context(|| format!("the kernel rejected {} ({})", hook.program, hook.needs))??
@@ -236,9 +247,11 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
 /// `capture` or another log level takes over with no moment unattached. Then registers the namespace.
 fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
     let level = inv.options.log_level as u8;
+    let netns = namespace::cookie()?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .override_global(aya_log::LEVEL, &level, true)
+        .override_global(maps::names::NETNS_GLOBAL, &netns, true)
         .load(PROGRAMS)
         .context("load capture's kernel programs")?;
     let attached = links_pinned(dir);
@@ -261,7 +274,19 @@ fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &P
         }
     }
     let mut maps = Maps::open(dir)?;
-    maps.register(namespace::cookie()?, &inv.config, env, facts, &flags_text())?;
+    maps.register(netns, &inv.config, env, facts, &flags_text())?;
+    // Inbound: this namespace's own copy of sk_lookup, attached to it.
+    let prog = load_program(&mut ebpf, &SK_LOOKUP)?;
+    let pin = sk_lookup_pin(dir, netns);
+    if pin.exists() {
+        let link = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
+        sys::link_update(link.as_fd(), prog.as_fd()).context("switch the sk_lookup link to the new program")?;
+    } else {
+        let ns = File::open("/proc/self/ns/net").context("open this network namespace")?;
+        let link = sys::link_create(prog.as_fd(), ns.as_fd(), AttachType::SkLookup)
+            .with_context(|| format!("attach {} to this namespace ({})", SK_LOOKUP.program, SK_LOOKUP.needs))?;
+        sys::obj_pin(link.as_fd(), &pin).context("pin the sk_lookup link")?;
+    }
     Ok(ebpf)
 }
 
@@ -301,7 +326,13 @@ fn clean(dir: &Path) -> Result<String> {
         return Ok(String::new());
     }
     let mut maps = Maps::open(dir)?;
-    maps.unregister(namespace::cookie()?)?;
+    let netns = namespace::cookie()?;
+    maps.unregister(netns)?;
+    let pin = sk_lookup_pin(dir, netns);
+    if pin.exists() {
+        // Unpinning the last reference detaches the program from the namespace.
+        std::fs::remove_file(&pin).with_context(|| format!("unpin {}", pin.display()))?;
+    }
     if maps.registered()?.is_empty() {
         drop(maps);
         remove_pins(dir)?;

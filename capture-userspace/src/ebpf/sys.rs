@@ -27,6 +27,8 @@ pub enum AttachType {
     Connect6 = 11,
     /// BPF_CGROUP_GETSOCKOPT.
     GetSockopt = 21,
+    /// BPF_SK_LOOKUP (attached to a network namespace).
+    SkLookup = 36,
 }
 
 /// `union bpf_attr`, as a zeroed buffer big enough for the commands used here; the kernel requires every
@@ -48,13 +50,13 @@ fn put_u32(attr: &mut Attr, offset: usize, value: u32) {
     attr.0[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
 }
 
-/// Attaches `prog` to the cgroup `cgroup` with a BPF link (multi-attach: other programs on the same hook
-/// keep running). Kernel ≥ 5.7.
-pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
+/// Attaches `prog` to `target` (a cgroup directory, or a network namespace for sk_lookup) with a BPF link
+/// (multi-attach: other programs on the same hook keep running). Kernel ≥ 5.7 (5.9 for sk_lookup).
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
     let mut attr = Attr([0; 64]);
     // link_create: prog_fd, target_fd, attach_type, flags.
     put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
-    put_u32(&mut attr, 4, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, target.as_raw_fd() as u32);
     put_u32(&mut attr, 8, attach as u32);
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.

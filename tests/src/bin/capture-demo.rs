@@ -56,8 +56,6 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     let cgroup = Cgroup::new("demo");
     let pins = BpfPins::new("demo");
     let _inside = cgroup.enter_self();
-    let (tx, rx) = mpsc::channel::<Forwarded>();
-    let _sidecar = Sidecar::start(&pod.pod, PROXY, &[15001, 15006], 15006, tx);
     let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, REMOTE_PORT)]);
     let app = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, APP_PORT)]);
 
@@ -78,6 +76,10 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     if !out.status.success() {
         bail!("capture failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
+    // The sidecar starts after capture is applied, as Envoy starts after istio-init: the eBPF backend
+    // learns the proxy's listening sockets when they start listening.
+    let (tx, rx) = mpsc::channel::<Forwarded>();
+    let _sidecar = Sidecar::start(&pod.pod, PROXY, &[15001, 15006], 15006, tx);
     println!("demo: capture applied ({backend} backend); sidecar (uid 1337) on 15001 and 15006; Ctrl-C to stop\n");
 
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -86,7 +88,6 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
         round += 1;
         let calls: [(&str, &tests::Netns, (u32, u32), SocketAddr); 3] = [
             ("app (uid 1000) -> remote", &pod.pod, APP, sa(REMOTE_V4, REMOTE_PORT)),
-            // Inbound capture in the eBPF backend is not written yet: there this shows "direct".
             ("remote -> app", &pod.remote, (0, 0), sa(POD_V4, APP_PORT)),
             (
                 "app (uid 1000) -> localhost",

@@ -1,0 +1,95 @@
+//! sk_lookup: istio's inbound capture without rewriting a packet. A new TCP connection that
+//! `ISTIO_INBOUND` would redirect is handed to the proxy's listening socket (`-z`, or `-p` for `-k`
+//! interfaces); the accepted socket keeps the original destination as its local address, and the
+//! getsockopt program answers `SO_ORIGINAL_DST` with it. If the proxy is not listening the connection is
+//! dropped (fail closed): it must never reach the application uncaptured.
+//!
+//! sk_lookup is attached to one network namespace and cannot read that namespace's cookie, so the loader
+//! loads one copy per namespace with the cookie in [`CAPTURE_NETNS`].
+
+use aya_ebpf::{Global, bindings::sk_action, programs::SkLookupContext};
+use capture_common::{
+    addr::{self, Addr},
+    maps::{ListenerKey, OrigDst},
+    model::{self, InConn, Verdict},
+};
+
+use crate::{
+    fields::words,
+    lookups::MapLookups,
+    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR},
+};
+
+/// The namespace this copy serves; set by the loader at load time.
+#[unsafe(no_mangle)]
+static CAPTURE_NETNS: Global<u64> = Global::new(0);
+
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Hands the connection to the proxy's listener for `port`: the IPv4 one, or for an IPv4 connection a
+/// dual-stack IPv6 one.
+#[inline(always)]
+fn assign(ctx: &SkLookupContext, netns: u64, port: u16, family: u32) -> bool {
+    let key = |family| ListenerKey {
+        netns,
+        port: u32::from(port),
+        family,
+    };
+    LISTENERS.redirect_sk_lookup(ctx, key(family), 0).is_ok()
+        || (family == AF_INET && LISTENERS.redirect_sk_lookup(ctx, key(AF_INET6), 0).is_ok())
+}
+
+/// Decides one lookup; returns the sk_lookup verdict.
+#[inline(always)]
+pub fn lookup(ctx: &SkLookupContext) -> u32 {
+    let netns = CAPTURE_NETNS.load();
+    // SAFETY: read only for the duration of this call.
+    let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    let family = l.family;
+    let (local, remote): (Addr, Addr) = if family == AF_INET {
+        (addr::from_v4_word(l.local_ip4), addr::from_v4_word(l.remote_ip4))
+    } else {
+        (
+            addr::from_words(words(&l.local_ip6)),
+            addr::from_words(words(&l.remote_ip6)),
+        )
+    };
+    let local_port = l.local_port as u16;
+    let conn = InConn {
+        dst: local,
+        src: remote,
+        dport: local_port,
+        ifindex: l.ingress_ifindex,
+    };
+    let Verdict::Redirect(port, _) = model::inbound(cfg, &conn, &MapLookups { id: cfg.id }) else {
+        return sk_action::SK_PASS;
+    };
+    if !assign(ctx, netns, port, family) {
+        return sk_action::SK_DROP;
+    }
+    let key = capture_common::maps::ConnKey {
+        netns,
+        client: remote,
+        client_port: u16::from_be(l.remote_port),
+        proxy_port: local_port,
+        _pad: 0,
+    };
+    let orig = OrigDst {
+        netns,
+        addr: local,
+        port: local_port,
+        proxy_port: port,
+        v6_socket: u32::from(family == AF_INET6),
+    };
+    let _ = ORIG_BY_ADDR.insert(&key, &orig, 0);
+    sk_action::SK_PASS
+}

@@ -1,0 +1,294 @@
+//! The differential machinery: the same connection cases under the iptables backend and under the eBPF
+//! backend, each in fresh throwaway namespaces with the same flags; outcomes must be equal.
+//!
+//! The original destination is compared where a proxy reads it: on the capture ports. On a connection that
+//! was not redirected, iptables' conntrack still answers `SO_ORIGINAL_DST` (with the connection's own
+//! destination) while the eBPF backend leaves the kernel's answer (none); applications do not ask, and
+//! the README lists the difference.
+
+use std::{
+    io::ErrorKind,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use crate::{BpfPins, Cgroup, Connect, Listeners, Pod, capture_with_env, connect_with, sa};
+
+pub const APP: (u32, u32) = (1000, 1000);
+pub const PROXY: (u32, u32) = (1337, 1337);
+/// A process with the proxy's group but not its user.
+pub const PROXY_GROUP: (u32, u32) = (1000, 1337);
+
+/// Another address of the remote namespace, outside some CIDRs the cases use.
+pub const REMOTE2_V4: [u8; 4] = [192, 0, 2, 3];
+pub const REMOTE2_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3);
+
+/// The sidecar's ports: where a redirected connection lands and the proxy reads its original destination.
+const CAPTURE_PORTS: &[u16] = &[15001, 15006, 15053];
+/// Ports the pod listens on: the sidecar's, and the app's own servers.
+const POD_PORTS: &[u16] = &[15001, 15006, 15053, 8080, 15008, 15090];
+/// Ports the remote namespace listens on.
+const REMOTE_PORTS: &[u16] = &[80, 8080, 32000, 53];
+/// UDP ports on both sides.
+const UDP_PORTS: &[u16] = &[53, 15053, 9999];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Iptables,
+    Ebpf,
+}
+
+/// Where a connection ended up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A TCP listener in `side` on `port` accepted it and read this original destination.
+    Accepted {
+        side: &'static str,
+        port: u16,
+        original_dst: Option<SocketAddr>,
+    },
+    /// A UDP socket in `side` on `port` got the datagram (and the probe got the echo).
+    Datagram { side: &'static str, port: u16 },
+    /// The connect failed.
+    Failed(ErrorKind),
+    /// The connect succeeded but no listener reported it.
+    Unseen,
+}
+
+/// One connection: who makes it, where to, how.
+pub struct Case {
+    name: &'static str,
+    ids: (u32, u32),
+    dst: SocketAddr,
+    how: Connect,
+    /// Made from the remote namespace (an inbound connection) rather than from the pod.
+    from_remote: bool,
+}
+
+/// A TCP connection from the remote namespace into the pod (inbound).
+pub fn inbound(name: &'static str, dst: SocketAddr) -> Case {
+    Case {
+        from_remote: true,
+        ..tcp(name, (0, 0), dst)
+    }
+}
+
+/// A UDP exchange from the remote namespace into the pod.
+pub fn inbound_udp(name: &'static str, dst: SocketAddr) -> Case {
+    Case {
+        from_remote: true,
+        ..udp(name, (0, 0), dst)
+    }
+}
+
+pub fn tcp(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
+    Case {
+        from_remote: false,
+        name,
+        ids,
+        dst,
+        how: Connect::default(),
+    }
+}
+
+pub fn udp(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
+    Case {
+        from_remote: false,
+        name,
+        ids,
+        dst,
+        how: Connect {
+            udp: true,
+            ..Connect::default()
+        },
+    }
+}
+
+pub fn bound(name: &'static str, ids: (u32, u32), src: impl Into<IpAddr>, dst: SocketAddr) -> Case {
+    Case {
+        from_remote: false,
+        name,
+        ids,
+        dst,
+        how: Connect {
+            bind: Some(src.into()),
+            ..Connect::default()
+        },
+    }
+}
+
+pub fn fastopen(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
+    Case {
+        from_remote: false,
+        name,
+        ids,
+        dst,
+        how: Connect {
+            fastopen: true,
+            ..Connect::default()
+        },
+    }
+}
+
+pub fn mapped(v4: [u8; 4]) -> IpAddr {
+    IpAddr::V6(std::net::Ipv4Addr::from(v4).to_ipv6_mapped())
+}
+
+/// The namespaces, listeners and capture of one group under one backend. Fields drop in order: the
+/// listeners stop before their cgroup goes, the pins (and so the programs) before the namespaces.
+struct World {
+    pod_listeners: Listeners,
+    remote_listeners: Listeners,
+    _pins: BpfPins,
+    cgroup: Cgroup,
+    pod: Pod,
+}
+
+fn world(backend: Backend, flags: &str, env: &[(&str, &str)], pod_ports: &[u16]) -> World {
+    let pod = Pod::new("diff");
+    pod.remote.ip(&["addr", "add", "192.0.2.3/24", "dev", "eth0"]);
+    pod.remote
+        .ip(&["addr", "add", "2001:db8::3/64", "dev", "eth0", "nodad"]);
+    let cgroup = Cgroup::new("diff");
+    let pins = BpfPins::new("diff");
+    let mut args: Vec<String> = match backend {
+        Backend::Iptables => vec!["--backend".into(), "iptables".into()],
+        Backend::Ebpf => vec![
+            "--backend".into(),
+            "ebpf".into(),
+            "--cgroup".into(),
+            cgroup.path().display().to_string(),
+            "--pin-dir".into(),
+            pins.path().display().to_string(),
+        ],
+    };
+    args.extend(
+        flags
+            .split_whitespace()
+            .map(|w| if w == "''" { String::new() } else { w.to_owned() }),
+    );
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = capture_with_env(&pod.pod, &argv, env);
+    assert!(
+        out.status.success(),
+        "{backend:?} capture {flags}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Listeners start after capture, as the proxy starts after istio-init: the eBPF backend learns the
+    // proxy's listening sockets when they start listening.
+    let any = |p: u16| sa(Ipv6Addr::UNSPECIFIED, p);
+    let pod_tcp: Vec<_> = pod_ports.iter().map(|&p| any(p)).collect();
+    let udp: Vec<_> = UDP_PORTS.iter().map(|&p| any(p)).collect();
+    let pod_listeners = Listeners::start_with_udp(&pod.pod, Some(&cgroup), None, &pod_tcp, &udp);
+    let remote_tcp: Vec<_> = REMOTE_PORTS.iter().map(|&p| any(p)).collect();
+    let remote_listeners = Listeners::start_with_udp(&pod.remote, None, None, &remote_tcp, &udp);
+
+    World {
+        pod,
+        cgroup,
+        _pins: pins,
+        pod_listeners,
+        remote_listeners,
+    }
+}
+
+/// Waits briefly for whichever side reports the connection.
+fn observe(w: &World, udp: bool) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        for (side, listeners) in [("pod", &w.pod_listeners), ("remote", &w.remote_listeners)] {
+            if udp {
+                if let Some(d) = listeners.drain_datagrams().into_iter().next() {
+                    return Outcome::Datagram { side, port: d.listener };
+                }
+            } else if let Some(a) = listeners.drain().into_iter().next() {
+                let asked = side == "pod" && CAPTURE_PORTS.contains(&a.listener);
+                return Outcome::Accepted {
+                    side,
+                    port: a.listener,
+                    original_dst: a.original_dst.filter(|_| asked),
+                };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Outcome::Unseen
+}
+
+fn run_case(w: &World, case: &Case) -> Outcome {
+    let result = if case.from_remote {
+        connect_with(&w.pod.remote, None, case.ids, case.dst, case.how)
+    } else {
+        connect_with(&w.pod.pod, Some(&w.cgroup), case.ids, case.dst, case.how)
+    };
+    let outcome = match result {
+        Ok(_) => observe(w, case.how.udp),
+        Err(e) => Outcome::Failed(e.kind()),
+    };
+    // Nothing from this case may linger into the next.
+    std::thread::sleep(Duration::from_millis(5));
+    w.pod_listeners.drain();
+    w.remote_listeners.drain();
+    w.pod_listeners.drain_datagrams();
+    w.remote_listeners.drain_datagrams();
+    outcome
+}
+
+/// Runs `cases` under both backends with `flags`; returns the mismatches, and asserts `expect` (case name →
+/// listener port) for the cases that pin an absolute outcome, so the suite cannot pass by both backends
+/// failing alike.
+pub fn differential(flags: &str, env: &[(&str, &str)], cases: &[Case], expect: &[(&str, u16)]) {
+    differential_with(flags, env, POD_PORTS, cases, expect)
+}
+
+/// As [`differential`], with only `pod_ports` listening in the pod (to test what happens when the proxy
+/// is not listening).
+pub fn differential_with(flags: &str, env: &[(&str, &str)], pod_ports: &[u16], cases: &[Case], expect: &[(&str, u16)]) {
+    let outcomes: Vec<Vec<Outcome>> = [Backend::Iptables, Backend::Ebpf]
+        .iter()
+        .map(|&backend| {
+            let w = world(backend, flags, env, pod_ports);
+            cases.iter().map(|c| run_case(&w, c)).collect()
+        })
+        .collect();
+    let mut mismatches = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let (ipt, bpf) = (&outcomes[0][i], &outcomes[1][i]);
+        if ipt != bpf {
+            mismatches.push(format!(
+                "  {}: {} → {}\n    iptables: {ipt:?}\n    ebpf:     {bpf:?}",
+                case.name,
+                format_ids(case.ids),
+                case.dst
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "flags {flags} {env:?}: {} of {} cases differ:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches.join("\n")
+    );
+    for (name, port) in expect {
+        let i = cases
+            .iter()
+            .position(|c| c.name == *name)
+            .unwrap_or_else(|| panic!("no case {name}"));
+        let got = &outcomes[0][i];
+        let listener = match got {
+            Outcome::Accepted { port, .. } | Outcome::Datagram { port, .. } => Some(*port),
+            _ => None,
+        };
+        assert_eq!(
+            listener,
+            Some(*port),
+            "{name}: expected listener {port}, both backends gave {got:?}"
+        );
+    }
+    eprintln!("{flags}: {} cases, identical under both backends", cases.len());
+}
+
+fn format_ids((uid, gid): (u32, u32)) -> String {
+    format!("uid {uid} gid {gid}")
+}
