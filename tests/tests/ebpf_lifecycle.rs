@@ -374,3 +374,39 @@ fn kernel_logs_are_forwarded_while_capture_runs_and_a_new_apply_swaps_the_progra
         "exactly our four programs attached:\n{attached}"
     );
 }
+
+/// istio's `--run-validation` under the eBPF backend: as the proxy user (inside the attached cgroup) the
+/// probe to 127.0.0.6:15002 is redirected to the inbound port and reads its original destination; as
+/// another user it is not, and capture exits 126.
+#[test]
+fn run_validation_passes_under_the_ebpf_backend_as_the_proxy_user() {
+    let pod = Pod::new("vldb");
+    let cgroup = Cgroup::new("vldb");
+    let pins = BpfPins::new("vldb");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let args = ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS);
+    ok(capture(&pod.pod, &args), "apply");
+    let validate = |ids: (u32, u32)| {
+        let mut cmd = pod.pod.command(tests::capture_bin());
+        cmd.args(&args)
+            .args(["--run-validation", "--skip-rule-apply", "--probe-timeout", "2s"])
+            .env_clear();
+        cgroup.enter(&mut cmd);
+        tests::run_as(&mut cmd, ids);
+        cmd.output().expect("run capture --run-validation")
+    };
+    let out = validate(PROXY);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "as the proxy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = validate(APP);
+    assert_eq!(
+        out.status.code(),
+        Some(126),
+        "as the app: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
