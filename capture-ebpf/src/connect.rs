@@ -1,6 +1,8 @@
-//! cgroup connect4 / connect6: istio's `ISTIO_OUTPUT` decision at connect(2) (and sendto with
-//! MSG_FASTOPEN). A redirect rewrites the destination to the proxy's port on localhost, as iptables'
-//! REDIRECT does for locally generated traffic, and remembers the original destination.
+//! cgroup connect4 / connect6 (and sendmsg4 / sendmsg6, which run the same code for unconnected UDP):
+//! istio's `ISTIO_OUTPUT` decision at connect(2), sendto with MSG_FASTOPEN, and UDP sendto. A redirect
+//! rewrites the destination to the proxy's port on localhost, as iptables' REDIRECT does for locally
+//! generated traffic, and remembers the original destination. recvmsg4 / recvmsg6 make a DNS proxy's reply
+//! appear to come from the server the application asked, as conntrack's un-NAT does.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -18,7 +20,7 @@ use capture_common::{
 use crate::{
     fields::words,
     lookups::MapLookups,
-    maps::{CONFIG, ORIG_BY_COOKIE, bump},
+    maps::{CONFIG, DNS_ORIG, ORIG_BY_COOKIE, bump},
 };
 
 /// Lets the connect proceed (a cgroup sock_addr program that returns 0 fails it with EPERM).
@@ -93,13 +95,10 @@ fn log_decision(ctx: &SockAddrContext, d: &Decision) {
     );
 }
 
-/// Records where a redirected TCP connection was going, for sockops to pick up once it has a port.
+/// Records where a redirected connection was going: TCP for sockops to pick up once it has a port, UDP
+/// (DNS) for recvmsg to restore the reply's source.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, netns: u64, proto: Proto, dst: Addr, dport: u16, proxy_port: u16, v6: bool) {
-    if proto != Proto::Tcp {
-        // UDP has no accepted socket to ask SO_ORIGINAL_DST on.
-        return;
-    }
     // SAFETY: the context pointer is the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
@@ -110,7 +109,61 @@ fn remember(ctx: &SockAddrContext, netns: u64, proto: Proto, dst: Addr, dport: u
         v6_socket: u32::from(v6),
     };
     // A full map evicts its oldest entry (LRU): the insert itself does not fail for lack of room.
-    let _ = ORIG_BY_COOKIE.insert(cookie, orig, 0);
+    let _ = match proto {
+        Proto::Tcp => ORIG_BY_COOKIE.insert(cookie, orig, 0),
+        Proto::Udp => DNS_ORIG.insert(cookie, orig, 0),
+    };
+}
+
+/// The DNS proxy's address as a redirected socket sees it reply: 127.0.0.1, ::1 or ::ffff:127.0.0.1.
+#[inline(always)]
+fn is_dns_proxy(src: &Addr, port: u16) -> bool {
+    port == model::DNS_PROXY_PORT && (*src == addr::from_v4(LOCALHOST_V4) || *src == LOCALHOST_V6)
+}
+
+/// recvmsg4: a reply from the DNS proxy to a socket whose query was redirected is reported as coming from
+/// the server the application asked.
+#[inline(always)]
+pub fn recvmsg4(ctx: &SockAddrContext) {
+    // SAFETY: the context pointer is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }).copied() else {
+        return;
+    };
+    // SAFETY: the kernel's context; user_ip4 and user_port are readable and writable in recvmsg4.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        let src = addr::from_v4_word(sa.user_ip4);
+        if is_dns_proxy(&src, addr::port_from_be_field(sa.user_port)) && addr::is_v4(&orig.addr) {
+            sa.user_ip4 = u32::from_ne_bytes(addr::v4_octets(&orig.addr));
+            sa.user_port = addr::port_to_be_field(orig.port);
+        }
+    }
+}
+
+/// recvmsg6: as [`recvmsg4`], for IPv6 sockets (IPv4-mapped servers included).
+#[inline(always)]
+pub fn recvmsg6(ctx: &SockAddrContext) {
+    // SAFETY: the context pointer is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }).copied() else {
+        return;
+    };
+    // SAFETY: the kernel's context; user_ip6 (word by word) and user_port are writable in recvmsg6.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        let src = addr::from_words(words(&sa.user_ip6));
+        if is_dns_proxy(&src, addr::port_from_be_field(sa.user_port)) {
+            let w = addr::to_words(&orig.addr);
+            sa.user_ip6[0] = w[0];
+            sa.user_ip6[1] = w[1];
+            sa.user_ip6[2] = w[2];
+            sa.user_ip6[3] = w[3];
+            sa.user_port = addr::port_to_be_field(orig.port);
+        }
+    }
 }
 
 /// connect4.

@@ -29,6 +29,34 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     connect::PROCEED
 }
 
+/// Unconnected UDP (DNS capture): the same decision as connect4.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn capture_sendmsg4(ctx: SockAddrContext) -> i32 {
+    connect::connect4(&ctx);
+    connect::PROCEED
+}
+
+/// Unconnected UDP (DNS capture): the same decision as connect6.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn capture_sendmsg6(ctx: SockAddrContext) -> i32 {
+    connect::connect6(&ctx);
+    connect::PROCEED
+}
+
+/// Replies of captured DNS appear to come from the server asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn capture_recvmsg4(ctx: SockAddrContext) -> i32 {
+    connect::recvmsg4(&ctx);
+    connect::PROCEED
+}
+
+/// Replies of captured DNS appear to come from the server asked (IPv6 sockets).
+#[cgroup_sock_addr(recvmsg6)]
+pub fn capture_recvmsg6(ctx: SockAddrContext) -> i32 {
+    connect::recvmsg6(&ctx);
+    connect::PROCEED
+}
+
 /// Tracks redirected connections from the application's socket to the proxy's.
 #[sock_ops]
 pub fn capture_sockops(ctx: SockOpsContext) -> u32 {

@@ -52,6 +52,13 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PEN
 #[map]
 pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
 
+/// Where a UDP socket's captured DNS queries were going, so replies appear to come from there.
+/// - key: socket cookie (`u64`); value: [`OrigDst`] (the server the application asked)
+/// - written by: connect4/6 and sendmsg4/6 when they send DNS to the DNS proxy; read by: recvmsg4/6.
+///   LRU: a UDP socket has no close callback here, so the oldest entries make room.
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+
 /// Per-namespace counters, per CPU.
 /// - key: network-namespace cookie; value: [`NetnsCounters`]
 /// - created by: the loader on registration; incremented by: every program; read by: `capture status`.

@@ -8,11 +8,11 @@
 
 use std::{
     io::ErrorKind,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use crate::{BpfPins, Cgroup, Connect, Listeners, Pod, capture_with_env, connect_with, sa};
+use crate::{BpfPins, Cgroup, Connect, Listeners, Pod, capture_with_env, exchange, sa};
 
 pub const APP: (u32, u32) = (1000, 1000);
 pub const PROXY: (u32, u32) = (1337, 1337);
@@ -30,7 +30,13 @@ const POD_PORTS: &[u16] = &[15001, 15006, 15053, 8080, 15008, 15090];
 /// Ports the remote namespace listens on.
 const REMOTE_PORTS: &[u16] = &[80, 8080, 32000, 53];
 /// UDP ports on both sides.
-const UDP_PORTS: &[u16] = &[53, 15053, 9999];
+const UDP_PORTS: &[u16] = &[53, 9999];
+/// The DNS proxy listens on localhost only, as istio-agent does: a wildcard UDP socket would answer from
+/// the pod IP, which conntrack does not un-NAT (REFERENCE §3.11).
+const DNS_PROXY: [SocketAddr; 2] = [
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15053),
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 15053),
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -47,8 +53,12 @@ pub enum Outcome {
         port: u16,
         original_dst: Option<SocketAddr>,
     },
-    /// A UDP socket in `side` on `port` got the datagram (and the probe got the echo).
-    Datagram { side: &'static str, port: u16 },
+    /// A UDP socket in `side` on `port` got the datagram, and the probe got the echo from `reply_from`.
+    Datagram {
+        side: &'static str,
+        port: u16,
+        reply_from: Option<SocketAddr>,
+    },
     /// The connect failed.
     Failed(ErrorKind),
     /// The connect succeeded but no listener reported it.
@@ -70,6 +80,18 @@ pub fn inbound(name: &'static str, dst: SocketAddr) -> Case {
     Case {
         from_remote: true,
         ..tcp(name, (0, 0), dst)
+    }
+}
+
+/// An unconnected UDP exchange (`sendto`, `recvfrom`) from the pod.
+pub fn sendto(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
+    Case {
+        how: Connect {
+            udp: true,
+            sendto: true,
+            ..Connect::default()
+        },
+        ..tcp(name, ids, dst)
     }
 }
 
@@ -138,6 +160,8 @@ pub fn mapped(v4: [u8; 4]) -> IpAddr {
 /// listeners stop before their cgroup goes, the pins (and so the programs) before the namespaces.
 struct World {
     pod_listeners: Listeners,
+    /// The DNS proxy's UDP sockets, as the proxy user: istio's conntrack zones expect its replies from 1337.
+    dns_proxy: Listeners,
     remote_listeners: Listeners,
     _pins: BpfPins,
     cgroup: Cgroup,
@@ -180,6 +204,7 @@ fn world(backend: Backend, flags: &str, env: &[(&str, &str)], pod_ports: &[u16])
     let pod_tcp: Vec<_> = pod_ports.iter().map(|&p| any(p)).collect();
     let udp: Vec<_> = UDP_PORTS.iter().map(|&p| any(p)).collect();
     let pod_listeners = Listeners::start_with_udp(&pod.pod, Some(&cgroup), None, &pod_tcp, &udp);
+    let dns_proxy = Listeners::start_with_udp(&pod.pod, Some(&cgroup), Some(PROXY), &[], &DNS_PROXY);
     let remote_tcp: Vec<_> = REMOTE_PORTS.iter().map(|&p| any(p)).collect();
     let remote_listeners = Listeners::start_with_udp(&pod.remote, None, None, &remote_tcp, &udp);
 
@@ -188,18 +213,27 @@ fn world(backend: Backend, flags: &str, env: &[(&str, &str)], pod_ports: &[u16])
         cgroup,
         _pins: pins,
         pod_listeners,
+        dns_proxy,
         remote_listeners,
     }
 }
 
 /// Waits briefly for whichever side reports the connection.
-fn observe(w: &World, udp: bool) -> Outcome {
+fn observe(w: &World, udp: Option<Option<SocketAddr>>) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        for (side, listeners) in [("pod", &w.pod_listeners), ("remote", &w.remote_listeners)] {
-            if udp {
+        for (side, listeners) in [
+            ("pod", &w.pod_listeners),
+            ("pod", &w.dns_proxy),
+            ("remote", &w.remote_listeners),
+        ] {
+            if let Some(reply_from) = udp {
                 if let Some(d) = listeners.drain_datagrams().into_iter().next() {
-                    return Outcome::Datagram { side, port: d.listener };
+                    return Outcome::Datagram {
+                        side,
+                        port: d.listener,
+                        reply_from,
+                    };
                 }
             } else if let Some(a) = listeners.drain().into_iter().next() {
                 let asked = side == "pod" && CAPTURE_PORTS.contains(&a.listener);
@@ -217,20 +251,20 @@ fn observe(w: &World, udp: bool) -> Outcome {
 
 fn run_case(w: &World, case: &Case) -> Outcome {
     let result = if case.from_remote {
-        connect_with(&w.pod.remote, None, case.ids, case.dst, case.how)
+        exchange(&w.pod.remote, None, case.ids, case.dst, case.how)
     } else {
-        connect_with(&w.pod.pod, Some(&w.cgroup), case.ids, case.dst, case.how)
+        exchange(&w.pod.pod, Some(&w.cgroup), case.ids, case.dst, case.how)
     };
     let outcome = match result {
-        Ok(_) => observe(w, case.how.udp),
+        Ok(e) => observe(w, case.how.udp.then_some(e.reply_from)),
         Err(e) => Outcome::Failed(e.kind()),
     };
     // Nothing from this case may linger into the next.
     std::thread::sleep(Duration::from_millis(5));
-    w.pod_listeners.drain();
-    w.remote_listeners.drain();
-    w.pod_listeners.drain_datagrams();
-    w.remote_listeners.drain_datagrams();
+    for listeners in [&w.pod_listeners, &w.dns_proxy, &w.remote_listeners] {
+        listeners.drain();
+        listeners.drain_datagrams();
+    }
     outcome
 }
 

@@ -401,6 +401,8 @@ pub struct Connect {
     pub fastopen: bool,
     /// UDP: connect, send `ping`, wait for the echo.
     pub udp: bool,
+    /// UDP without connect: `sendto`, then the echo (implies `udp`).
+    pub sendto: bool,
     /// Load: this many connections one after the other (0 and 1 both mean one).
     pub count: u32,
 }
@@ -416,9 +418,7 @@ pub fn connect_as(
     connect_with(ns, cgroup, ids, dst, Connect::default())
 }
 
-/// As [`connect_as`], the way `how` says. The error carries the probe's text (which names the step that
-/// failed and the OS error) and the matching [`std::io::ErrorKind`]. Panics if the probe itself cannot run
-/// or answers nonsense, so that a broken harness never passes for a refused connection.
+/// As [`connect_as`], the way `how` says; returns the local address. See [`exchange`].
 pub fn connect_with(
     ns: &Netns,
     cgroup: Option<&Cgroup>,
@@ -426,6 +426,28 @@ pub fn connect_with(
     dst: SocketAddr,
     how: Connect,
 ) -> std::io::Result<SocketAddr> {
+    exchange(ns, cgroup, ids, dst, how).map(|e| e.local)
+}
+
+/// What a probe connection saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    /// Its local address.
+    pub local: SocketAddr,
+    /// For UDP, where the reply came from (as `recvfrom` reported it).
+    pub reply_from: Option<SocketAddr>,
+}
+
+/// Connects (or exchanges a datagram) the way `how` says. The error carries the probe's text (which names
+/// the step that failed and the OS error) and the matching [`std::io::ErrorKind`]. Panics if the probe
+/// itself cannot run or answers nonsense, so that a broken harness never passes for a refused connection.
+pub fn exchange(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    ids: (u32, u32),
+    dst: SocketAddr,
+    how: Connect,
+) -> std::io::Result<Exchange> {
     let mut cmd = probe_command(ns, cgroup, Some(ids));
     cmd.arg("connect")
         .arg(dst.to_string())
@@ -440,6 +462,9 @@ pub fn connect_with(
     if how.udp {
         cmd.arg("--udp");
     }
+    if how.sendto {
+        cmd.arg("--sendto");
+    }
     if how.count > 1 {
         cmd.arg("--count").arg(how.count.to_string());
     }
@@ -448,9 +473,17 @@ pub fn connect_with(
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().next().unwrap_or_default();
     if out.status.success()
-        && let Some(Ok(local)) = line.strip_prefix("ok ").map(str::parse)
+        && let Some(rest) = line.strip_prefix("ok ")
     {
-        return Ok(local);
+        let mut words = rest.split_whitespace();
+        let local = words.next().and_then(|w| w.parse().ok());
+        let reply_from = match (words.next(), words.next()) {
+            (Some("from"), Some(from)) => from.parse().ok(),
+            _ => None,
+        };
+        if let Some(local) = local {
+            return Ok(Exchange { local, reply_from });
+        }
     }
     match line.strip_prefix("err ") {
         Some(text) if out.status.code() == Some(1) => Err(probe_error(text)),

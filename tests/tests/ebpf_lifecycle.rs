@@ -370,8 +370,8 @@ fn kernel_logs_are_forwarded_while_capture_runs_and_a_new_apply_swaps_the_progra
     let attached = String::from_utf8_lossy(&attached.stdout);
     assert_eq!(
         attached.matches("capture_").count(),
-        4,
-        "exactly our four programs attached:\n{attached}"
+        8,
+        "exactly our eight cgroup programs attached:\n{attached}"
     );
 }
 

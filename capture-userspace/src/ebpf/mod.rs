@@ -74,7 +74,7 @@ fn sk_lookup_pin(dir: &Path, netns: u64) -> PathBuf {
     dir.join(format!("{}_{netns}", SK_LOOKUP.link))
 }
 
-const HOOKS: [Hook; 4] = [
+const HOOKS: [Hook; 8] = [
     Hook {
         program: "capture_connect4",
         attach: AttachType::Connect4,
@@ -99,6 +99,30 @@ const HOOKS: [Hook; 4] = [
         link: "link_getsockopt",
         needs: "cgroup getsockopt (Linux 5.3)",
     },
+    Hook {
+        program: "capture_sendmsg4",
+        attach: AttachType::Sendmsg4,
+        link: "link_sendmsg4",
+        needs: "cgroup sendmsg4 (Linux 4.18)",
+    },
+    Hook {
+        program: "capture_sendmsg6",
+        attach: AttachType::Sendmsg6,
+        link: "link_sendmsg6",
+        needs: "cgroup sendmsg6 (Linux 4.18)",
+    },
+    Hook {
+        program: "capture_recvmsg4",
+        attach: AttachType::Recvmsg4,
+        link: "link_recvmsg4",
+        needs: "cgroup recvmsg4 (Linux 5.2)",
+    },
+    Hook {
+        program: "capture_recvmsg6",
+        attach: AttachType::Recvmsg6,
+        link: "link_recvmsg6",
+        needs: "cgroup recvmsg6 (Linux 5.2)",
+    },
 ];
 
 /// Runs one invocation with the eBPF backend in the current network namespace; returns what to print.
@@ -115,9 +139,11 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
             if opts.skip_rule_apply {
                 return Ok(String::new());
             }
+            // ::6 first, so that it counts among the namespace's own addresses: the proxy's passthrough
+            // from ::6 is local traffic, never inbound.
             namespace::add_passthrough_v6(env)?;
+            let facts = namespace::facts(&inv.config)?;
             let mut ebpf = apply(inv, env, &facts, &opts.pin_dir)?;
-            warn_unsupported(inv);
             if opts.log_level != LogLevel::Off {
                 forward_logs(&mut ebpf, opts.log_level)?;
             }
@@ -129,17 +155,6 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
         )),
         Action::Clean => clean(&opts.pin_dir),
         Action::Status => status(&opts.pin_dir),
-    }
-}
-
-/// Says which of the flags this backend does not act on yet, so nobody mistakes it for iptables' capture.
-fn warn_unsupported(inv: &Invocation) {
-    let cfg = &inv.config;
-    if cfg.redirect_dns {
-        eprintln!(
-            "capture: warning: the eBPF backend captures DNS only over TCP and connected UDP sockets yet; \
-             use --backend iptables where DNS capture matters"
-        );
     }
 }
 
@@ -220,7 +235,12 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
         .program_mut(hook.program)
         .with_context(|| format!("{} is missing", hook.program))?;
     let loaded = match hook.attach {
-        AttachType::Connect4 | AttachType::Connect6 => {
+        AttachType::Connect4
+        | AttachType::Connect6
+        | AttachType::Sendmsg4
+        | AttachType::Sendmsg6
+        | AttachType::Recvmsg4
+        | AttachType::Recvmsg6 => {
             let p: &mut CgroupSockAddr = program.try_into()?;
             p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
         }

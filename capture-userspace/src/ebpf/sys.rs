@@ -25,6 +25,14 @@ pub enum AttachType {
     Connect4 = 10,
     /// BPF_CGROUP_INET6_CONNECT.
     Connect6 = 11,
+    /// BPF_CGROUP_UDP4_SENDMSG.
+    Sendmsg4 = 14,
+    /// BPF_CGROUP_UDP6_SENDMSG.
+    Sendmsg6 = 15,
+    /// BPF_CGROUP_UDP4_RECVMSG.
+    Recvmsg4 = 19,
+    /// BPF_CGROUP_UDP6_RECVMSG.
+    Recvmsg6 = 20,
     /// BPF_CGROUP_GETSOCKOPT.
     GetSockopt = 21,
     /// BPF_SK_LOOKUP (attached to a network namespace).

@@ -5,7 +5,7 @@
 //! cgroup they are attached to, and a thread cannot live in another cgroup v2 than its process.
 //!
 //! ```text
-//! capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] [--timeout-ms N] [--count N]
+//! capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] [--sendto] [--timeout-ms N] [--count N]
 //! capture-probe listen <addr:port>... [--udp <addr:port>]...
 //! ```
 //!
@@ -32,7 +32,7 @@ use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrLike as _, SockaddrStorage};
 
 const USAGE: &str = "usage: capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] \
-                     [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]...";
+                     [--sendto] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]...";
 /// `connect`'s default for each step (connect, then read).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `listen` never outlives this, even if nobody closes its stdin.
@@ -86,6 +86,8 @@ struct ConnectArgs {
     bind: Option<IpAddr>,
     fastopen: bool,
     udp: bool,
+    /// UDP without connect: `sendto`.
+    sendto: bool,
     timeout: Duration,
     /// Connections to make one after the other (load); the first failure stops the run.
     count: u32,
@@ -94,12 +96,17 @@ struct ConnectArgs {
 fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
     let mut dst = None;
     let (mut bind, mut fastopen, mut udp, mut timeout, mut count) = (None, false, false, DEFAULT_TIMEOUT, 1);
+    let mut sendto = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--bind" => bind = Some(parse("--bind", it.next())?),
             "--fastopen" => fastopen = true,
             "--udp" => udp = true,
+            "--sendto" => {
+                udp = true;
+                sendto = true;
+            }
             "--timeout-ms" => timeout = Duration::from_millis(parse("--timeout-ms", it.next())?),
             "--count" => count = parse("--count", it.next())?,
             _ if dst.is_none() && !arg.starts_with("--") => dst = Some(parse("destination", Some(arg))?),
@@ -115,6 +122,7 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
         bind,
         fastopen,
         udp,
+        sendto,
         timeout,
         count,
     })
@@ -128,13 +136,14 @@ fn connect(args: ConnectArgs) -> Result<(), String> {
         emit(&format!("err probe: no result after {limit:?}"));
         std::process::exit(1);
     });
+    if args.udp {
+        let (local, from) = connect_udp(&args)?;
+        emit(&format!("ok {local} from {from}"));
+        return Ok(());
+    }
     let mut local = None;
     for _ in 0..args.count.max(1) {
-        local = Some(if args.udp {
-            connect_udp(&args)
-        } else {
-            connect_tcp(&args)
-        }?);
+        local = Some(connect_tcp(&args)?);
     }
     emit(&format!("ok {}", local.expect("at least one connection")));
     Ok(())
@@ -163,14 +172,21 @@ fn local_for(bind: Option<IpAddr>, dst: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
-fn connect_udp(args: &ConnectArgs) -> Result<SocketAddr, String> {
+/// A UDP exchange: `ping` out, the echo back. Connected (`connect` + `send`), or with `--sendto` unconnected
+/// (`sendto`); either way the reply is read with `recvfrom`, whose source address is reported: a resolver
+/// checks that the answer comes from the server it asked.
+fn connect_udp(args: &ConnectArgs) -> Result<(SocketAddr, SocketAddr), String> {
     let sock = UdpSocket::bind(local_for(args.bind, args.dst)).map_err(step("bind"))?;
-    sock.connect(args.dst).map_err(step("connect"))?;
     sock.set_read_timeout(Some(args.timeout)).map_err(step("SO_RCVTIMEO"))?;
-    sock.send(b"ping").map_err(step("send"))?;
+    if args.sendto {
+        sock.send_to(b"ping", args.dst).map_err(step("sendto"))?;
+    } else {
+        sock.connect(args.dst).map_err(step("connect"))?;
+        sock.send(b"ping").map_err(step("send"))?;
+    }
     let mut buf = [0; 64];
-    sock.recv(&mut buf).map_err(step("recv"))?;
-    sock.local_addr().map_err(step("getsockname"))
+    let (_, from) = sock.recv_from(&mut buf).map_err(step("recvfrom"))?;
+    Ok((sock.local_addr().map_err(step("getsockname"))?, from))
 }
 
 fn connect_tcp(args: &ConnectArgs) -> Result<SocketAddr, String> {
