@@ -75,6 +75,13 @@ pub struct Case {
     from_remote: bool,
 }
 
+impl Case {
+    /// The case's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
 /// A TCP connection from the remote namespace into the pod (inbound).
 pub fn inbound(name: &'static str, dst: SocketAddr) -> Case {
     Case {
@@ -268,16 +275,22 @@ fn run_case(w: &World, case: &Case) -> Outcome {
     outcome
 }
 
-/// Runs `cases` under both backends with `flags`; returns the mismatches, and asserts `expect` (case name →
+/// Runs `cases` under both backends with `flags`; fails on any mismatch, asserts `expect` (case name →
 /// listener port) for the cases that pin an absolute outcome, so the suite cannot pass by both backends
 /// failing alike.
-pub fn differential(flags: &str, env: &[(&str, &str)], cases: &[Case], expect: &[(&str, u16)]) {
+pub fn differential(flags: &str, env: &[(&str, &str)], cases: &[Case], expect: &[(&str, u16)]) -> Vec<Outcome> {
     differential_with(flags, env, POD_PORTS, cases, expect)
 }
 
 /// As [`differential`], with only `pod_ports` listening in the pod (to test what happens when the proxy
 /// is not listening).
-pub fn differential_with(flags: &str, env: &[(&str, &str)], pod_ports: &[u16], cases: &[Case], expect: &[(&str, u16)]) {
+pub fn differential_with(
+    flags: &str,
+    env: &[(&str, &str)],
+    pod_ports: &[u16],
+    cases: &[Case],
+    expect: &[(&str, u16)],
+) -> Vec<Outcome> {
     let outcomes: Vec<Vec<Outcome>> = [Backend::Iptables, Backend::Ebpf]
         .iter()
         .map(|&backend| {
@@ -321,6 +334,7 @@ pub fn differential_with(flags: &str, env: &[(&str, &str)], pod_ports: &[u16], c
         );
     }
     eprintln!("{flags}: {} cases, identical under both backends", cases.len());
+    outcomes.into_iter().next().expect("two backends")
 }
 
 fn format_ids((uid, gid): (u32, u32)) -> String {

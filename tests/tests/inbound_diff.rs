@@ -1,9 +1,11 @@
 //! The differential suite for inbound capture (see `tests::diff`): connections from the remote namespace
 //! into the pod, and the pod calling itself, under both backends; outcomes must be equal.
 
+use std::io::ErrorKind;
+
 use tests::{
     POD_V4, POD_V6,
-    diff::{APP, PROXY, differential, differential_with, inbound, inbound_udp, tcp},
+    diff::{APP, Outcome, PROXY, differential, differential_with, inbound, inbound_udp, tcp},
     sa,
 };
 
@@ -123,13 +125,23 @@ fn fail_closed_when_the_proxy_is_not_listening() {
         inbound("captured port, no proxy", sa(POD_V4, 8080)),
         inbound("excluded port, no proxy", sa(POD_V4, 15090)),
     ];
-    differential_with(
+    let outcomes = differential_with(
         INJECTOR,
         &[],
         &[8080, 15090],
         &cases,
         &[("excluded port, no proxy", 15090)],
     );
+    assert_eq!(
+        outcomes[0],
+        Outcome::Failed(ErrorKind::ConnectionRefused),
+        "reset, never the app"
+    );
     let ipv6 = [inbound("captured IPv6 port, no proxy", sa(POD_V6, 8080))];
-    differential_with(&format!("{INJECTOR} --dual-stack"), &[], &[8080], &ipv6, &[]);
+    let outcomes = differential_with(&format!("{INJECTOR} --dual-stack"), &[], &[8080], &ipv6, &[]);
+    assert_eq!(
+        outcomes[0],
+        Outcome::Failed(ErrorKind::ConnectionRefused),
+        "reset, never the app"
+    );
 }

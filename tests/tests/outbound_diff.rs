@@ -277,3 +277,35 @@ fn dns_over_tcp_with_capture_all() {
         ],
     );
 }
+
+/// Every way we know for a process in the pod to reach a remote TCP service around the proxy, under
+/// `-i '*'`: each must land on 15001 under both backends (the differential check) — not one may reach the
+/// remote server directly. (Binding a loopback address such as 127.0.0.6 and connecting to a remote
+/// address is no bypass either: iptables' route lookup refuses it (EINVAL), while the eBPF backend rewrites
+/// the destination before routing and so sends it to the proxy; the README lists the difference.)
+#[test]
+fn bypass_attempts_are_all_captured() {
+    let cases = [
+        tcp("plain connect", APP, sa(REMOTE_V4, 8080)),
+        tcp(
+            "IPv4-mapped destination on a dual-stack socket",
+            APP,
+            sa(mapped(REMOTE_V4.octets()), 8080),
+        ),
+        fastopen("TCP Fast Open (sendto MSG_FASTOPEN)", APP, sa(REMOTE_V4, 8080)),
+        fastopen(
+            "TCP Fast Open to an IPv4-mapped destination",
+            APP,
+            sa(mapped(REMOTE_V4.octets()), 8080),
+        ),
+        bound("bind to the pod IP first", APP, POD_V4, sa(REMOTE_V4, 8080)),
+        bound("bind to any address first", APP, [0, 0, 0, 0], sa(REMOTE_V4, 8080)),
+        tcp("IPv6 destination (dual stack)", APP, sa(REMOTE_V6, 8080)),
+        fastopen("TCP Fast Open over IPv6", APP, sa(REMOTE_V6, 8080)),
+        bound("bind to the pod IPv6 first", APP, POD_V6, sa(REMOTE_V6, 8080)),
+        tcp("root", (0, 0), sa(REMOTE_V4, 8080)),
+        tcp("a gid that is not the proxy's", (1000, 1001), sa(REMOTE_V4, 8080)),
+    ];
+    let expect: Vec<(&str, u16)> = cases.iter().map(|c| (c.name(), 15001)).collect();
+    differential(&format!("{INJECTOR} --dual-stack"), &[], &cases, &expect);
+}
