@@ -410,3 +410,23 @@ fn run_validation_passes_under_the_ebpf_backend_as_the_proxy_user() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A proxy that was already listening when the namespace is registered (an agent registering a running
+/// pod) still gets inbound connections: the loader hands its listener to the kernel.
+#[test]
+fn inbound_reaches_a_proxy_that_listened_before_registration() {
+    let pod = Pod::new("early");
+    let cgroup = Cgroup::new("early");
+    let pins = BpfPins::new("early");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let any = |p| sa(Ipv6Addr::UNSPECIFIED, p);
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[any(15006), any(8080)]);
+    ok(
+        capture(&pod.pod, &ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS)),
+        "apply",
+    );
+    let dst = sa(POD_V4, 8080);
+    connect_as(&pod.remote, None, (0, 0), dst).expect("inbound connection");
+    let got = sidecar.next().expect("nobody accepted the inbound connection");
+    assert_eq!((got.listener, got.original_dst), (15006, Some(dst)));
+}

@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash, lpm_trie::Key};
 pub use capture_common::maps::names;
 use capture_common::{
     counters::{Counter, NetnsCounters},
-    maps::{CidrKeyData, ConnKey, FLAGS_TEXT_LEN, FlagsText, OrigDst, PodConfig, SetKey},
+    maps::{CidrKeyData, ConnKey, FLAGS_TEXT_LEN, FlagsText, ListenerKey, OrigDst, PodConfig, SetKey},
 };
 
 use super::entries::{self, Facts};
@@ -21,6 +21,7 @@ pub struct Maps {
     orig_by_addr: HashMap<MapData, ConnKey, OrigDst>,
     counters: PerCpuHashMap<MapData, u64, NetnsCounters>,
     flags: HashMap<MapData, u64, FlagsText>,
+    listeners: SockHash<MapData, ListenerKey>,
 }
 
 /// One registered namespace, as `capture status` shows it.
@@ -53,6 +54,7 @@ impl Maps {
             orig_by_addr: open(dir, names::ORIG_BY_ADDR)?,
             counters: open(dir, names::NETNS_COUNTERS)?,
             flags: open(dir, names::FLAGS_TEXT)?,
+            listeners: open(dir, names::LISTENERS)?,
         })
     }
 
@@ -127,6 +129,18 @@ impl Maps {
             self.cidrs.remove(&key)?;
         }
         Ok(())
+    }
+
+    /// Hands a listening socket of the proxy to inbound capture (as sockops does for new listeners).
+    pub fn add_listener(&mut self, netns: u64, port: u16, family: u32, fd: &std::os::fd::OwnedFd) -> Result<()> {
+        let key = ListenerKey {
+            netns,
+            port: u32::from(port),
+            family,
+        };
+        self.listeners
+            .insert(key, std::os::fd::AsRawFd::as_raw_fd(fd), 0)
+            .context("LISTENERS")
     }
 
     /// Unregisters `netns`: its configuration, counters, flags and pending original destinations.

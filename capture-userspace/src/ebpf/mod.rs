@@ -6,6 +6,7 @@
 //! programs; `capture clean` in the last one detaches them and removes every pin.
 
 pub mod entries;
+mod listeners;
 mod maps;
 mod sys;
 
@@ -295,6 +296,11 @@ fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &P
     }
     let mut maps = Maps::open(dir)?;
     maps.register(netns, &inv.config, env, facts, &flags_text())?;
+    // Listeners that existed before this registration (sockops only sees new ones).
+    let ports = [inv.config.inbound_capture_port, inv.config.proxy_port];
+    for (listening, fd) in listeners::existing(&ports).context("find the proxy's listening sockets")? {
+        maps.add_listener(netns, listening.port, listening.family, &fd)?;
+    }
     // Inbound: this namespace's own copy of sk_lookup, attached to it.
     let prog = load_program(&mut ebpf, &SK_LOOKUP)?;
     let pin = sk_lookup_pin(dir, netns);
