@@ -544,6 +544,31 @@ pub fn capture_with_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> Outp
     cmd.output().expect("run capture")
 }
 
+/// istio's CNI-mode validation: `capture <applied> --run-validation --skip-rule-apply` inside `ns` (and
+/// `cgroup`, for the eBPF backend) as `ids`; asserts exit 0 for the proxy user and 126 (istio's code) for
+/// the app user.
+pub fn assert_validation(ns: &Netns, cgroup: Option<&Cgroup>, applied: &[&str], proxy: (u32, u32), app: (u32, u32)) {
+    let validate = |ids| {
+        let mut cmd = ns.command(capture_bin());
+        cmd.args(applied)
+            .args(["--run-validation", "--skip-rule-apply", "--probe-timeout", "2s"])
+            .env_clear();
+        if let Some(cgroup) = cgroup {
+            cgroup.enter(&mut cmd);
+        }
+        run_as(&mut cmd, ids);
+        cmd.output().expect("run capture --run-validation")
+    };
+    for (ids, code, who) in [(proxy, 0, "the proxy user"), (app, 126, "the app user")] {
+        let out = validate(ids);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "validation as {who}: {stderr}");
+        if code != 0 {
+            assert!(stderr.contains("validation failed"), "{stderr}");
+        }
+    }
+}
+
 /// `addr:port`.
 pub fn sa(addr: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(addr.into(), port)

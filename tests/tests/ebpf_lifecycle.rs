@@ -386,29 +386,7 @@ fn run_validation_passes_under_the_ebpf_backend_as_the_proxy_user() {
     let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
     let args = ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS);
     ok(capture(&pod.pod, &args), "apply");
-    let validate = |ids: (u32, u32)| {
-        let mut cmd = pod.pod.command(tests::capture_bin());
-        cmd.args(&args)
-            .args(["--run-validation", "--skip-rule-apply", "--probe-timeout", "2s"])
-            .env_clear();
-        cgroup.enter(&mut cmd);
-        tests::run_as(&mut cmd, ids);
-        cmd.output().expect("run capture --run-validation")
-    };
-    let out = validate(PROXY);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "as the proxy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = validate(APP);
-    assert_eq!(
-        out.status.code(),
-        Some(126),
-        "as the app: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_validation(&pod.pod, Some(&cgroup), &args, PROXY, APP);
 }
 
 /// A proxy that was already listening when the namespace is registered (an agent registering a running

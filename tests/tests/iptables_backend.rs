@@ -84,27 +84,5 @@ fn run_validation_passes_as_the_proxy_user_and_fails_otherwise() {
     let out = capture(&pod.pod, &apply);
     assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
 
-    let validate = |ids: (u32, u32)| {
-        let mut cmd = pod.pod.command(tests::capture_bin());
-        cmd.args(&apply)
-            .args(["--run-validation", "--skip-rule-apply", "--probe-timeout", "2s"])
-            .env_clear();
-        tests::run_as(&mut cmd, ids);
-        cmd.output().expect("run capture --run-validation")
-    };
-    let out = validate(PROXY);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "as the proxy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = validate(APP);
-    assert_eq!(
-        out.status.code(),
-        Some(126),
-        "as the app: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("validation failed"));
+    tests::assert_validation(&pod.pod, None, &apply, PROXY, APP);
 }
