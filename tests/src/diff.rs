@@ -90,6 +90,17 @@ pub fn inbound(name: &'static str, dst: SocketAddr) -> Case {
     }
 }
 
+/// A TCP connection made on a socket whose first connect (to `first`) failed.
+pub fn after_failure(name: &'static str, ids: (u32, u32), first: SocketAddr, dst: SocketAddr) -> Case {
+    Case {
+        how: Connect {
+            first: Some(first),
+            ..Connect::default()
+        },
+        ..tcp(name, ids, dst)
+    }
+}
+
 /// An unconnected UDP exchange (`sendto`, `recvfrom`) from the pod.
 pub fn sendto(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
     Case {
@@ -210,7 +221,12 @@ fn world(backend: Backend, flags: &str, env: &[(&str, &str)], pod_ports: &[u16])
     let any = |p: u16| sa(Ipv6Addr::UNSPECIFIED, p);
     let pod_tcp: Vec<_> = pod_ports.iter().map(|&p| any(p)).collect();
     let udp: Vec<_> = UDP_PORTS.iter().map(|&p| any(p)).collect();
-    let pod_listeners = Listeners::start_with_udp(&pod.pod, Some(&cgroup), None, &pod_tcp, &udp);
+    // A TPROXY-mode proxy's listeners are transparent (istio's Envoy sets it); iptables' TPROXY needs it.
+    let pod_listeners = if flags.contains("TPROXY") {
+        Listeners::start_transparent(&pod.pod, Some(&cgroup), &pod_tcp, &udp)
+    } else {
+        Listeners::start_with_udp(&pod.pod, Some(&cgroup), None, &pod_tcp, &udp)
+    };
     let dns_proxy = Listeners::start_with_udp(&pod.pod, Some(&cgroup), Some(PROXY), &[], &DNS_PROXY);
     let remote_tcp: Vec<_> = REMOTE_PORTS.iter().map(|&p| any(p)).collect();
     let remote_listeners = Listeners::start_with_udp(&pod.remote, None, None, &remote_tcp, &udp);

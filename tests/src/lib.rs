@@ -279,8 +279,27 @@ impl Listeners {
         tcp: &[SocketAddr],
         udp: &[SocketAddr],
     ) -> Listeners {
+        Self::spawn(ns, cgroup, ids, tcp, udp, false)
+    }
+
+    /// As [`Listeners::start_with_udp`], with `IP_TRANSPARENT` on the TCP listeners (a TPROXY-mode proxy).
+    pub fn start_transparent(ns: &Netns, cgroup: Option<&Cgroup>, tcp: &[SocketAddr], udp: &[SocketAddr]) -> Listeners {
+        Self::spawn(ns, cgroup, None, tcp, udp, true)
+    }
+
+    fn spawn(
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        ids: Option<(u32, u32)>,
+        tcp: &[SocketAddr],
+        udp: &[SocketAddr],
+        transparent: bool,
+    ) -> Listeners {
         let mut cmd = probe_command(ns, cgroup, ids);
         cmd.arg("listen").args(tcp.iter().map(|a| a.to_string()));
+        if transparent {
+            cmd.arg("--transparent");
+        }
         for a in udp {
             cmd.arg("--udp").arg(a.to_string());
         }
@@ -403,6 +422,8 @@ pub struct Connect {
     pub udp: bool,
     /// UDP without connect: `sendto`, then the echo (implies `udp`).
     pub sendto: bool,
+    /// TCP: first a connect here on the same socket, which must fail (a closed port).
+    pub first: Option<SocketAddr>,
     /// Load: this many connections one after the other (0 and 1 both mean one).
     pub count: u32,
 }
@@ -464,6 +485,9 @@ pub fn exchange(
     }
     if how.sendto {
         cmd.arg("--sendto");
+    }
+    if let Some(first) = how.first {
+        cmd.arg("--first").arg(first.to_string());
     }
     if how.count > 1 {
         cmd.arg("--count").arg(how.count.to_string());

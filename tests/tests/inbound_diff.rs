@@ -145,3 +145,27 @@ fn fail_closed_when_the_proxy_is_not_listening() {
         "reset, never the app"
     );
 }
+
+#[test]
+fn tproxy_mode() {
+    // istio's TPROXY mode (-m TPROXY, -t, -r): the same ports captured, the original destination kept as
+    // the accepted socket's local address.
+    let cases = [
+        inbound("remote to app port", sa(POD_V4, 8080)),
+        inbound("remote to closed port", sa(POD_V4, 9999)),
+        inbound("remote to excluded port", sa(POD_V4, 15090)),
+        inbound("remote to pod IPv6 app port", sa(POD_V6, 8080)),
+        tcp("app to its own pod IP", APP, sa(POD_V4, 8080)),
+        tcp(
+            "app to remote (outbound is REDIRECT in TPROXY mode too)",
+            APP,
+            sa(tests::REMOTE_V4, 8080),
+        ),
+    ];
+    differential(
+        "-p 15001 -z 15006 -u 1337 -g 1337 -m TPROXY -t 1337 -r 133 -i * -b * -d 15090 --dual-stack",
+        &[],
+        &cases,
+        &[("remote to app port", 15006), ("remote to excluded port", 15090)],
+    );
+}

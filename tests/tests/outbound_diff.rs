@@ -5,7 +5,9 @@ use std::net::Ipv6Addr;
 
 use tests::{
     POD_V4, POD_V6, REMOTE_V4, REMOTE_V6,
-    diff::{APP, PROXY, PROXY_GROUP, REMOTE2_V4, REMOTE2_V6, bound, differential, fastopen, mapped, tcp, udp},
+    diff::{
+        APP, PROXY, PROXY_GROUP, REMOTE2_V4, REMOTE2_V6, after_failure, bound, differential, fastopen, mapped, tcp, udp,
+    },
     sa,
 };
 
@@ -305,7 +307,35 @@ fn bypass_attempts_are_all_captured() {
         bound("bind to the pod IPv6 first", APP, POD_V6, sa(REMOTE_V6, 8080)),
         tcp("root", (0, 0), sa(REMOTE_V4, 8080)),
         tcp("a gid that is not the proxy's", (1000, 1001), sa(REMOTE_V4, 8080)),
+        // -o 9 lets the first connect reach the remote's closed port 9 (refused); the second must still be
+        // judged on its own.
+        after_failure(
+            "a second connect after a failed one",
+            APP,
+            sa(REMOTE_V4, 9),
+            sa(REMOTE_V4, 8080),
+        ),
     ];
     let expect: Vec<(&str, u16)> = cases.iter().map(|c| (c.name(), 15001)).collect();
-    differential(&format!("{INJECTOR} --dual-stack"), &[], &cases, &expect);
+    differential(&format!("{INJECTOR} --dual-stack -o 9"), &[], &cases, &expect);
+}
+
+#[test]
+fn ipv6_cidrs() {
+    let cases = [
+        tcp("in the IPv6 -i", APP, sa(REMOTE_V6, 8080)),
+        tcp("in the IPv6 -x", APP, sa(REMOTE2_V6, 8080)),
+        tcp("IPv4 with only IPv6 CIDRs", APP, sa(REMOTE_V4, 8080)),
+        tcp("proxy to own pod IPv6", PROXY, sa(POD_V6, 8080)),
+    ];
+    differential(
+        "-u 1337 -i 2001:db8::/64 -x 2001:db8::3/128 --dual-stack",
+        &[],
+        &cases,
+        &[
+            ("in the IPv6 -i", 15001),
+            ("in the IPv6 -x", 8080),
+            ("IPv4 with only IPv6 CIDRs", 8080),
+        ],
+    );
 }

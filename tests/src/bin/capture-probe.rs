@@ -5,7 +5,7 @@
 //! cgroup they are attached to, and a thread cannot live in another cgroup v2 than its process.
 //!
 //! ```text
-//! capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] [--sendto] [--timeout-ms N] [--count N]
+//! capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] [--sendto] [--first <addr:port>] [--timeout-ms N] [--count N]
 //! capture-probe listen <addr:port>... [--udp <addr:port>]...
 //! ```
 //!
@@ -32,7 +32,7 @@ use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrLike as _, SockaddrStorage};
 
 const USAGE: &str = "usage: capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] \
-                     [--sendto] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]...";
+                     [--sendto] [--first <addr:port>] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]... [--transparent]";
 /// `connect`'s default for each step (connect, then read).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `listen` never outlives this, even if nobody closes its stdin.
@@ -88,6 +88,8 @@ struct ConnectArgs {
     udp: bool,
     /// UDP without connect: `sendto`.
     sendto: bool,
+    /// TCP: first a connect here that must fail, then the real one on the same socket.
+    first: Option<SocketAddr>,
     timeout: Duration,
     /// Connections to make one after the other (load); the first failure stops the run.
     count: u32,
@@ -97,12 +99,14 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
     let mut dst = None;
     let (mut bind, mut fastopen, mut udp, mut timeout, mut count) = (None, false, false, DEFAULT_TIMEOUT, 1);
     let mut sendto = false;
+    let mut first = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--bind" => bind = Some(parse("--bind", it.next())?),
             "--fastopen" => fastopen = true,
             "--udp" => udp = true,
+            "--first" => first = Some(parse("--first", it.next())?),
             "--sendto" => {
                 udp = true;
                 sendto = true;
@@ -123,6 +127,7 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
         fastopen,
         udp,
         sendto,
+        first,
         timeout,
         count,
     })
@@ -211,6 +216,13 @@ fn connect_tcp(args: &ConnectArgs) -> Result<SocketAddr, String> {
         let local = SockaddrStorage::from(local_for(args.bind, args.dst));
         nix::sys::socket::bind(raw, &local).map_err(|e| step("bind")(e.into()))?;
     }
+    if let Some(first) = args.first {
+        // A connect that fails (the caller picks a destination that refuses), then the real one on the
+        // same socket: a second connect must be judged again.
+        if nix::sys::socket::connect(raw, &SockaddrStorage::from(first)).is_ok() {
+            return Err(format!("connect to {first} (meant to fail) succeeded"));
+        }
+    }
     let dst = SockaddrStorage::from(args.dst);
     if args.fastopen {
         // SAFETY: the buffer and the address are valid for the lengths given, for the whole call.
@@ -236,12 +248,21 @@ fn connect_tcp(args: &ConnectArgs) -> Result<SocketAddr, String> {
     Ok(local)
 }
 
-fn listen_args(args: &[String]) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), String> {
-    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+/// What `listen` was asked to do.
+struct ListenArgs {
+    tcp: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
+    /// IP_TRANSPARENT on the TCP listeners, as a proxy in TPROXY mode sets it.
+    transparent: bool,
+}
+
+fn listen_args(args: &[String]) -> Result<ListenArgs, String> {
+    let (mut tcp, mut udp, mut transparent) = (Vec::new(), Vec::new(), false);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--udp" => udp.push(parse::<SocketAddr>("--udp", it.next())?),
+            "--transparent" => transparent = true,
             _ if !arg.starts_with("--") => tcp.push(parse::<SocketAddr>("listen address", Some(arg))?),
             _ => return Err(format!("unexpected argument {arg:?}\n{USAGE}")),
         }
@@ -249,14 +270,48 @@ fn listen_args(args: &[String]) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), St
     if tcp.is_empty() && udp.is_empty() {
         return Err(format!("nothing to listen on\n{USAGE}"));
     }
-    Ok((tcp, udp))
+    Ok(ListenArgs { tcp, udp, transparent })
 }
 
-fn listen((tcp, udp): (Vec<SocketAddr>, Vec<SocketAddr>)) -> Result<(), String> {
+/// `IP_TRANSPARENT` (linux/in.h) and `IPV6_TRANSPARENT` (linux/in6.h).
+const IP_TRANSPARENT: libc::c_int = 19;
+const IPV6_TRANSPARENT: libc::c_int = 75;
+
+fn set_transparent(listener: &TcpListener, v6: bool) -> io::Result<()> {
+    let (level, name) = if v6 {
+        (libc::SOL_IPV6, IPV6_TRANSPARENT)
+    } else {
+        (libc::SOL_IP, IP_TRANSPARENT)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: the pointer and length describe `one`, which outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(listener),
+            level,
+            name,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn listen(ListenArgs { tcp, udp, transparent }: ListenArgs) -> Result<(), String> {
     let tcp = tcp
         .iter()
-        .map(|&a| TcpListener::bind(a).map_err(|e| format!("listen on {a}: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|&a| {
+            let listener = TcpListener::bind(a).map_err(|e| format!("listen on {a}: {e}"))?;
+            if transparent {
+                set_transparent(&listener, a.is_ipv6()).map_err(|e| format!("IP_TRANSPARENT on {a}: {e}"))?;
+            }
+            Ok(listener)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let udp = udp
         .iter()
         .map(|&a| UdpSocket::bind(a).map_err(|e| format!("udp on {a}: {e}")))
