@@ -101,6 +101,17 @@ pub fn after_failure(name: &'static str, ids: (u32, u32), first: SocketAddr, dst
     }
 }
 
+/// A TCP connection from a socket bound with SO_REUSEPORT to a fixed local port.
+pub fn reuseport(name: &'static str, ids: (u32, u32), port: u16, dst: SocketAddr) -> Case {
+    Case {
+        how: Connect {
+            reuseport: Some(port),
+            ..Connect::default()
+        },
+        ..tcp(name, ids, dst)
+    }
+}
+
 /// An unconnected UDP exchange (`sendto`, `recvfrom`) from the pod.
 pub fn sendto(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
     Case {

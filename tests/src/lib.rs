@@ -424,6 +424,8 @@ pub struct Connect {
     pub sendto: bool,
     /// TCP: first a connect here on the same socket, which must fail (a closed port).
     pub first: Option<SocketAddr>,
+    /// TCP: bind this local port with SO_REUSEPORT before connecting.
+    pub reuseport: Option<u16>,
     /// Load: this many connections one after the other (0 and 1 both mean one).
     pub count: u32,
 }
@@ -488,6 +490,9 @@ pub fn exchange(
     }
     if let Some(first) = how.first {
         cmd.arg("--first").arg(first.to_string());
+    }
+    if let Some(port) = how.reuseport {
+        cmd.arg("--reuseport").arg(port.to_string());
     }
     if how.count > 1 {
         cmd.arg("--count").arg(how.count.to_string());

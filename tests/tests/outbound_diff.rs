@@ -6,7 +6,8 @@ use std::net::Ipv6Addr;
 use tests::{
     POD_V4, POD_V6, REMOTE_V4, REMOTE_V6,
     diff::{
-        APP, PROXY, PROXY_GROUP, REMOTE2_V4, REMOTE2_V6, after_failure, bound, differential, fastopen, mapped, tcp, udp,
+        APP, PROXY, PROXY_GROUP, REMOTE2_V4, REMOTE2_V6, after_failure, bound, differential, fastopen, mapped,
+        reuseport, tcp, udp,
     },
     sa,
 };
@@ -315,6 +316,7 @@ fn bypass_attempts_are_all_captured() {
             sa(REMOTE_V4, 9),
             sa(REMOTE_V4, 8080),
         ),
+        reuseport("SO_REUSEPORT on a fixed local port", APP, 40000, sa(REMOTE_V4, 8080)),
     ];
     let expect: Vec<(&str, u16)> = cases.iter().map(|c| (c.name(), 15001)).collect();
     differential(&format!("{INJECTOR} --dual-stack -o 9"), &[], &cases, &expect);

@@ -5,7 +5,7 @@
 //! cgroup they are attached to, and a thread cannot live in another cgroup v2 than its process.
 //!
 //! ```text
-//! capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] [--sendto] [--first <addr:port>] [--timeout-ms N] [--count N]
+//! capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] [--sendto] [--first <addr:port>] [--reuseport <port>] [--timeout-ms N] [--count N]
 //! capture-probe listen <addr:port>... [--udp <addr:port>]...
 //! ```
 //!
@@ -32,7 +32,7 @@ use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrLike as _, SockaddrStorage};
 
 const USAGE: &str = "usage: capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] \
-                     [--sendto] [--first <addr:port>] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]... [--transparent]";
+                     [--sendto] [--first <addr:port>] [--reuseport <port>] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]... [--transparent]";
 /// `connect`'s default for each step (connect, then read).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `listen` never outlives this, even if nobody closes its stdin.
@@ -90,6 +90,8 @@ struct ConnectArgs {
     sendto: bool,
     /// TCP: first a connect here that must fail, then the real one on the same socket.
     first: Option<SocketAddr>,
+    /// TCP: bind this local port with SO_REUSEPORT first.
+    reuseport: Option<u16>,
     timeout: Duration,
     /// Connections to make one after the other (load); the first failure stops the run.
     count: u32,
@@ -100,6 +102,7 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
     let (mut bind, mut fastopen, mut udp, mut timeout, mut count) = (None, false, false, DEFAULT_TIMEOUT, 1);
     let mut sendto = false;
     let mut first = None;
+    let mut reuseport = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -107,6 +110,7 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
             "--fastopen" => fastopen = true,
             "--udp" => udp = true,
             "--first" => first = Some(parse("--first", it.next())?),
+            "--reuseport" => reuseport = Some(parse("--reuseport", it.next())?),
             "--sendto" => {
                 udp = true;
                 sendto = true;
@@ -128,6 +132,7 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
         udp,
         sendto,
         first,
+        reuseport,
         timeout,
         count,
     })
@@ -212,7 +217,14 @@ fn connect_tcp(args: &ConnectArgs) -> Result<SocketAddr, String> {
         .set_read_timeout(Some(args.timeout))
         .map_err(step("SO_RCVTIMEO"))?;
     let raw = stream.as_raw_fd();
-    if args.bind.is_some() {
+    if let Some(port) = args.reuseport {
+        // SO_REUSEPORT on a fixed local port, as a process sharing a port with another would.
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::ReusePort, &true)
+            .map_err(|e| step("SO_REUSEPORT")(e.into()))?;
+        let mut local = local_for(args.bind, args.dst);
+        local.set_port(port);
+        nix::sys::socket::bind(raw, &SockaddrStorage::from(local)).map_err(|e| step("bind")(e.into()))?;
+    } else if args.bind.is_some() {
         let local = SockaddrStorage::from(local_for(args.bind, args.dst));
         nix::sys::socket::bind(raw, &local).map_err(|e| step("bind")(e.into()))?;
     }
