@@ -736,7 +736,21 @@ impl Drop for BpfPins {
             }
         }
         let _ = std::fs::remove_dir(&self.dir);
-        let _ = Command::new("umount").arg(&self.mount).status();
+        // The kernel may still be releasing what was pinned: retry, then detach lazily as a last resort.
+        let unmounted = (0..20).any(|_| {
+            let ok = Command::new("umount")
+                .arg(&self.mount)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ok
+        });
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
         let _ = std::fs::remove_dir(&self.mount);
     }
 }

@@ -41,12 +41,28 @@ pub struct Forwarded {
 pub struct Sidecar {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Its namespace and ports, to wake the blocked accepts when it stops.
+    ns: std::fs::File,
+    ports: Vec<u16>,
 }
 
 impl Sidecar {
     /// Listens on `[::]:port` (dual-stack) for each of `ports` inside `ns`, as `ids`; reports each connection
     /// on `events`. `inbound` is the port whose forwarded connections start from the passthrough address.
     pub fn start(ns: &Netns, ids: (u32, u32), ports: &[u16], inbound: u16, events: Sender<Forwarded>) -> Sidecar {
+        Self::start_with_fallback(ns, ids, ports, inbound, events, None)
+    }
+
+    /// As [`Sidecar::start`]; a connection with no original destination (one that was not redirected, as
+    /// in the benchmark's no-capture floor) is forwarded to `fallback` if given.
+    pub fn start_with_fallback(
+        ns: &Netns,
+        ids: (u32, u32),
+        ports: &[u16],
+        inbound: u16,
+        events: Sender<Forwarded>,
+        fallback: Option<SocketAddr>,
+    ) -> Sidecar {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let threads = ports
@@ -56,19 +72,21 @@ impl Sidecar {
                 ns.spawn(Some(ids), move || {
                     let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
                         .unwrap_or_else(|e| panic!("sidecar: listen on {port}: {e}"));
-                    listener.set_nonblocking(true).expect("nonblocking");
                     ready.send(()).expect("ready");
+                    // Blocking accepts (a benchmark measures this proxy too); a stop is a flag plus one
+                    // connection that wakes the accept.
                     while !stop.load(Ordering::Relaxed) {
                         match listener.accept() {
+                            Ok(_) if stop.load(Ordering::Relaxed) => return,
                             Ok((conn, peer)) => {
                                 let events = events.clone();
                                 // Threads inherit this thread's namespace and credentials.
                                 std::thread::spawn(move || {
-                                    let event = handle(conn, peer, port, port == inbound);
+                                    let event = handle(conn, peer, port, port == inbound, fallback);
                                     let _ = events.send(event);
                                 });
                             }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                            Err(_) => std::thread::sleep(Duration::from_millis(1)),
                         }
                     }
                 })
@@ -77,13 +95,30 @@ impl Sidecar {
         for _ in ports {
             ready_rx.recv_timeout(CONNECT_TIMEOUT).expect("sidecar did not start");
         }
-        Sidecar { stop, threads }
+        Sidecar {
+            stop,
+            threads,
+            ns: std::fs::File::open(ns.path()).expect("open the sidecar's namespace"),
+            ports: ports.to_vec(),
+        }
     }
 }
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let (ports, ns) = (self.ports.clone(), self.ns.try_clone());
+        // From inside the namespace, as root: local traffic, never captured.
+        let waker = std::thread::spawn(move || {
+            let Ok(ns) = ns else { return };
+            if nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                for port in ports {
+                    let _ =
+                        TcpStream::connect_timeout(&SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port), CONNECT_TIMEOUT);
+                }
+            }
+        });
+        let _ = waker.join();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -101,11 +136,10 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn handle(conn: TcpStream, peer: SocketAddr, listener: u16, inbound: bool) -> Forwarded {
+fn handle(conn: TcpStream, peer: SocketAddr, listener: u16, inbound: bool, fallback: Option<SocketAddr>) -> Forwarded {
     let peer = canonical(peer);
-    conn.set_nonblocking(false).ok();
     let original_dst = original_dst(conn.as_fd(), peer.is_ipv6()).ok();
-    let result = match original_dst {
+    let result = match original_dst.or(fallback) {
         None => Err("no original destination".to_owned()),
         Some(dst) => forward(conn, dst, inbound).map_err(|e| e.to_string()),
     };

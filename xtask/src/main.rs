@@ -3,6 +3,7 @@
 //! - `cargo xtask run` — a self-contained demo in throwaway namespaces; `cargo xtask run -- <flags>` runs
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
+//! - `cargo xtask bench [--quick]` — eBPF vs iptables vs no capture, side by side.
 //! - `cargo xtask setup` — only the installation step.
 
 mod setup;
@@ -37,6 +38,13 @@ enum Cmd {
         /// Flags for `capture` (after `--`).
         #[arg(last = true)]
         flags: Vec<String>,
+    },
+    /// Benchmark the eBPF backend against the iptables backend and no capture, side by side; writes
+    /// target/bench/report.md.
+    Bench {
+        /// A run of about half a minute instead of a few minutes.
+        #[arg(long)]
+        quick: bool,
     },
     /// Build and run every test (unit, golden, integration in throwaway namespaces).
     Test {
@@ -138,6 +146,28 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Setup => setup::ensure(),
+        Cmd::Bench { quick } => {
+            setup::ensure()?;
+            let built = build()?;
+            let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+            // Release build: a benchmark measures the kernel and the proxy, not debug assertions.
+            checked(
+                cargo()
+                    .args([
+                        "run",
+                        "--quiet",
+                        "--release",
+                        "--package",
+                        "tests",
+                        "--bin",
+                        "capture-bench",
+                        "--",
+                    ])
+                    .arg(&built.capture)
+                    .arg(&out)
+                    .arg(quick.to_string()),
+            )
+        }
         Cmd::Run {
             seconds,
             backend,

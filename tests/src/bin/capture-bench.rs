@@ -1,0 +1,242 @@
+//! The benchmark behind `cargo xtask bench`: short connections (connect, one byte there and back, close)
+//! from an app through its sidecar to a remote server, under three modes built the same way:
+//!
+//! - `floor`: no capture; the app connects to the sidecar directly (the limit of this topology);
+//! - `iptables`: istio's rules, injector flags;
+//! - `ebpf`: capture's eBPF backend, injector flags.
+//!
+//! Modes run interleaved (A B C A B C …) so that machine noise hits them alike; each figure is the median
+//! over the repeats, and ratios are taken between medians of the same run. Everything lives in throwaway
+//! namespaces, a child cgroup and a private bpffs, removed at the end; every load loop is bounded in time.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, Pod, REMOTE_V4, capture_with_env, sa, sidecar::Sidecar};
+
+const APP: (u32, u32) = (1000, 1000);
+const PROXY: (u32, u32) = (1337, 1337);
+const REMOTE_PORT: u16 = 8080;
+/// App threads making connections at once.
+const CLIENTS: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Floor,
+    Iptables,
+    Ebpf,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Floor, Mode::Iptables, Mode::Ebpf];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Floor => "floor (no capture)",
+            Mode::Iptables => "iptables",
+            Mode::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// One mode's topology, live for the whole run.
+struct Bench {
+    mode: Mode,
+    pod: Pod,
+    _sidecar: Sidecar,
+    _server: EchoServer,
+    _pins: BpfPins,
+}
+
+/// A one-byte echo server in the remote namespace (one thread per connection).
+struct EchoServer {
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoServer {
+    fn start(ns: &Netns, addr: SocketAddr) -> EchoServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        ns.spawn(None, move || {
+            let listener = TcpListener::bind(addr).expect("echo server: listen");
+            ready_tx.send(()).expect("ready");
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut byte = [0];
+                    if conn.read_exact(&mut byte).is_ok() {
+                        let _ = conn.write_all(&byte);
+                    }
+                });
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("echo server did not start");
+        EchoServer { stop }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn setup(mode: Mode, cgroup: &Cgroup) -> Result<Bench> {
+    let pod = Pod::new("bench");
+    // Many short connections: let clients reuse ports in TIME_WAIT, as a busy pod would be tuned.
+    for ns in [&pod.pod, &pod.remote] {
+        tests::run(ns.command("sysctl").args([
+            "-qw",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ]));
+    }
+    let server = EchoServer::start(&pod.remote, sa(REMOTE_V4, REMOTE_PORT));
+    let pins = BpfPins::new("bench");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let mut args: Vec<&str> = match mode {
+        Mode::Floor => Vec::new(),
+        Mode::Iptables => vec!["--backend", "iptables"],
+        Mode::Ebpf => vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin],
+    };
+    if mode != Mode::Floor {
+        args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+        let out = capture_with_env(&pod.pod, &args, &[]);
+        if !out.status.success() {
+            bail!(
+                "{}: capture failed: {}",
+                mode.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    // The floor's app connects to the sidecar itself, which then has no original destination to read.
+    let fallback = (mode == Mode::Floor).then_some(sa(REMOTE_V4, REMOTE_PORT));
+    let (tx, rx) = mpsc::channel();
+    drop(rx);
+    let sidecar = Sidecar::start_with_fallback(&pod.pod, PROXY, &[15001, 15006], 15006, tx, fallback);
+    Ok(Bench {
+        mode,
+        pod,
+        _sidecar: sidecar,
+        _server: server,
+        _pins: pins,
+    })
+}
+
+/// Short connections for `duration`: returns completed connections per second.
+fn short_connections(b: &Bench, duration: Duration) -> f64 {
+    let dst = match b.mode {
+        Mode::Floor => sa(Ipv4Addr::LOCALHOST, 15001),
+        Mode::Iptables | Mode::Ebpf => sa(REMOTE_V4, REMOTE_PORT),
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let done = done.clone();
+            b.pod.pod.spawn(Some(APP), move || {
+                while Instant::now() < deadline {
+                    let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_secs(2)) else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut byte = [7];
+                    if s.write_all(&byte).is_ok() && s.read_exact(&mut byte).is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for c in clients {
+        let _ = c.join();
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, capture, out_dir, quick] = args.as_slice() else {
+        bail!("usage: capture-bench CAPTURE_BIN OUT_DIR QUICK(true|false) (run it with `cargo xtask bench`)");
+    };
+    // SAFETY: set before any thread that reads the environment is started.
+    unsafe { std::env::set_var("CAPTURE_BIN", capture) };
+    let quick = quick == "true";
+    let (repeats, duration) = if quick {
+        (3, Duration::from_secs(2))
+    } else {
+        (7, Duration::from_secs(5))
+    };
+
+    // The sidecar (threads of this process) must create its sockets inside the cgroup the eBPF backend
+    // attaches to; the app threads too.
+    let cgroup = Cgroup::new("bench");
+    let inside = cgroup.enter_self();
+    let benches: Vec<Bench> = Mode::ALL.iter().map(|&m| setup(m, &cgroup)).collect::<Result<_>>()?;
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); benches.len()];
+    for round in 1..=repeats {
+        for (i, b) in benches.iter().enumerate() {
+            let r = short_connections(b, duration);
+            eprintln!(
+                "bench: round {round}/{repeats} {:<20} {r:>9.0} connections/s",
+                b.mode.name()
+            );
+            rates[i].push(r);
+        }
+    }
+    drop(benches);
+    drop(inside);
+
+    let medians: Vec<f64> = rates.into_iter().map(median).collect();
+    let (floor, ipt, bpf) = (medians[0], medians[1], medians[2]);
+    let mut report = format!(
+        "# capture benchmark\n\nShort connections (connect, 1 byte each way through the sidecar, close), {CLIENTS} \
+         client threads, {repeats} interleaved rounds of {}s per mode; medians.\n\n| mode | connections/s |\n|---|---|\n",
+        duration.as_secs()
+    );
+    for (m, r) in Mode::ALL.iter().zip(&medians) {
+        report.push_str(&format!("| {} | {r:.0} |\n", m.name()));
+    }
+    report.push_str(&format!(
+        "\n| ratio | value |\n|---|---|\n| ebpf / iptables | {:.2} |\n| ebpf / floor | {:.2} |\n| iptables / floor | {:.2} |\n",
+        bpf / ipt,
+        bpf / floor,
+        ipt / floor
+    ));
+    print!("{report}");
+    let dir = PathBuf::from(out_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let path: &Path = &dir.join("report.md");
+    std::fs::write(path, &report).with_context(|| format!("write {}", path.display()))?;
+    eprintln!("bench: report written to {}", path.display());
+    Ok(())
+}
