@@ -1,5 +1,7 @@
-//! The benchmark behind `cargo xtask bench`: short connections (connect, one byte there and back, close)
-//! from an app through its sidecar to a remote server, under three modes built the same way:
+//! The benchmark behind `cargo xtask bench`: an app talking through its sidecar to a remote server, under
+//! three modes built the same way. Workloads: short connections (connect, one byte there and back, close),
+//! and persistent connections (one byte there and back, again and again; latency percentiles).
+//! Modes:
 //!
 //! - `floor`: no capture; the app connects to the sidecar directly (the limit of this topology);
 //! - `iptables`: istio's rules, injector flags;
@@ -22,6 +24,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use hdrhistogram::Histogram;
 use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, Pod, REMOTE_V4, capture_with_env, sa, sidecar::Sidecar};
 
 const APP: (u32, u32) = (1000, 1000);
@@ -140,12 +143,60 @@ fn setup(mode: Mode, cgroup: &Cgroup) -> Result<Bench> {
     })
 }
 
-/// Short connections for `duration`: returns completed connections per second.
-fn short_connections(b: &Bench, duration: Duration) -> f64 {
-    let dst = match b.mode {
+/// The destination the app uses in `mode`.
+fn app_destination(mode: Mode) -> SocketAddr {
+    match mode {
         Mode::Floor => sa(Ipv4Addr::LOCALHOST, 15001),
         Mode::Iptables | Mode::Ebpf => sa(REMOTE_V4, REMOTE_PORT),
-    };
+    }
+}
+
+/// Round-trip latencies in nanoseconds, and round trips per second.
+struct Latency {
+    histogram: Histogram<u64>,
+    per_second: f64,
+}
+
+/// Persistent connections for `duration`: each client keeps one connection and sends one byte at a time,
+/// waiting for the echo; every round trip's latency is recorded.
+fn persistent(b: &Bench, duration: Duration) -> Latency {
+    let dst = app_destination(b.mode);
+    let deadline = Instant::now() + duration;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            b.pod.pod.spawn(Some(APP), move || {
+                let mut h = Histogram::<u64>::new(3).expect("histogram");
+                let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_secs(2)) else {
+                    return h;
+                };
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut byte = [7];
+                while Instant::now() < deadline {
+                    let start = Instant::now();
+                    if s.write_all(&byte).is_err() || s.read_exact(&mut byte).is_err() {
+                        break;
+                    }
+                    let _ = h.record(start.elapsed().as_nanos() as u64);
+                }
+                h
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+    for c in clients {
+        if let Ok(h) = c.join() {
+            let _ = histogram.add(h);
+        }
+    }
+    let per_second = histogram.len() as f64 / started.elapsed().as_secs_f64();
+    Latency { histogram, per_second }
+}
+
+/// Short connections for `duration`: returns completed connections per second.
+fn short_connections(b: &Bench, duration: Duration) -> f64 {
+    let dst = app_destination(b.mode);
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
     let clients: Vec<_> = (0..CLIENTS)
@@ -203,34 +254,57 @@ fn main() -> Result<()> {
     let inside = cgroup.enter_self();
     let benches: Vec<Bench> = Mode::ALL.iter().map(|&m| setup(m, &cgroup)).collect::<Result<_>>()?;
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); benches.len()];
+    // Per mode: p50, p99, p99.9 (µs) and round trips per second, one entry per round.
+    let mut latencies: Vec<[Vec<f64>; 4]> = vec![Default::default(); benches.len()];
     for round in 1..=repeats {
         for (i, b) in benches.iter().enumerate() {
             let r = short_connections(b, duration);
+            let l = persistent(b, duration);
+            let q = |p: f64| l.histogram.value_at_quantile(p) as f64 / 1000.0;
+            let (p50, p99, p999) = (q(0.5), q(0.99), q(0.999));
             eprintln!(
-                "bench: round {round}/{repeats} {:<20} {r:>9.0} connections/s",
-                b.mode.name()
+                "bench: round {round}/{repeats} {:<20} {r:>7.0} conn/s | persistent p50 {p50:.0} µs, p99 {p99:.0} µs, \
+                 p99.9 {p999:.0} µs, {:.0} req/s",
+                b.mode.name(),
+                l.per_second
             );
             rates[i].push(r);
+            for (slot, v) in latencies[i].iter_mut().zip([p50, p99, p999, l.per_second]) {
+                slot.push(v);
+            }
         }
     }
     drop(benches);
     drop(inside);
 
     let medians: Vec<f64> = rates.into_iter().map(median).collect();
+    let lat: Vec<[f64; 4]> = latencies.into_iter().map(|l| l.map(median)).collect();
     let (floor, ipt, bpf) = (medians[0], medians[1], medians[2]);
     let mut report = format!(
-        "# capture benchmark\n\nShort connections (connect, 1 byte each way through the sidecar, close), {CLIENTS} \
-         client threads, {repeats} interleaved rounds of {}s per mode; medians.\n\n| mode | connections/s |\n|---|---|\n",
+        "# capture benchmark\n\n{CLIENTS} client threads, {repeats} interleaved rounds of {}s per mode and workload; \
+         medians over the rounds. Short: connect, 1 byte each way through the sidecar, close. Persistent: one \
+         connection per client, 1 byte each way, again and again.\n\n\
+         | mode | short connections/s | persistent p50 µs | p99 µs | p99.9 µs | requests/s |\n|---|---|---|---|---|---|\n",
         duration.as_secs()
     );
-    for (m, r) in Mode::ALL.iter().zip(&medians) {
-        report.push_str(&format!("| {} | {r:.0} |\n", m.name()));
+    for ((m, r), l) in Mode::ALL.iter().zip(&medians).zip(&lat) {
+        report.push_str(&format!(
+            "| {} | {r:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            m.name(),
+            l[0],
+            l[1],
+            l[2],
+            l[3]
+        ));
     }
     report.push_str(&format!(
-        "\n| ratio | value |\n|---|---|\n| ebpf / iptables | {:.2} |\n| ebpf / floor | {:.2} |\n| iptables / floor | {:.2} |\n",
+        "\n| ratio | value |\n|---|---|\n| short connections/s, ebpf / iptables | {:.2} |\n\
+         | short connections/s, ebpf / floor | {:.2} |\n| persistent p50, ebpf / iptables | {:.2} |\n\
+         | persistent p99, ebpf / iptables | {:.2} |\n",
         bpf / ipt,
         bpf / floor,
-        ipt / floor
+        lat[2][0] / lat[1][0],
+        lat[2][1] / lat[1][1]
     ));
     print!("{report}");
     let dir = PathBuf::from(out_dir);
