@@ -183,6 +183,7 @@ fn probe() -> Result<()> {
             ProgramType::CgroupSockopt,
             "cgroup sockopt programs (getsockopt, Linux 5.3)",
         ),
+        (ProgramType::SkLookup, "sk_lookup programs (inbound capture, Linux 5.9)"),
     ];
     for (ty, what) in types {
         if !is_program_supported(ty).unwrap_or(false) {
@@ -196,19 +197,20 @@ fn probe() -> Result<()> {
 fn ensure_pin_dir(dir: &Path) -> Result<()> {
     let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     let mount = Path::new(BPFFS_MOUNT);
-    if !on_bpffs(dir.parent().unwrap_or(dir)) {
-        if dir.starts_with(mount) && !on_bpffs(mount) {
-            nix::mount::mount(
-                Some("bpf"),
-                mount,
-                Some("bpf"),
-                nix::mount::MsFlags::empty(),
-                None::<&str>,
-            )
-            .with_context(|| format!("mount bpffs at {BPFFS_MOUNT}"))?;
-        } else if !dir.parent().is_some_and(on_bpffs) {
+    // The nearest existing ancestor tells which filesystem the directory will be created on.
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if !on_bpffs(existing) {
+        if !dir.starts_with(mount) || on_bpffs(mount) {
             bail!("--pin-dir {}: not on a bpffs", dir.display());
         }
+        nix::mount::mount(
+            Some("bpf"),
+            mount,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount bpffs at {BPFFS_MOUNT}"))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))
 }
