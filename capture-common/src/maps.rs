@@ -51,6 +51,19 @@ pub mod flag {
     pub const INBOUND_ALL: u32 = 1 << 8;
     /// `-b` is a list: only the ports in the inbound-port set.
     pub const INBOUND_LIST: u32 = 1 << 9;
+    /// The configuration has `-c` subnets, `-o` ports, owner groups, `-x` CIDRs, `-q` ports, `-i` CIDRs:
+    /// a set that is empty is not looked up, which keeps a connect that most pods make cheap.
+    pub const HAS_EXCLUDED_SUBNETS: u32 = 1 << 10;
+    /// See [`HAS_EXCLUDED_SUBNETS`].
+    pub const HAS_OUTBOUND_EXCLUDE_PORTS: u32 = 1 << 11;
+    /// See [`HAS_EXCLUDED_SUBNETS`].
+    pub const HAS_OWNER_GROUPS: u32 = 1 << 12;
+    /// See [`HAS_EXCLUDED_SUBNETS`].
+    pub const HAS_EXCLUDE_CIDRS: u32 = 1 << 13;
+    /// See [`HAS_EXCLUDED_SUBNETS`].
+    pub const HAS_OUTBOUND_INCLUDE_PORTS: u32 = 1 << 14;
+    /// See [`HAS_EXCLUDED_SUBNETS`].
+    pub const HAS_INCLUDE_CIDRS: u32 = 1 << 15;
 }
 
 /// One namespace's scalar configuration. Value of the `CONFIG` map, keyed by network-namespace cookie.

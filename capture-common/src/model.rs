@@ -164,6 +164,12 @@ fn is_local<L: Lookups>(dst: &Addr, v4: bool, lookups: &L) -> bool {
     loopback || lookups.in_cidrs(CidrKind::Local, dst)
 }
 
+/// Whether the configuration has a flag set.
+#[inline(always)]
+fn has(cfg: &PodConfig, bit: u32) -> bool {
+    cfg.flags & bit != 0
+}
+
 /// The proxy-identity rules (c for uids, d for gids) for one id list; `None` means no rule matched.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -222,11 +228,12 @@ pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdic
     }
     let local = is_local(&conn.dst, v4, lookups);
     // A local destination is routed over lo, never out of an excluded interface.
-    if !local && lookups.in_cidrs(CidrKind::ExcludedInterface, &conn.dst) {
+    if !local && has(cfg, flag::HAS_EXCLUDED_SUBNETS) && lookups.in_cidrs(CidrKind::ExcludedInterface, &conn.dst) {
         return Verdict::Pass(Rule::ExcludedInterface);
     }
     // a
-    if lookups.in_set(SetKind::OutboundExcludePort, u32::from(conn.dport)) {
+    if has(cfg, flag::HAS_OUTBOUND_EXCLUDE_PORTS) && lookups.in_set(SetKind::OutboundExcludePort, u32::from(conn.dport))
+    {
         return Verdict::Pass(Rule::OutboundExcludePort);
     }
     // b
@@ -267,7 +274,7 @@ pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdic
         return v;
     }
     // e
-    let in_groups = lookups.in_set(SetKind::OwnerGroup, conn.gid);
+    let in_groups = has(cfg, flag::HAS_OWNER_GROUPS) && lookups.in_set(SetKind::OwnerGroup, conn.gid);
     if (cfg.flags & flag::OWNER_GROUPS_ONLY != 0) != in_groups {
         return Verdict::Pass(Rule::OwnerGroup);
     }
@@ -284,15 +291,20 @@ pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdic
         return Verdict::Pass(Rule::Loopback);
     }
     // h
-    if lookups.in_cidrs(CidrKind::Exclude, &conn.dst) {
+    if has(cfg, flag::HAS_EXCLUDE_CIDRS) && lookups.in_cidrs(CidrKind::Exclude, &conn.dst) {
         return Verdict::Pass(Rule::ExcludeCidr);
     }
     // i
-    if tcp && lookups.in_set(SetKind::OutboundIncludePort, u32::from(conn.dport)) {
+    if tcp
+        && has(cfg, flag::HAS_OUTBOUND_INCLUDE_PORTS)
+        && lookups.in_set(SetKind::OutboundIncludePort, u32::from(conn.dport))
+    {
         return Verdict::Redirect(cfg.proxy_port, Rule::OutboundIncludePort);
     }
     // j: ISTIO_REDIRECT only redirects TCP; anything else falls through it.
-    if cfg.flags & flag::INCLUDE_ALL != 0 || lookups.in_cidrs(CidrKind::Include, &conn.dst) {
+    if has(cfg, flag::INCLUDE_ALL)
+        || (has(cfg, flag::HAS_INCLUDE_CIDRS) && lookups.in_cidrs(CidrKind::Include, &conn.dst))
+    {
         return if tcp {
             Verdict::Redirect(cfg.proxy_port, Rule::IncludeCidr)
         } else {
@@ -316,7 +328,9 @@ pub fn inbound<L: Lookups>(cfg: &PodConfig, conn: &InConn, lookups: &L) -> Verdi
     }
     // -k, inserted above everything: outbound capture, -x not consulted.
     if lookups.in_set(SetKind::VirtIfindex, conn.ifindex) {
-        return if cfg.flags & flag::INCLUDE_ALL != 0 || lookups.in_cidrs(CidrKind::Include, &conn.dst) {
+        return if has(cfg, flag::INCLUDE_ALL)
+            || (has(cfg, flag::HAS_INCLUDE_CIDRS) && lookups.in_cidrs(CidrKind::Include, &conn.dst))
+        {
             Verdict::Redirect(cfg.proxy_port, Rule::VirtInterface)
         } else {
             Verdict::Pass(Rule::VirtInterface)

@@ -94,6 +94,20 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
     set_flag(env.ipv6, flag::IPV6);
     set_flag(cfg.inbound_ports == InboundPorts::All, flag::INBOUND_ALL);
     set_flag(matches!(cfg.inbound_ports, InboundPorts::List(_)), flag::INBOUND_LIST);
+    set_flag(!facts.excluded_subnets.is_empty(), flag::HAS_EXCLUDED_SUBNETS);
+    set_flag(!cfg.outbound_exclude_ports.is_empty(), flag::HAS_OUTBOUND_EXCLUDE_PORTS);
+    set_flag(
+        match &cfg.owner_groups {
+            OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => !g.is_empty(),
+        },
+        flag::HAS_OWNER_GROUPS,
+    );
+    set_flag(!cfg.exclude_cidrs.is_empty(), flag::HAS_EXCLUDE_CIDRS);
+    set_flag(!cfg.outbound_ports.is_empty(), flag::HAS_OUTBOUND_INCLUDE_PORTS);
+    set_flag(
+        matches!(&cfg.include_cidrs, IncludeCidrs::List(l) if !l.is_empty()),
+        flag::HAS_INCLUDE_CIDRS,
+    );
     let config = PodConfig {
         id,
         flags,

@@ -61,7 +61,13 @@ struct Bench {
     _pins: BpfPins,
 }
 
-/// A one-byte echo server in the remote namespace (one thread per connection).
+/// The first byte of a bulk transfer: the server then reads to the end and answers one byte.
+const BULK: u8 = b'B';
+/// Bytes per bulk transfer.
+const BULK_BYTES: usize = 256 << 20;
+
+/// A one-byte echo server in the remote namespace (one thread per connection); a connection that starts
+/// with [`BULK`] is read to its end instead, then answered.
 struct EchoServer {
     stop: Arc<AtomicBool>,
 }
@@ -82,6 +88,9 @@ impl EchoServer {
                 std::thread::spawn(move || {
                     let mut byte = [0];
                     if conn.read_exact(&mut byte).is_ok() {
+                        if byte[0] == BULK {
+                            let _ = std::io::copy(&mut conn, &mut std::io::sink());
+                        }
                         let _ = conn.write_all(&byte);
                     }
                 });
@@ -194,6 +203,43 @@ fn persistent(b: &Bench, duration: Duration) -> Latency {
     Latency { histogram, per_second }
 }
 
+/// One bulk transfer of [`BULK_BYTES`] from the app: MB/s.
+fn bulk(b: &Bench) -> f64 {
+    let dst = app_destination(b.mode);
+    b.pod
+        .pod
+        .spawn(Some(APP), move || {
+            let started = Instant::now();
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+            let chunk = vec![0u8; 64 << 10];
+            s.write_all(&[BULK]).ok()?;
+            for _ in 0..BULK_BYTES / chunk.len() {
+                s.write_all(&chunk).ok()?;
+            }
+            s.shutdown(Shutdown::Write).ok()?;
+            let mut byte = [0];
+            s.read_exact(&mut byte).ok()?;
+            Some(BULK_BYTES as f64 / 1e6 / started.elapsed().as_secs_f64())
+        })
+        .join()
+        .ok()
+        .flatten()
+        .unwrap_or(0.0)
+}
+
+/// Run time and run count of every loaded capture program, by id (needs `BPF_ENABLE_STATS` on).
+fn program_stats() -> std::collections::HashMap<u32, (String, Duration, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let name = p.name_as_str()?.to_owned();
+            name.starts_with("capture_")
+                .then(|| (p.id(), (name, p.run_time(), p.run_count())))
+        })
+        .collect()
+}
+
 /// Short connections for `duration`: returns completed connections per second.
 fn short_connections(b: &Bench, duration: Duration) -> f64 {
     let dst = app_destination(b.mode);
@@ -253,13 +299,27 @@ fn main() -> Result<()> {
     let cgroup = Cgroup::new("bench");
     let inside = cgroup.enter_self();
     let benches: Vec<Bench> = Mode::ALL.iter().map(|&m| setup(m, &cgroup)).collect::<Result<_>>()?;
+    // Per-program run time while the eBPF mode runs short connections (statistics on only while this lives).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS (Linux 5.8)")?;
+    let mut kernel: std::collections::BTreeMap<String, (Duration, u64)> = Default::default();
+    let mut bulk_rates: Vec<Vec<f64>> = vec![Vec::new(); benches.len()];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); benches.len()];
     // Per mode: p50, p99, p99.9 (µs) and round trips per second, one entry per round.
     let mut latencies: Vec<[Vec<f64>; 4]> = vec![Default::default(); benches.len()];
     for round in 1..=repeats {
         for (i, b) in benches.iter().enumerate() {
+            let before = program_stats();
             let r = short_connections(b, duration);
+            if b.mode == Mode::Ebpf {
+                for (id, (name, time, count)) in program_stats() {
+                    let (t0, c0) = before.get(&id).map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c));
+                    let e = kernel.entry(name).or_default();
+                    e.0 += time.saturating_sub(t0);
+                    e.1 += count.saturating_sub(c0);
+                }
+            }
             let l = persistent(b, duration);
+            bulk_rates[i].push(bulk(b));
             let q = |p: f64| l.histogram.value_at_quantile(p) as f64 / 1000.0;
             let (p50, p99, p999) = (q(0.5), q(0.99), q(0.999));
             eprintln!(
@@ -278,6 +338,7 @@ fn main() -> Result<()> {
     drop(inside);
 
     let medians: Vec<f64> = rates.into_iter().map(median).collect();
+    let bulk_medians: Vec<f64> = bulk_rates.into_iter().map(median).collect();
     let lat: Vec<[f64; 4]> = latencies.into_iter().map(|l| l.map(median)).collect();
     let (floor, ipt, bpf) = (medians[0], medians[1], medians[2]);
     let mut report = format!(
@@ -306,6 +367,22 @@ fn main() -> Result<()> {
         lat[2][0] / lat[1][0],
         lat[2][1] / lat[1][1]
     ));
+    report.push_str(&format!(
+        "\n| mode | bulk MB/s ({} MiB, one connection) |\n|---|---|\n",
+        BULK_BYTES >> 20
+    ));
+    for (m, r) in Mode::ALL.iter().zip(&bulk_medians) {
+        report.push_str(&format!("| {} | {r:.0} |\n", m.name()));
+    }
+    report.push_str("\n| kernel program (eBPF mode, short connections) | runs | ns per run |\n|---|---|---|\n");
+    for (name, (time, count)) in &kernel {
+        if *count > 0 {
+            report.push_str(&format!(
+                "| {name} | {count} | {:.0} |\n",
+                time.as_nanos() as f64 / *count as f64
+            ));
+        }
+    }
     print!("{report}");
     let dir = PathBuf::from(out_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
