@@ -13,6 +13,10 @@ use crate::{
 pub const DNS_PORT: u16 = 53;
 /// istio-agent's DNS proxy port, where captured DNS goes.
 pub const DNS_PROXY_PORT: u16 = 15053;
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h, level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST`
+/// (linux/netfilter_ipv6/ip6_tables.h, level `SOL_IPV6`) share this number: the option the getsockopt
+/// program answers and proxies ask.
+pub const SO_ORIGINAL_DST: i32 = 80;
 
 /// The transport protocol of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,8 +44,8 @@ pub struct Conn {
     pub gid: u32,
 }
 
-/// The rule of `ISTIO_OUTPUT` (or the chain's end) that decided, for logs and tests. Kernel logs print the
-/// number: 0 is `FamilyOff`, in declaration order, 15 is `IncludeCidr`.
+/// The rule of `ISTIO_OUTPUT` or `ISTIO_INBOUND` (or the chain's end) that decided, for tests: they check
+/// the kernel's outcome against the rule the model names.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {

@@ -7,6 +7,7 @@ use capture_common::{
     addr::{self, Addr},
     counters::Counter,
     maps::{ConnKey, OrigDst},
+    model::SO_ORIGINAL_DST,
 };
 
 use crate::{
@@ -19,8 +20,6 @@ pub const PROCEED: i32 = 1;
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
-/// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the number.
-const SO_ORIGINAL_DST: i32 = 80;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 

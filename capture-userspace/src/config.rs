@@ -118,10 +118,9 @@ pub struct Config {
     pub loopback_cidr_v4: Ipv4Net,
 }
 
-/// The DNS port, and the istio-agent DNS proxy port that captured DNS goes to (hard-coded in istio).
-pub const DNS_PORT: u16 = 53;
-/// See [`DNS_PORT`].
-pub const DNS_PROXY_PORT: u16 = 15053;
+/// The DNS port, and the istio-agent DNS proxy port that captured DNS goes to (hard-coded in istio); defined
+/// once, beside the decision model that uses them in the kernel.
+pub use capture_common::model::{DNS_PORT, DNS_PROXY_PORT};
 /// Mark that TPROXY mode puts on the proxy's own packets to local non-loopback addresses (hard-coded in istio).
 pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
 

@@ -11,10 +11,7 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h), level `SOL_IP`.
-pub const SO_ORIGINAL_DST: libc::c_int = 80;
-/// `IP6T_SO_ORIGINAL_DST` (linux/netfilter_ipv6/ip6_tables.h), level `SOL_IPV6`; same number.
-pub const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+use capture_common::model::SO_ORIGINAL_DST;
 
 /// Reads a fixed-size option value.
 fn get<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
@@ -33,7 +30,7 @@ fn get<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Resu
 /// The original destination of an accepted connection. `v6` selects the question (IPv4 or IPv6 socket).
 pub fn original_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<SocketAddr> {
     if v6 {
-        let sa: libc::sockaddr_in6 = get(fd, libc::SOL_IPV6, IP6T_SO_ORIGINAL_DST)?;
+        let sa: libc::sockaddr_in6 = get(fd, libc::SOL_IPV6, SO_ORIGINAL_DST)?;
         let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
         Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0)))
     } else {

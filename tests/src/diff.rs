@@ -90,38 +90,40 @@ pub fn inbound(name: &'static str, dst: SocketAddr) -> Case {
     }
 }
 
-/// A TCP connection made on a socket whose first connect (to `first`) failed.
-pub fn after_failure(name: &'static str, ids: (u32, u32), first: SocketAddr, dst: SocketAddr) -> Case {
+/// A connection from the pod made the way `how` says.
+fn from_pod(name: &'static str, ids: (u32, u32), dst: SocketAddr, how: Connect) -> Case {
     Case {
-        how: Connect {
-            first: Some(first),
-            ..Connect::default()
-        },
+        how,
         ..tcp(name, ids, dst)
     }
+}
+
+/// A TCP connection made on a socket whose first connect (to `first`) failed.
+pub fn after_failure(name: &'static str, ids: (u32, u32), first: SocketAddr, dst: SocketAddr) -> Case {
+    let how = Connect {
+        first: Some(first),
+        ..Connect::default()
+    };
+    from_pod(name, ids, dst, how)
 }
 
 /// A TCP connection from a socket bound with SO_REUSEPORT to a fixed local port.
 pub fn reuseport(name: &'static str, ids: (u32, u32), port: u16, dst: SocketAddr) -> Case {
-    Case {
-        how: Connect {
-            reuseport: Some(port),
-            ..Connect::default()
-        },
-        ..tcp(name, ids, dst)
-    }
+    let how = Connect {
+        reuseport: Some(port),
+        ..Connect::default()
+    };
+    from_pod(name, ids, dst, how)
 }
 
 /// An unconnected UDP exchange (`sendto`, `recvfrom`) from the pod.
 pub fn sendto(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
-    Case {
-        how: Connect {
-            udp: true,
-            sendto: true,
-            ..Connect::default()
-        },
-        ..tcp(name, ids, dst)
-    }
+    let how = Connect {
+        udp: true,
+        sendto: true,
+        ..Connect::default()
+    };
+    from_pod(name, ids, dst, how)
 }
 
 /// A UDP exchange from the remote namespace into the pod.
@@ -132,6 +134,7 @@ pub fn inbound_udp(name: &'static str, dst: SocketAddr) -> Case {
     }
 }
 
+/// A plain TCP connection from the pod.
 pub fn tcp(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
     Case {
         from_remote: false,
@@ -142,45 +145,34 @@ pub fn tcp(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
     }
 }
 
+/// A connected UDP exchange from the pod.
 pub fn udp(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
-    Case {
-        from_remote: false,
-        name,
-        ids,
-        dst,
-        how: Connect {
-            udp: true,
-            ..Connect::default()
-        },
-    }
+    let how = Connect {
+        udp: true,
+        ..Connect::default()
+    };
+    from_pod(name, ids, dst, how)
 }
 
+/// A TCP connection from a socket bound to `src` first.
 pub fn bound(name: &'static str, ids: (u32, u32), src: impl Into<IpAddr>, dst: SocketAddr) -> Case {
-    Case {
-        from_remote: false,
-        name,
-        ids,
-        dst,
-        how: Connect {
-            bind: Some(src.into()),
-            ..Connect::default()
-        },
-    }
+    let how = Connect {
+        bind: Some(src.into()),
+        ..Connect::default()
+    };
+    from_pod(name, ids, dst, how)
 }
 
+/// TCP Fast Open (sendto with MSG_FASTOPEN) from the pod.
 pub fn fastopen(name: &'static str, ids: (u32, u32), dst: SocketAddr) -> Case {
-    Case {
-        from_remote: false,
-        name,
-        ids,
-        dst,
-        how: Connect {
-            fastopen: true,
-            ..Connect::default()
-        },
-    }
+    let how = Connect {
+        fastopen: true,
+        ..Connect::default()
+    };
+    from_pod(name, ids, dst, how)
 }
 
+/// `v4` as an IPv4-mapped IPv6 address.
 pub fn mapped(v4: [u8; 4]) -> IpAddr {
     IpAddr::V6(std::net::Ipv4Addr::from(v4).to_ipv6_mapped())
 }
