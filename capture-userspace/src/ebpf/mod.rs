@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SkMsg, SockOps},
     sys::is_program_supported,
 };
 
@@ -53,10 +53,11 @@ const LOG_POLL_MS: u16 = 200;
 /// statfs(2) magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// A kernel program, the hook it attaches to, and the name its link is pinned under.
+/// A kernel program, the hook it attaches to, and the pin that holds the attachment.
 struct Hook {
     program: &'static str,
     attach: AttachType,
+    /// The name its link is pinned under (for sk_msg: the pinned map it is attached to).
     link: &'static str,
     /// What the hook is for and the first kernel that has it, for the error when it is missing.
     needs: &'static str,
@@ -68,6 +69,15 @@ const SK_LOOKUP: Hook = Hook {
     attach: AttachType::SkLookup,
     link: "link_sk_lookup",
     needs: "sk_lookup (Linux 5.9)",
+};
+
+/// Loopback acceleration: attached to the `PEERS` sockhash, it runs for the sends of the sockets sockops
+/// puts there (only in namespaces registered with `--loopback-accel`).
+const SK_MSG: Hook = Hook {
+    program: "capture_sk_msg",
+    attach: AttachType::SkMsgVerdict,
+    link: maps::names::PEERS,
+    needs: "sk_msg with bpf_get_netns_cookie (Linux 5.15)",
 };
 
 /// Where the sk_lookup link of namespace `netns` is pinned.
@@ -184,6 +194,10 @@ fn probe() -> Result<()> {
             "cgroup sockopt programs (getsockopt, Linux 5.3)",
         ),
         (ProgramType::SkLookup, "sk_lookup programs (inbound capture, Linux 5.9)"),
+        (
+            ProgramType::SkMsg,
+            "sk_msg programs (loopback acceleration, Linux 4.17)",
+        ),
     ];
     for (ty, what) in types {
         if !is_program_supported(ty).unwrap_or(false) {
@@ -259,6 +273,10 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
             let p: &mut SkLookup = program.try_into()?;
             p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
         }
+        AttachType::SkMsgVerdict => {
+            let p: &mut SkMsg = program.try_into()?;
+            p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+        }
     };
     loaded
         .with_context(|| format!("the kernel rejected {} ({})", hook.program, hook.needs))??
@@ -296,6 +314,13 @@ fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &P
             sys::obj_pin(link.as_fd(), &pin).with_context(|| format!("pin the link of {}", hook.program))?;
         }
     }
+    // Loopback acceleration's program rides on its pinned map: attached (or replaced) before any namespace
+    // can ask for it.
+    let prog = load_program(&mut ebpf, &SK_MSG)?;
+    let pin = dir.join(SK_MSG.link);
+    let peers = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
+    sys::map_attach(prog.as_fd(), peers.as_fd(), SK_MSG.attach)
+        .with_context(|| format!("attach {} to {} ({})", SK_MSG.program, SK_MSG.link, SK_MSG.needs))?;
     let mut maps = Maps::open(dir)?;
     maps.register(netns, &inv.config, env, facts, &flags_text())?;
     // Listeners that existed before this registration (sockops only sees new ones).
