@@ -111,7 +111,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             log_json,
         } => {
-            let subscriber = tracing_subscriber::fmt().with_writer(std::io::stderr);
+            use std::io::IsTerminal as _;
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal());
             if log_json {
                 subscriber.json().init();
             } else {

@@ -299,6 +299,9 @@ pub fn registered(dir: &Path) -> Result<Vec<Registered>> {
 fn load(dir: &Path, level: LogLevel, netns: u64) -> Result<Ebpf> {
     let level = level as u8;
     EbpfLoader::new()
+        // The programs need no CO-RE relocation: not parsing the kernel's BTF (megabytes) on every load
+        // keeps a pod's registration in milliseconds.
+        .btf(None)
         .default_map_pin_directory(dir)
         .override_global(aya_log::LEVEL, &level, true)
         .override_global(maps::names::NETNS_GLOBAL, &netns, true)
