@@ -2,6 +2,8 @@
 //! container per pod. Pod sources (the local control socket, Kubernetes) tell it which pods exist; it
 //! registers each pod's network namespace with the eBPF backend and unregisters it when the pod goes.
 
+pub mod annotations;
+
 use std::path::PathBuf;
 
 /// A pod to capture, as a source describes it.
