@@ -3,6 +3,7 @@
 //! registers each pod's network namespace with the eBPF backend and unregisters it when the pod goes.
 
 pub mod annotations;
+pub mod kube;
 
 use std::path::PathBuf;
 
