@@ -85,7 +85,7 @@ pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> any
     let mut tick = tokio::time::interval(config.rescan);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut state = State::new(config.proc_root);
-    log::info!("watching pods with {selector}");
+    tracing::info!("watching pods with {selector}");
 
     loop {
         let out = tokio::select! {
@@ -93,7 +93,7 @@ pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> any
             event = stream.next() => match event {
                 Some(Ok(event)) => state.on_event(event),
                 Some(Err(e)) => {
-                    log::warn!("pod watch: {e}; retrying");
+                    tracing::warn!("pod watch: {e}; retrying");
                     Vec::new()
                 }
                 None => anyhow::bail!("the pod watch ended"),
@@ -162,7 +162,7 @@ impl State {
         let flags = match annotations::decide(pod) {
             Ok(flags) => flags,
             Err(skip) => {
-                log::debug!("{id}: not captured: {skip}");
+                tracing::debug!("{id}: not captured: {skip}");
                 return self
                     .pods
                     .remove(&id)
@@ -204,7 +204,7 @@ impl State {
             let alive = tracked.netns.as_ref().is_some_and(|n| netns_id(&n.path) == Some(n.id));
             if !alive {
                 if tracked.netns.take().is_some() {
-                    log::info!("{id}: its namespace holder is gone; looking for the pod's namespace again");
+                    tracing::info!("{id}: its namespace holder is gone; looking for the pod's namespace again");
                 }
                 waiting.push(id.clone());
             }
@@ -227,7 +227,7 @@ impl State {
         for id in ids {
             let Some(tracked) = self.pods.get_mut(id) else { continue };
             if let Some(netns) = found.get(&tracked.uid) {
-                log::info!("{id}: namespace {} (pid {})", netns.path.display(), netns.pid);
+                tracing::info!("{id}: namespace {} (pid {})", netns.path.display(), netns.pid);
                 out.push(upsert(id, tracked, netns));
                 tracked.netns = Some(netns.clone());
             }
@@ -282,7 +282,7 @@ pub fn find_pod_netns(proc_root: &Path, uids: &BTreeSet<&str>) -> BTreeMap<Strin
         let path = dir.join("ns/net");
         let Some(id) = netns_id(&path) else { continue };
         if Some(id) == host {
-            log::warn!("pod {uid}: pid {pid} is in the host's network namespace; not capturing it");
+            tracing::warn!("pod {uid}: pid {pid} is in the host's network namespace; not capturing it");
             continue;
         }
         found.insert(uid, PodNetns { pid, path, id });
