@@ -281,3 +281,11 @@ async fn watch_emits_upserts_removes_and_syncs() {
     source.abort();
     server.abort();
 }
+
+/// In a cluster the API server is HTTPS: the client's TLS stack (rustls with ring) must build without a
+/// process-wide crypto provider installed first (the connection itself is never made here).
+#[tokio::test]
+async fn https_client_builds() {
+    let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+    kube::Client::try_from(config).expect("an HTTPS client");
+}
