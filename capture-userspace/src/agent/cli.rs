@@ -43,6 +43,10 @@ enum Command {
         /// Log lines as JSON objects.
         #[arg(long)]
         log_json: bool,
+        /// Also capture this node's injected pods from Kubernetes (node name from $NODE_NAME, in-cluster
+        /// credentials or $KUBECONFIG).
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Ask the running agent to capture, release or list pods.
     Pod {
@@ -110,6 +114,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             state_dir,
             listen,
             log_json,
+            kubernetes,
         } => {
             use std::io::IsTerminal as _;
             let subscriber = tracing_subscriber::fmt()
@@ -132,6 +137,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 socket,
                 listen,
+                kubernetes: kubernetes.then(super::kube::KubeSource::from_env).transpose()?,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -2,9 +2,11 @@
 //! container per pod. Pod sources (the local control socket, Kubernetes) tell it which pods exist; it
 //! registers each pod's network namespace with the eBPF backend and unregisters it when the pod goes.
 
+pub mod annotations;
 pub mod cli;
 pub mod control;
 mod http;
+pub mod kube;
 pub mod registry;
 
 use std::{
@@ -122,6 +124,8 @@ pub struct Options {
     pub socket: PathBuf,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub listen: std::net::SocketAddr,
+    /// Watch this node's pods in Kubernetes (node name from `$NODE_NAME`).
+    pub kubernetes: Option<kube::KubeSource>,
 }
 
 /// Runs the agent until SIGTERM or Ctrl-C. Capture stays in the kernel when it stops (or is killed): a
@@ -163,10 +167,31 @@ async fn serve(opts: Options) -> Result<()> {
     tracing::info!(socket = %opts.socket.display(), http = %http.local_addr()?, "serving");
     agent.ready.store(true, Ordering::Relaxed);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let kubernetes = async {
+        match opts.kubernetes {
+            Some(source) => follow_kubernetes(source, agent.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = control::serve(&opts.socket, agent.clone()) => r,
         r = http::serve(http, agent.clone()) => r,
+        r = kubernetes => r,
         _ = term.recv() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
+}
+
+/// Applies the Kubernetes watch's events, one at a time, in order.
+async fn follow_kubernetes(source: kube::KubeSource, agent: Arc<Agent>) -> Result<()> {
+    /// Events the watch may queue while a registration runs.
+    const QUEUE: usize = 256;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
+    let watch = tokio::spawn(kube::watch(source, tx));
+    while let Some(event) = rx.recv().await {
+        let agent = agent.clone();
+        // A failed event is counted and logged by `apply`; the watch goes on.
+        let _ = tokio::task::spawn_blocking(move || agent.apply(event, Source::Kubernetes)).await;
+    }
+    watch.await.context("the Kubernetes watch")?
 }

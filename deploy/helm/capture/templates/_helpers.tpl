@@ -1,0 +1,5 @@
+{{- define "capture.labels" -}}
+app.kubernetes.io/name: capture
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
