@@ -2,10 +2,7 @@
 //! probes that check them before anything is applied.
 //!
 //! Each probe asks the running kernel itself (a tiny program or map is created and closed), so a distro
-//! kernel with backports passes wherever it really has the feature, whatever its version says. The
-//! context fields the programs read (sk_lookup's `ingress_ifindex`, Linux 5.17) cannot be probed this
-//! way: the verifier checks them when the programs load, and that error names the program and the kernel
-//! it needs too.
+//! kernel with backports passes wherever it really has the feature, whatever its version says.
 
 use aya::{
     maps::MapType,
@@ -26,6 +23,8 @@ pub enum Probe {
     Map(MapType),
     /// Can a program of this type call this helper?
     Helper(ProgramType, BpfHelper),
+    /// Can an sk_lookup program read the context field at this offset?
+    SkLookupField(i16),
 }
 
 /// One kernel feature the eBPF backend relies on.
@@ -157,6 +156,12 @@ pub const FEATURES: &[Feature] = &[
         Probe::Helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign),
     ),
     feature(
+        "sk_lookup_ingress_ifindex",
+        "5.17",
+        "-c/-k interfaces, inbound",
+        Probe::SkLookupField(super::sys::SK_LOOKUP_INGRESS_IFINDEX),
+    ),
+    feature(
         "ringbuf_output",
         "5.8",
         "the programs' log records (aya-log)",
@@ -196,6 +201,7 @@ pub fn kernel_has(probe: Probe) -> bool {
         Probe::Program(ty) => is_program_supported(ty).unwrap_or(false),
         Probe::Map(ty) => is_map_supported(ty).unwrap_or(false),
         Probe::Helper(ty, helper) => is_helper_supported(ty, helper).unwrap_or(false),
+        Probe::SkLookupField(offset) => super::sys::sk_lookup_reads_field(offset),
     }
 }
 
@@ -221,6 +227,26 @@ fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
+/// The README's table of kernel features, from [`FEATURES`] (a test keeps the two the same).
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| Feature (`CAPTURE_ASSUME_MISSING` name) | Kind | First Linux | Used for |\n|---|---|---|---|\n",
+    );
+    for f in FEATURES {
+        let kind = match f.probe {
+            Probe::Program(ty) => format!("program type `{ty:?}`"),
+            Probe::Map(ty) => format!("map type `{ty:?}`"),
+            Probe::Helper(ty, helper) => format!(
+                "helper `{}` in `{ty:?}`",
+                format!("{helper:?}").trim_start_matches("BPF_FUNC_")
+            ),
+            Probe::SkLookupField(_) => "context field `ingress_ifindex` in `SkLookup`".to_owned(),
+        };
+        out.push_str(&format!("| `{}` | {kind} | {} | {} |\n", f.name, f.since, f.used_for));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +262,27 @@ mod tests {
         assert_eq!(
             first_missing(FEATURES, |_| true, &["sk_assign", "lru_hash_map"]).map(|f| f.name),
             Some("lru_hash_map")
+        );
+    }
+
+    #[test]
+    fn the_field_probe_tells_a_field_the_kernel_has_from_one_it_lacks() {
+        // `ingress_ifindex` is the last field of struct bpf_sk_lookup: 4 bytes further is past its end.
+        assert!(super::super::sys::sk_lookup_reads_field(
+            super::super::sys::SK_LOOKUP_INGRESS_IFINDEX
+        ));
+        assert!(!super::super::sys::sk_lookup_reads_field(
+            super::super::sys::SK_LOOKUP_INGRESS_IFINDEX + 4
+        ));
+    }
+
+    #[test]
+    fn readme_lists_every_feature() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
+        let table = markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's kernel feature table is out of date; it should contain exactly:\n{table}"
         );
     }
 
