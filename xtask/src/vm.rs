@@ -28,6 +28,9 @@ const BOOKWORM: &str = "bookworm";
 /// The guest's size: as many CPUs as the machine has (2), and room for the tests' processes.
 const GUEST_CPUS: &str = "2";
 const GUEST_MEMORY: &str = "2G";
+/// How many times slower than the host the tests run in the guest (QEMU's TCG emulates the CPU): the
+/// harness stretches its waits and shrinks its load tests by this (`CAPTURE_TEST_TIME_SCALE`).
+const GUEST_TIME_SCALE: u32 = 10;
 /// Written by the guest after the last test binary; without it the run did not finish.
 const DONE_MARKER: &str = "vm: all test binaries ran";
 
@@ -200,7 +203,7 @@ fn guest_script(built: &Built, tests: &[TestBinary], filter: Option<&str>, dir: 
         "#!/bin/sh\n\
          # Written by `cargo xtask vm`; runs inside the guest.\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin RUST_BACKTRACE=1\n\
-         export CAPTURE_BIN={} CAPTURE_PROBE_BIN={}\n\
+         export CAPTURE_BIN={} CAPTURE_PROBE_BIN={} CAPTURE_TEST_TIME_SCALE={GUEST_TIME_SCALE}\n\
          echo \"vm: kernel $(uname -r)\" >> {out}\n",
         quote(&built.capture.display().to_string()),
         quote(&built.probe.display().to_string()),
