@@ -85,7 +85,11 @@ pub fn run(built: &Built, kernel: Option<&str>, filter: Option<&str>, timeout: D
     let output = dir.join("output.txt");
     let mut shown = 0u64;
     let timed_out = loop {
+        let before = shown;
         shown = show_new(&output, shown)?;
+        if before == 0 && shown > 0 {
+            println!("vm: the guest was up {} s after the start", started.elapsed().as_secs());
+        }
         if child.try_wait().context("wait for vng")?.is_some() {
             break false;
         }
@@ -102,8 +106,11 @@ pub fn run(built: &Built, kernel: Option<&str>, filter: Option<&str>, timeout: D
     let (passed, failed) = count_results(text.lines());
     let failed_binaries: Vec<&str> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("vm: exit "))
-        .filter(|l| !l.ends_with(" 0"))
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("vm: exit ")?.split(' ');
+            let (name, status) = (words.next()?, words.next()?);
+            (status != "0").then_some(name)
+        })
         .collect();
     println!(
         "vm: {} in {} s (guest console: {})",
