@@ -154,10 +154,11 @@ fn make_executable(path: &Path) -> Result<()> {
 
 /// The workspace's target directory.
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
         PathBuf::from,
-    )
+    );
+    dir.canonicalize().unwrap_or(dir)
 }
 
 /// Builds every test target (as `cargo xtask test` would run them) and lists the executables.
@@ -304,33 +305,39 @@ fn bookworm_sources() -> Result<String> {
             continue;
         }
         let text = fs::read_to_string(&path)?;
-        if !text.contains("debian-archive-keyring") {
-            continue;
+        if text.contains("debian-archive-keyring") {
+            out.push_str(&switch_suites(&text, BOOKWORM));
+            out.push('\n');
         }
-        for line in text.lines() {
-            match line.split_once(':') {
-                Some(("Suites", suites)) => {
-                    let switched: Vec<String> = suites
-                        .split_whitespace()
-                        .map(|s| match s.split_once('-') {
-                            Some((_, tail)) => format!("{BOOKWORM}-{tail}"),
-                            None => BOOKWORM.to_owned(),
-                        })
-                        .collect();
-                    out.push_str(&format!("Suites: {}\n", switched.join(" ")));
-                }
-                _ => {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-        }
-        out.push('\n');
     }
     if out.trim().is_empty() {
         bail!("no Debian apt source (deb822, signed by the Debian archive keyring) to derive a bookworm one from");
     }
     Ok(out)
+}
+
+/// A deb822 apt source with every suite switched to `codename`'s (`trixie-security` → `bookworm-security`).
+fn switch_suites(deb822: &str, codename: &str) -> String {
+    let mut out = String::new();
+    for line in deb822.lines() {
+        match line.split_once(':') {
+            Some(("Suites", suites)) => {
+                let switched: Vec<String> = suites
+                    .split_whitespace()
+                    .map(|s| match s.split_once('-') {
+                        Some((_, tail)) => format!("{codename}-{tail}"),
+                        None => codename.to_owned(),
+                    })
+                    .collect();
+                out.push_str(&format!("Suites: {}\n", switched.join(" ")));
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Downloads and unpacks Debian kernel `package` (once, under target/vm/kernels), installs its modules in
@@ -354,7 +361,8 @@ fn debian_kernel(package: &str) -> Result<PathBuf> {
         checked(
             Command::new("apt-get")
                 .args(&apt_args)
-                .args(["download", "-qq", package])
+                // As root into a directory apt's sandbox user cannot write: say so, rather than warn.
+                .args(["-o=APT::Sandbox::User=root", "download", "-qq", package])
                 .current_dir(&dir)
                 .stdout(Stdio::null()),
         )?;
@@ -388,4 +396,49 @@ fn debian_kernel(package: &str) -> Result<PathBuf> {
         println!("setup: installed the modules of {version} in {}", modules.display());
     }
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trixie_source_becomes_a_bookworm_one() {
+        let trixie = "Types: deb\nURIs: http://mirror.example/debian\nSuites: trixie trixie-updates\n\
+                      Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+                      Types: deb\nURIs: http://mirror.example/debian-security\nSuites: trixie-security\n";
+        let bookworm = switch_suites(trixie, BOOKWORM);
+        assert!(bookworm.contains("Suites: bookworm bookworm-updates\n"), "{bookworm}");
+        assert!(bookworm.contains("Suites: bookworm-security\n"), "{bookworm}");
+        assert!(
+            bookworm.contains("URIs: http://mirror.example/debian-security\n"),
+            "{bookworm}"
+        );
+        assert!(!bookworm.contains("trixie"), "{bookworm}");
+    }
+
+    #[test]
+    fn the_guest_script_runs_every_binary_in_its_package_and_marks_the_end() {
+        let built = Built {
+            capture: "/t/capture".into(),
+            probe: "/t/capture-probe".into(),
+        };
+        let tests = [TestBinary {
+            name: "outbound_diff".into(),
+            exe: "/t/deps/outbound_diff-1".into(),
+            cwd: "/w/tests".into(),
+        }];
+        let script = guest_script(&built, &tests, Some("ipv6"), Path::new("/t/vm/run"));
+        assert!(
+            script.contains("(cd '/w/tests' && '/t/deps/outbound_diff-1' 'ipv6') >> '/t/vm/run/output.txt'"),
+            "{script}"
+        );
+        assert!(script.contains("CAPTURE_TEST_TIME_SCALE=10"), "{script}");
+        assert!(
+            script
+                .trim_end()
+                .ends_with(&format!("echo '{DONE_MARKER}' >> '/t/vm/run/output.txt'")),
+            "{script}"
+        );
+    }
 }
