@@ -8,6 +8,24 @@ use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_with_env};
 /// Treated as missing: sk_lookup programs, first in Linux 5.9.
 const MISSING: (&str, &str) = ("CAPTURE_ASSUME_MISSING", "sk_lookup");
 
+/// `capture`'s arguments: the backend, a private pin directory, the child cgroup if any, the injector's flags.
+fn args(backend: &str, pins: &BpfPins, cgroup: Option<&Cgroup>) -> Vec<String> {
+    let mut args = vec!["--backend".to_owned(), backend.to_owned(), "--pin-dir".to_owned()];
+    args.push(pins.path().display().to_string());
+    if let Some(cgroup) = cgroup {
+        args.extend(["--cgroup".to_owned(), cgroup.path().display().to_string()]);
+    }
+    args.extend(INJECTOR_DEFAULT_FLAGS.iter().map(|f| (*f).to_owned()));
+    args
+}
+
+/// Runs `capture` with `args` (after `first`, e.g. `clean`) in `ns`, with `env`.
+fn run(ns: &Netns, first: &[&str], args: &[String], env: &[(&str, &str)]) -> std::process::Output {
+    let mut all: Vec<&str> = first.to_vec();
+    all.extend(args.iter().map(String::as_str));
+    capture_with_env(ns, &all, env)
+}
+
 /// The namespace's IPv6 addresses (capture adds ::6 to lo when it applies the eBPF backend).
 fn addresses(ns: &Netns) -> String {
     String::from_utf8_lossy(&ns.ip(&["-6", "addr", "show"]).stdout).into_owned()
@@ -15,16 +33,11 @@ fn addresses(ns: &Netns) -> String {
 
 #[test]
 fn a_missing_kernel_feature_is_named_in_one_line_and_nothing_is_applied() {
-    let ns = Netns::new("feat");
-    let cgroup = Cgroup::new("feat");
-    let pins = BpfPins::new("feat");
-    let (cgroup_arg, pin_arg) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let (ns, cgroup, pins) = (Netns::new("feat"), Cgroup::new("feat"), BpfPins::new("feat"));
     let rules_before = ns.iptables_rules();
     let addresses_before = addresses(&ns);
 
-    let mut args = vec!["--backend", "ebpf", "--cgroup", &cgroup_arg, "--pin-dir", &pin_arg];
-    args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
-    let out = capture_with_env(&ns, &args, &[MISSING]);
+    let out = run(&ns, &[], &args("ebpf", &pins, Some(&cgroup)), &[MISSING]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
@@ -44,13 +57,10 @@ fn a_missing_kernel_feature_is_named_in_one_line_and_nothing_is_applied() {
 
 #[test]
 fn backend_auto_falls_back_to_iptables_and_says_why() {
-    let ns = Netns::new("auto");
-    let pins = BpfPins::new("auto");
-    let pin_arg = pins.path().display().to_string();
-    let mut args = vec!["--backend", "auto", "--pin-dir", &pin_arg];
-    args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let (ns, pins) = (Netns::new("auto"), BpfPins::new("auto"));
+    let args = args("auto", &pins, None);
 
-    let out = capture_with_env(&ns, &args, &[MISSING]);
+    let out = run(&ns, &[], &args, &[MISSING]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "capture --backend auto: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
@@ -65,9 +75,7 @@ fn backend_auto_falls_back_to_iptables_and_says_why() {
     assert!(!pins.path().exists(), "BPF objects were pinned");
 
     // The same kernel gives the same answer, so clean removes what apply chose.
-    let mut clean = vec!["clean"];
-    clean.extend_from_slice(&args);
-    let out = capture_with_env(&ns, &clean, &[MISSING]);
+    let out = run(&ns, &["clean"], &args, &[MISSING]);
     assert!(out.status.success(), "clean: {}", String::from_utf8_lossy(&out.stderr));
     assert!(
         ns.iptables_rules().is_empty(),
@@ -78,23 +86,21 @@ fn backend_auto_falls_back_to_iptables_and_says_why() {
 
 #[test]
 fn backend_auto_takes_ebpf_on_a_kernel_that_has_everything() {
-    let ns = Netns::new("auto-ebpf");
-    let cgroup = Cgroup::new("auto-ebpf");
-    let pins = BpfPins::new("auto-ebpf");
-    let (cgroup_arg, pin_arg) = (cgroup.path().display().to_string(), pins.path().display().to_string());
-    let mut args = vec!["--backend", "auto", "--cgroup", &cgroup_arg, "--pin-dir", &pin_arg];
-    args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let (ns, cgroup, pins) = (
+        Netns::new("auto-ebpf"),
+        Cgroup::new("auto-ebpf"),
+        BpfPins::new("auto-ebpf"),
+    );
+    let args = args("auto", &pins, Some(&cgroup));
 
-    let out = capture_with_env(&ns, &args, &[]);
+    let out = run(&ns, &[], &args, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "capture --backend auto: {stderr}");
     assert!(stderr.contains("--backend auto: ebpf"), "{stderr:?}");
     assert!(pins.path().exists(), "the eBPF backend pinned nothing");
     assert!(ns.iptables_rules().is_empty(), "iptables rules were applied too");
 
-    let mut clean = vec!["clean"];
-    clean.extend_from_slice(&args);
-    let out = capture_with_env(&ns, &clean, &[]);
+    let out = run(&ns, &["clean"], &args, &[]);
     assert!(out.status.success(), "clean: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!pins.path().exists(), "the last clean leaves no pins");
 }
