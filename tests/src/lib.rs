@@ -28,8 +28,7 @@ pub mod sidecar;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `CAPTURE_TEST_TIME_SCALE`: how many times slower than this machine the tests run, e.g. in the emulated
-/// CPU of `cargo xtask vm` (which sets it). Every wait is that much longer and load tests that much
-/// smaller; unset, 1.
+/// CPU of `cargo xtask vm` (which sets it). Every wait is that much longer and load tests smaller; unset, 1.
 pub const TIME_SCALE_ENV: &str = "CAPTURE_TEST_TIME_SCALE";
 
 /// The time scale ([`TIME_SCALE_ENV`]), at least 1.
