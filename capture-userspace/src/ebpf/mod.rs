@@ -174,7 +174,7 @@ fn describe(e: &Entries) -> String {
 }
 
 /// Fails with one line naming the first feature this kernel lacks (see [`features`]); nothing is applied.
-pub fn probe() -> Result<()> {
+fn probe() -> Result<()> {
     features::check()
         .map_err(|missing| anyhow::anyhow!("{missing}; nothing was applied (use --backend iptables or auto)"))
 }
