@@ -13,6 +13,25 @@ use crate::{
 /// istio-iptables' exit code when `--run-validation` fails.
 pub const EXIT_VALIDATION_FAILED: u8 = 126;
 
+/// The backend to use: `auto` becomes eBPF if the kernel has every feature it needs, else iptables, and
+/// says which and why in one line on stderr. The same kernel always gives the same answer, so `clean` and
+/// `status` find what `apply` chose.
+fn chosen_backend(requested: Backend) -> Backend {
+    if requested != Backend::Auto {
+        return requested;
+    }
+    match ebpf::features::check() {
+        Ok(()) => {
+            eprintln!("capture: --backend auto: ebpf (the kernel has every feature it needs)");
+            Backend::Ebpf
+        }
+        Err(missing) => {
+            eprintln!("capture: --backend auto: iptables ({missing})");
+            Backend::Iptables
+        }
+    }
+}
+
 /// Runs `inv` and says how the process should exit.
 pub fn run(inv: &Invocation) -> Result<ExitCode> {
     let opts = &inv.options;
@@ -26,9 +45,9 @@ pub fn run(inv: &Invocation) -> Result<ExitCode> {
             opts.resolv_conf.display()
         );
     }
-    let output = match opts.backend {
+    let output = match chosen_backend(opts.backend) {
         Backend::Iptables => iptables::run(inv, &env)?,
-        Backend::Ebpf => ebpf::run(inv, &env)?,
+        Backend::Ebpf | Backend::Auto => ebpf::run(inv, &env)?,
     };
     match &opts.dry_run_file {
         Some(path) if opts.dry_run => {

@@ -361,6 +361,8 @@ pub enum Backend {
     Ebpf,
     /// The iptables rules istio-iptables writes.
     Iptables,
+    /// eBPF if the kernel has every feature it needs, else iptables; decided when `capture` runs.
+    Auto,
 }
 
 /// iptables binary flavour (`--force-iptables-binary`).
@@ -566,8 +568,8 @@ fn istio_arg(spec: &'static FlagSpec) -> Arg {
 fn backend_arg() -> Arg {
     Arg::new("backend")
         .long("backend")
-        .value_name("ebpf|iptables")
-        .help("How capture is applied [default: ebpf]")
+        .value_name("ebpf|iptables|auto")
+        .help("How capture is applied; auto: ebpf if the kernel has every feature it needs, else iptables [default: ebpf]")
 }
 
 fn pin_dir_arg() -> Arg {
@@ -678,11 +680,12 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     let backend = match ours("backend").as_deref() {
         None | Some("ebpf") => Backend::Ebpf,
         Some("iptables") => Backend::Iptables,
+        Some("auto") => Backend::Auto,
         Some(other) => {
             return Err(FlagError {
                 origin: "--backend".into(),
                 value: other.into(),
-                reason: "expected ebpf or iptables".into(),
+                reason: "expected ebpf, iptables or auto".into(),
             });
         }
     };
@@ -836,7 +839,8 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     }
     let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
 
-    if backend == Backend::Ebpf {
+    // `auto` is held to both backends' limits, so that the same flags are valid on every kernel.
+    if backend != Backend::Iptables {
         for (ids, flag) in [(&config.proxy_uids, "proxy-uid"), (&config.proxy_gids, "proxy-gid")] {
             if ids.len() > MAX_PROXY_IDS {
                 let tokens: Vec<&str> = ids.iter().map(|o| o.token.as_str()).collect();
@@ -865,7 +869,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     };
 
     let native_nftables = boolean_value(&get("native-nftables"))?;
-    if native_nftables && backend == Backend::Iptables {
+    if native_nftables && backend != Backend::Ebpf {
         return Err(FlagError {
             origin: "--native-nftables".into(),
             value: "true".into(),

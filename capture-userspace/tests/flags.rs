@@ -314,6 +314,8 @@ fn list_and_wildcard_syntax() {
     assert_eq!(config(&["-m", "REDIRECT"]).mode, InterceptionMode::Redirect);
     assert_eq!(config(&["-m", ""]).mode, InterceptionMode::Redirect);
     assert_eq!(parse(&["--backend", "iptables"]).options.backend, Backend::Iptables);
+    assert_eq!(parse(&["--backend", "auto"]).options.backend, Backend::Auto);
+    assert_eq!(parse(&["status", "--backend", "auto"]).options.backend, Backend::Auto);
     assert_eq!(parse(&["clean", "-k", "eth1"]).options.action, Action::Clean);
     assert_eq!(
         config(&["clean", "-k", "eth1"]).kube_virt_interfaces,
@@ -442,6 +444,13 @@ fn bad_input_names_the_flag_and_the_value() {
             &["--native-nftables", "--backend", "iptables"],
             &[],
             &["--native-nftables"],
+        ),
+        // auto may end on either backend, so it is held to both backends' limits.
+        (&["--native-nftables", "--backend", "auto"], &[], &["--native-nftables"]),
+        (
+            &["--backend", "auto", "-u", "1,2,3,4,5,6,7,8,9"],
+            &[],
+            &["-u/--proxy-uid", "at most 8"],
         ),
     ];
     for (args, env, needles) in cases {

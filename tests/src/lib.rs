@@ -25,8 +25,31 @@ pub mod diff;
 pub mod echo;
 pub mod sidecar;
 
-/// How long a test connection may take before it counts as failed.
+/// How long a test connection may take before it counts as failed (on this machine; see [`patient`]).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `CAPTURE_TEST_TIME_SCALE`: how many times slower than this machine the tests run, e.g. in the emulated
+/// CPU of `cargo xtask vm` (which sets it). Every wait is that much longer and load tests smaller; unset, 1.
+pub const TIME_SCALE_ENV: &str = "CAPTURE_TEST_TIME_SCALE";
+
+/// The time scale ([`TIME_SCALE_ENV`]), at least 1.
+pub fn time_scale() -> u32 {
+    std::env::var(TIME_SCALE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A wait sized for this machine, stretched by [`time_scale`].
+pub fn patient(wait: Duration) -> Duration {
+    wait * time_scale()
+}
+
+/// [`CONNECT_TIMEOUT`], stretched by [`time_scale`].
+pub fn connect_timeout() -> Duration {
+    patient(CONNECT_TIMEOUT)
+}
 
 /// Pod side of the veth pair.
 pub const POD_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -356,7 +379,7 @@ impl Listeners {
             stdout: Some(stdout),
             stderr: Some(stderr),
         };
-        let problem = match ready_rx.recv_timeout(PROBE_READY_TIMEOUT) {
+        let problem = match ready_rx.recv_timeout(patient(PROBE_READY_TIMEOUT)) {
             Ok(Ok(())) => return listeners,
             Ok(Err(line)) => format!("said {line:?}"),
             Err(mpsc::RecvTimeoutError::Timeout) => format!("was not ready within {PROBE_READY_TIMEOUT:?}"),
@@ -371,7 +394,7 @@ impl Listeners {
 
     /// The next accepted connection, if one arrives within the timeout.
     pub fn next(&self) -> Option<Accepted> {
-        self.accepted.recv_timeout(CONNECT_TIMEOUT).ok()
+        self.accepted.recv_timeout(connect_timeout()).ok()
     }
 
     /// Connections already reported, without waiting.
@@ -381,7 +404,7 @@ impl Listeners {
 
     /// The next datagram, if one arrives within the timeout.
     pub fn next_datagram(&self) -> Option<Datagram> {
-        self.datagrams.recv_timeout(CONNECT_TIMEOUT).ok()
+        self.datagrams.recv_timeout(connect_timeout()).ok()
     }
 
     /// Datagrams already reported, without waiting.
@@ -476,7 +499,7 @@ pub fn exchange(
     cmd.arg("connect")
         .arg(dst.to_string())
         .arg("--timeout-ms")
-        .arg(CONNECT_TIMEOUT.as_millis().to_string());
+        .arg(connect_timeout().as_millis().to_string());
     if let Some(ip) = how.bind {
         cmd.arg("--bind").arg(ip.to_string());
     }

@@ -17,7 +17,7 @@ use std::{
 
 use capture::sockopt::original_dst;
 
-use crate::{CONNECT_TIMEOUT, Netns};
+use crate::{Netns, connect_timeout};
 
 /// The address the proxy's inbound passthrough connects from (istio's 127.0.0.6 / ::6), so that capture
 /// lets the forwarded connection reach the app.
@@ -93,7 +93,7 @@ impl Sidecar {
             })
             .collect();
         for _ in ports {
-            ready_rx.recv_timeout(CONNECT_TIMEOUT).expect("sidecar did not start");
+            ready_rx.recv_timeout(connect_timeout()).expect("sidecar did not start");
         }
         Sidecar {
             stop,
@@ -113,8 +113,10 @@ impl Drop for Sidecar {
             let Ok(ns) = ns else { return };
             if nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
                 for port in ports {
-                    let _ =
-                        TcpStream::connect_timeout(&SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port), CONNECT_TIMEOUT);
+                    let _ = TcpStream::connect_timeout(
+                        &SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+                        connect_timeout(),
+                    );
                 }
             }
         });
@@ -160,10 +162,10 @@ fn forward(client: TcpStream, dst: SocketAddr, inbound: bool) -> io::Result<()> 
         };
         connect_from(source, dst)?
     } else {
-        TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT)?
+        TcpStream::connect_timeout(&dst, connect_timeout())?
     };
     for s in [&client, &upstream] {
-        s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        s.set_read_timeout(Some(connect_timeout()))?;
     }
     let (mut c_read, mut u_write) = (client.try_clone()?, upstream.try_clone()?);
     let up = std::thread::spawn(move || {

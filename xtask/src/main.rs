@@ -4,13 +4,16 @@
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
 //! - `cargo xtask bench [--quick]` — eBPF vs iptables vs no capture, side by side.
+//! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
 //! - `cargo xtask setup` — only the installation step.
 
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -50,6 +53,20 @@ enum Cmd {
     Test {
         /// Only the integration test file `tests/tests/<FILTER>.rs` if there is one (e.g. `iptables_backend`),
         /// else only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Boot another kernel in QEMU (virtme-ng, no KVM needed) and run the tests in it; prints their result
+    /// and exits with their status. Installs QEMU, virtme-ng and the kernel on first use.
+    Vm {
+        /// A Debian kernel package (fetched with apt-get download) or the path of a bzImage [default: Debian
+        /// 12's newest linux-image-6.1.0-*-amd64-unsigned].
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Stop the VM after this many minutes.
+        #[arg(long, default_value_t = 60)]
+        timeout_min: u64,
+        /// As for `cargo xtask test` (after `--`).
+        #[arg(last = true)]
         filter: Option<String>,
     },
 }
@@ -92,10 +109,7 @@ fn build() -> Result<Built> {
         "--bin",
         "capture-probe",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
+    let target = vm::target_dir();
     Ok(Built {
         capture: target.join("debug/capture"),
         probe: target.join("debug/capture-probe"),
@@ -111,11 +125,24 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("spawn {cmd:?}"))?;
+    let lines = BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .lines()
+        .map_while(Result::ok)
+        .inspect(|line| println!("{line}"));
+    let (passed, failed) = count_results(lines);
+    let status = child.wait().context("wait for cargo test")?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Totals the `test result:` lines of cargo test's output: (passed, failed).
+fn count_results<S: AsRef<str>>(lines: impl Iterator<Item = S>) -> (u64, u64) {
     let (mut passed, mut failed) = (0u64, 0u64);
-    for line in BufReader::new(child.stdout.take().expect("stdout is piped")).lines() {
-        let line = line.context("read cargo test's output")?;
-        println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
+    for line in lines {
+        if let Some(result) = line.as_ref().strip_prefix("test result: ") {
             let count = |what: &str| {
                 result
                     .split(';')
@@ -134,12 +161,14 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
             failed += count("failed");
         }
     }
-    let status = child.wait().context("wait for cargo test")?;
-    println!("{passed} passed, {failed} failed");
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
+    (passed, failed)
+}
+
+/// Whether `filter` names an integration test file, `tests/tests/<filter>.rs`.
+fn is_test_file(filter: &str) -> bool {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../tests/tests/{filter}.rs"))
+        .is_file()
 }
 
 fn main() -> Result<()> {
@@ -192,6 +221,20 @@ fn main() -> Result<()> {
                 .context("run capture")?;
             std::process::exit(status.code().unwrap_or(1));
         }
+        Cmd::Vm {
+            kernel,
+            timeout_min,
+            filter,
+        } => {
+            setup::ensure()?;
+            let built = build()?;
+            vm::run(
+                &built,
+                kernel.as_deref(),
+                filter.as_deref(),
+                Duration::from_secs(timeout_min * 60),
+            )
+        }
         Cmd::Test { filter } => {
             setup::ensure()?;
             let built = build()?;
@@ -200,9 +243,8 @@ fn main() -> Result<()> {
             cmd.args(["test", "--no-fail-fast"])
                 .env("CAPTURE_BIN", &built.capture)
                 .env("CAPTURE_PROBE_BIN", &built.probe);
-            let test_file = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/tests/{f}.rs"));
             match filter {
-                Some(f) if test_file(&f).is_file() => cmd.args(["--package", "tests", "--test", &f]),
+                Some(f) if is_test_file(&f) => cmd.args(["--package", "tests", "--test", &f]),
                 Some(f) => cmd.args(["--all-targets", "--", &f]),
                 None => cmd.arg("--all-targets"),
             };

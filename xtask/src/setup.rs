@@ -41,6 +41,65 @@ fn installed_deb(pkg: &str) -> bool {
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
+/// Installs those of `packages` that are missing, one line each.
+fn install_debs(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed_deb(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        checked(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null()),
+        )
+    };
+    apt(&["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)?;
+    for p in &missing {
+        println!("setup: installed {p} (apt)");
+    }
+    Ok(())
+}
+
+/// Debian packages `cargo xtask vm` needs: QEMU, and kmod (depmod) and busybox for the guest's initramfs.
+const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
+/// virtme-ng (PyPI), which boots a kernel with the host's files visible (`vng`).
+const VIRTME_NG: &str = "virtme-ng";
+
+/// Makes sure what `cargo xtask vm` needs is present (only that command calls this).
+pub fn ensure_vm() -> Result<()> {
+    install_debs(VM_APT_PACKAGES)?;
+    if !quiet(Command::new(vng()).arg("--version")) {
+        checked(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", VIRTME_NG])
+                .stdout(Stdio::null()),
+        )?;
+        println!("setup: installed {VIRTME_NG} (pip)");
+    }
+    Ok(())
+}
+
+/// virtme-ng's `vng`: in the scripts directory of the python3 pip installed it for (a fresh install is
+/// there before any shell's PATH knows it), else wherever PATH finds it.
+pub fn vng() -> std::path::PathBuf {
+    let scripts = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let in_scripts = std::path::Path::new(&scripts).join("vng");
+    if !scripts.is_empty() && in_scripts.is_file() {
+        in_scripts
+    } else {
+        "vng".into()
+    }
+}
+
 /// PATH with LLVM 22's tools in front.
 pub fn path_with_llvm() -> OsString {
     let mut path = OsString::from(LLVM_BIN);
@@ -56,24 +115,7 @@ pub fn ensure() -> Result<()> {
     if !nix_is_root() {
         bail!("capture's set-up and tests need root (apt-get, network namespaces, BPF); run as root");
     }
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed_deb(p)).collect();
-    if !missing.is_empty() {
-        let apt = |args: &[&str]| {
-            checked(
-                Command::new("apt-get")
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .stdout(Stdio::null()),
-            )
-        };
-        apt(&["update", "-qq"])?;
-        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-        args.extend(&missing);
-        apt(&args)?;
-        for p in &missing {
-            println!("setup: installed {p} (apt)");
-        }
-    }
+    install_debs(APT_PACKAGES)?;
 
     if !quiet(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])) {
         bail!(

@@ -6,6 +6,7 @@
 //! programs; `capture clean` in the last one detaches them and removes every pin.
 
 pub mod entries;
+pub mod features;
 mod listeners;
 mod maps;
 mod sys;
@@ -25,8 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SkMsg, SockOps},
-    sys::is_program_supported,
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
 };
 
 use nix::poll::{PollFd, PollFlags, poll};
@@ -152,6 +152,8 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
             if opts.skip_rule_apply {
                 return Ok(String::new());
             }
+            // Before anything is touched: a kernel that lacks a feature gets one line and no change.
+            probe()?;
             // ::6 first, so that it counts among the namespace's own addresses: the proxy's passthrough
             // from ::6 is local traffic, never inbound.
             namespace::add_passthrough_v6(env)?;
@@ -183,30 +185,10 @@ fn describe(e: &Entries) -> String {
     out
 }
 
-/// Fails with one line naming the first program type this kernel lacks.
+/// Fails with one line naming the first feature this kernel lacks (see [`features`]); nothing is applied.
 fn probe() -> Result<()> {
-    let types = [
-        (
-            ProgramType::CgroupSockAddr,
-            "cgroup sock_addr programs (connect4/connect6, Linux 4.17)",
-        ),
-        (ProgramType::SockOps, "sockops programs (Linux 4.13)"),
-        (
-            ProgramType::CgroupSockopt,
-            "cgroup sockopt programs (getsockopt, Linux 5.3)",
-        ),
-        (ProgramType::SkLookup, "sk_lookup programs (inbound capture, Linux 5.9)"),
-        (
-            ProgramType::SkMsg,
-            "sk_msg programs (loopback acceleration, Linux 4.17)",
-        ),
-    ];
-    for (ty, what) in types {
-        if !is_program_supported(ty).unwrap_or(false) {
-            bail!("this kernel lacks {what}; use --backend iptables");
-        }
-    }
-    Ok(())
+    features::check()
+        .map_err(|missing| anyhow::anyhow!("{missing}; nothing was applied (use --backend iptables or auto)"))
 }
 
 /// Makes sure `dir` is on a bpffs (mounting one at /sys/fs/bpf if that is where it belongs) and exists.
@@ -238,7 +220,6 @@ fn links_pinned(dir: &Path) -> bool {
 /// Loads, attaches and registers the current namespace. On failure nothing stays: a first registration
 /// that fails removes the pins it made.
 fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
-    probe()?;
     let fresh = !dir.join(maps::names::CONFIG).exists();
     ensure_pin_dir(dir)?;
     let result = (|| {

@@ -119,3 +119,57 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
+
+/// bpf(2) `BPF_PROG_LOAD`, and the sk_lookup program type and attach type it needs here.
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
+/// Where `ingress_ifindex` sits in `struct bpf_sk_lookup` (Linux 5.17).
+pub const SK_LOOKUP_INGRESS_IFINDEX: i16 = 64;
+
+/// Whether an sk_lookup program may read the 32-bit context field at `offset`: loads a three-instruction
+/// program that reads it and returns SK_PASS, and closes it. The verifier rejects a read of a field the
+/// kernel does not have, so this probes context fields that no helper probe covers.
+pub fn sk_lookup_reads_field(offset: i16) -> bool {
+    /// `struct bpf_insn`: opcode, dst/src registers, offset, immediate.
+    fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0] = code;
+        b[1] = (src << 4) | dst;
+        b[2..4].copy_from_slice(&off.to_ne_bytes());
+        b[4..8].copy_from_slice(&imm.to_ne_bytes());
+        b
+    }
+    // r2 = *(u32 *)(r1 + offset); r0 = 1 (SK_PASS); exit.
+    let program = [
+        insn(0x61, 2, 1, offset, 0),
+        insn(0xb7, 0, 0, 0, 1),
+        insn(0x95, 0, 0, 0, 0),
+    ];
+    let license = c"GPL";
+    #[repr(C, align(8))]
+    struct ProgLoadAttr([u8; 128]);
+    let mut attr = ProgLoadAttr([0; 128]);
+    let mut put = |offset: usize, bytes: &[u8]| attr.0[offset..offset + bytes.len()].copy_from_slice(bytes);
+    // prog_load: prog_type, insn_cnt, insns, license, …, expected_attach_type at 68.
+    put(0, &BPF_PROG_TYPE_SK_LOOKUP.to_ne_bytes());
+    put(4, &(program.len() as u32).to_ne_bytes());
+    put(8, &(program.as_ptr() as u64).to_ne_bytes());
+    put(16, &(license.as_ptr() as u64).to_ne_bytes());
+    put(68, &(AttachType::SkLookup as u32).to_ne_bytes());
+    // SAFETY: `attr` is a valid, initialised buffer of the size passed, and the pointers in it (the
+    // instructions, the license) outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            attr.0.as_mut_ptr(),
+            size_of::<ProgLoadAttr>(),
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns; dropping it closes it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    true
+}

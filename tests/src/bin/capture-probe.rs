@@ -140,7 +140,9 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
 
 fn connect(args: ConnectArgs) -> Result<(), String> {
     // Each step is bounded by `timeout`; this bounds the whole probe even if the kernel does not honour one.
-    let limit = args.timeout * 3 + Duration::from_secs(1) + LOAD_BUDGET_PER_CONNECTION * args.count;
+    // The budget per connection is this machine's, stretched where the tests run slower (the harness's time scale).
+    let budget = LOAD_BUDGET_PER_CONNECTION * tests::time_scale() * args.count;
+    let limit = args.timeout * 3 + Duration::from_secs(1) + budget;
     std::thread::spawn(move || {
         std::thread::sleep(limit);
         emit(&format!("err probe: no result after {limit:?}"));
