@@ -7,7 +7,9 @@
 
 pub mod entries;
 mod listeners;
-mod maps;
+// Public for the benchmark, which registers hundreds of throwaway namespaces without loading the programs
+// again for each.
+pub mod maps;
 mod sys;
 
 use std::{
