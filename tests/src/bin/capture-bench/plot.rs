@@ -77,6 +77,7 @@ fn latency(results: &Results, path: &Path) -> Plot {
     let mut chart = ChartBuilder::on(&root)
         .caption("Persistent connections: round-trip latency by percentile", (FONT, 22))
         .margin(15)
+        .margin_right(45)
         .x_label_area_size(45)
         .y_label_area_size(70)
         .build_cartesian_2d(0f64..4f64, (lo..hi).log_scale())?;
@@ -121,6 +122,7 @@ fn connections(results: &Results, path: &Path) -> Plot {
         .disable_x_mesh()
         .x_labels(0)
         .y_desc("connections/s")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style((FONT, 15))
         .draw()?;
     for (i, m) in results.modes.iter().enumerate() {
@@ -141,7 +143,7 @@ fn connections(results: &Results, path: &Path) -> Plot {
         ])?;
         chart.draw_series([Text::new(
             format!("{}: {mid:.0}", m.mode.name),
-            (x + 0.22, hi + top * 0.03),
+            (x + 0.22, hi + top * 0.07),
             (FONT, 17),
         )])?;
     }
@@ -164,7 +166,8 @@ fn scaling(results: &Results, path: &Path) -> Plot {
     panel(
         results,
         &left,
-        "excluded CIDRs (-x, log scale)",
+        "excluded CIDRs",
+        "(-x, log scale)",
         &results.cidrs,
         5000.0,
         top,
@@ -172,7 +175,8 @@ fn scaling(results: &Results, path: &Path) -> Plot {
     panel(
         results,
         &right,
-        "registered namespaces (log scale)",
+        "registered namespaces",
+        "(log scale)",
         &results.namespaces,
         1500.0,
         top,
@@ -185,6 +189,7 @@ fn panel(
     results: &Results,
     area: &DrawingArea<SVGBackend, Shift>,
     axis: &str,
+    scale: &str,
     series: &[Series<Point>],
     x_max: f64,
     top: f64,
@@ -200,9 +205,10 @@ fn panel(
         .build_cartesian_2d((0.8f64..x_max).log_scale(), 0f64..top)?;
     chart
         .configure_mesh()
-        .x_desc(axis)
+        .x_desc(format!("{axis} {scale}"))
         .y_desc("connections/s")
         .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style((FONT, 14))
         .draw()?;
     for s in series {

@@ -230,6 +230,18 @@ impl Results {
              bench's own main thread are in another cgroup and not counted; softirq work is charged to whichever \
              task it interrupts.\n"
         );
+        let _ = writeln!(
+            out,
+            "{}\n",
+            match i.proxy {
+                Proxy::Ours =>
+                    "Checked after every short-connection run: each connection went through the sidecar, \
+                                with the remote server as its original destination (none in the floor).",
+                Proxy::Haproxy =>
+                    "Not checked with HAProxy (it does not report its connections): that each \
+                                   connection went through the sidecar is checked with the bench's own proxy.",
+            }
+        );
         self.goals(&mut out);
         self.kernel(&mut out);
         self.scaling(&mut out);
@@ -253,9 +265,11 @@ impl Results {
             _ => f64::NAN,
         };
         let mut row = |goal: String, target: &str, measured: f64, t: f64, at_least: bool| {
+            // Ratios with two decimals; nanoseconds whole.
+            let digits = if t >= 10.0 { 0 } else { 2 };
             let _ = writeln!(
                 out,
-                "| {goal} | {target} | {measured:.2} | {} |",
+                "| {goal} | {target} | {measured:.digits$} | {} |",
                 verdict(measured, t, at_least)
             );
         };

@@ -18,7 +18,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use tests::{BpfPins, INJECTOR_DEFAULT_FLAGS, Netns, Pod, REMOTE_V4, capture_with_env, sa, sidecar::Sidecar};
+use tests::{
+    BpfPins, INJECTOR_DEFAULT_FLAGS, Netns, Pod, REMOTE_V4, capture_with_env, sa,
+    sidecar::{Forwarded, Sidecar},
+};
 
 use crate::{
     cgroups::{self, Cgroups},
@@ -64,6 +67,8 @@ pub struct Topology {
     pub mode: Mode,
     /// The mode's cgroup: the app's and the sidecar's CPU, and the eBPF attachment.
     pub cgroup: PathBuf,
+    /// What our sidecar forwarded (not HAProxy, which does not tell).
+    forwarded: Option<mpsc::Receiver<Forwarded>>,
 }
 
 impl Topology {
@@ -89,6 +94,7 @@ impl Topology {
             _sidecar: sidecar,
             _server: server,
             pins,
+            forwarded: None,
         };
         topology.apply(&default_flags())?;
         let _in = cgroups::enter(&topology.cgroup)?;
@@ -97,7 +103,7 @@ impl Topology {
                 // The floor's app connects to the sidecar itself, which then has no original destination.
                 let fallback = floor.then_some(sa(REMOTE_V4, REMOTE_PORT));
                 let (tx, rx) = mpsc::channel();
-                drop(rx);
+                topology.forwarded = Some(rx);
                 Forwarder::Ours(Sidecar::start_with_fallback(
                     &topology.pod.pod,
                     PROXY,
@@ -171,6 +177,40 @@ impl Topology {
         .map_err(|_| anyhow::anyhow!("registering namespaces panicked"))?
     }
 
+    /// Forgets what the sidecar forwarded so far (before a workload that [`Topology::check_forwarded`]).
+    pub fn forget_forwarded(&self) {
+        if let Some(rx) = &self.forwarded {
+            rx.try_iter().for_each(drop);
+        }
+    }
+
+    /// Checks that `connections` connections went through our sidecar since [`Topology::forget_forwarded`],
+    /// with the remote server as their original destination when captured (none for the floor): a
+    /// connection that bypassed capture would still reach the echo server, and make the mode look faster.
+    pub fn check_forwarded(&self, connections: u64) -> Result<()> {
+        let Some(rx) = &self.forwarded else {
+            return Ok(());
+        };
+        let expected = (self.mode.backend != Backend::None).then_some(sa(REMOTE_V4, REMOTE_PORT));
+        // The sidecar reports a connection when it has finished with it: wait a little for the last ones.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let (mut right, mut wrong) = (0u64, 0u64);
+        while right < connections {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(f) if f.original_dst == expected => right += 1,
+                Ok(_) => wrong += 1,
+                Err(_) => break,
+            }
+        }
+        ensure!(
+            right >= connections && wrong == 0,
+            "{}: of {connections} connections, {right} went through the sidecar with original destination \
+             {expected:?} and {wrong} with another: capture does not work as set up, so the figures would mean nothing",
+            self.mode.name
+        );
+        Ok(())
+    }
+
     /// Capture rules in the pod (iptables: `-A` lines of both families).
     pub fn rule_count(&self) -> usize {
         self.pod
@@ -230,27 +270,28 @@ impl Haproxy {
             "0.0.0.0".to_owned()
         };
         let cfg = format!(
-            "global\n    maxconn 20000\ndefaults\n    mode tcp\n    timeout connect 3s\n    timeout client 30s\n    \
-             timeout server 30s\nfrontend capture_outbound\n    bind 0.0.0.0:{OUTBOUND_PORT}\n    maxconn 20000\n    \
+            "global\n    maxconn 4096\ndefaults\n    mode tcp\n    timeout connect 3s\n    timeout client 30s\n    \
+             timeout server 30s\nfrontend capture_outbound\n    bind 0.0.0.0:{OUTBOUND_PORT}\n    maxconn 4096\n    \
              default_backend original_destination\nbackend original_destination\n    server original {server}\n"
         );
         let dir = std::env::temp_dir().join(format!("capture-bench-haproxy-{}-{}", std::process::id(), ns.name()));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, cfg).with_context(|| format!("write {}", path.display()))?;
+        let log = dir.join("haproxy.log");
         let mut cmd = ns.command("haproxy");
         cmd.arg("-db")
             .arg("-f")
             .arg(&path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?)
             .process_group(0);
         tests::run_as(&mut cmd, PROXY);
         let child = cmd
             .spawn()
             .context("start haproxy (installed by `cargo xtask setup`)")?;
-        let haproxy = Haproxy { child, dir };
+        let mut haproxy = Haproxy { child, dir };
         // Ready once it listens (asked of `ss`, not by connecting: a connection from here would have
         // no original destination, and HAProxy would forward it to itself).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -263,9 +304,12 @@ impl Haproxy {
             if !out.stdout.is_empty() {
                 return Ok(haproxy);
             }
+            let exited = haproxy.child.try_wait()?;
             ensure!(
-                Instant::now() < deadline,
-                "HAProxy did not listen on {OUTBOUND_PORT} within 10 s"
+                exited.is_none() && Instant::now() < deadline,
+                "HAProxy {} listening on {OUTBOUND_PORT}: {}",
+                exited.map_or("took over 10 s to start".to_owned(), |s| format!("exited ({s}) before")),
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -41,10 +41,12 @@ impl Short {
     }
 }
 
-/// Short connections from [`CLIENTS`] app threads for `duration`.
+/// Short connections from [`CLIENTS`] app threads for `duration`; checks that they went through the
+/// sidecar as the mode means them to.
 pub fn short(t: &Topology, duration: Duration) -> Result<Short> {
     let dst = t.app_destination();
     let done = Arc::new(AtomicU64::new(0));
+    t.forget_forwarded();
     let deadline = Instant::now() + duration;
     let cpu = t.cpu()?;
     let started = Instant::now();
@@ -69,11 +71,13 @@ pub fn short(t: &Topology, duration: Duration) -> Result<Short> {
     for c in clients {
         let _ = c.join();
     }
-    Ok(Short {
+    let short = Short {
         connections: done.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
         cpu: t.cpu()?.saturating_sub(cpu),
-    })
+    };
+    t.check_forwarded(short.connections)?;
+    Ok(short)
 }
 
 /// Persistent connections: round-trip latencies (ns) of every request.
