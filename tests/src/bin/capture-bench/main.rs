@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// Planned seconds to make and register one throwaway namespace (for the time-left estimate only).
-pub const NAMESPACE_SECONDS: f64 = 0.05;
+pub const NAMESPACE_SECONDS: f64 = 0.02;
 /// Planned seconds to build one mode's topology.
 const SETUP_SECONDS: f64 = 1.0;
 /// Planned bulk rate, MB/s (for the time-left estimate only).
@@ -80,14 +80,16 @@ impl Plan {
     fn seconds(&self) -> f64 {
         let modes = MODES.len() as f64;
         let count = |b: Backend| MODES.iter().filter(|m| m.backend == b).count() as f64;
-        let (ipt, ebpf) = (count(Backend::Iptables), count(Backend::Ebpf));
+        let ebpf = count(Backend::Ebpf);
+        // The floor runs at every scaling point too, as the reference for the machine's drift.
+        let floor = count(Backend::None);
         let round = self.duration.as_secs_f64() * 2.0 + self.bulk_bytes as f64 / 1e6 / BULK_MB_PER_SECOND;
         let scaling = self.scaling_repeats as f64 * self.scaling_duration.as_secs_f64();
         let namespaces = self.namespace_points.last().copied().unwrap_or(1).saturating_sub(1) as f64;
         modes * SETUP_SECONDS
             + self.repeats as f64 * modes * round
-            + self.cidr_points.len() as f64 * (ipt + ebpf) * scaling
-            + self.namespace_points.len() as f64 * ebpf * scaling
+            + self.cidr_points.len() as f64 * modes * scaling
+            + self.namespace_points.len() as f64 * (ebpf + floor) * scaling
             + namespaces * NAMESPACE_SECONDS * ebpf.min(1.0)
     }
 }

@@ -132,15 +132,25 @@ fn verdict(measured: f64, target: f64, at_least: bool) -> String {
     }
 }
 
-/// The largest relative deviation of a curve's medians from its first point.
-pub fn flatness(points: &[Point]) -> f64 {
-    let Some(first) = points.first().map(Point::median) else {
-        return f64::NAN;
-    };
+/// Per point, the median over rounds of `points`' rate divided by `floor`'s in the same round (the machine's
+/// drift taken out), or the plain median without a floor series.
+pub fn relative(points: &[Point], floor: Option<&Series<Point>>) -> Vec<f64> {
     points
         .iter()
-        .map(|p| (p.median() / first - 1.0).abs())
-        .fold(0.0, f64::max)
+        .enumerate()
+        .map(|(k, p)| match floor.and_then(|f| f.points.get(k)) {
+            Some(f) => median(p.rates.iter().zip(&f.rates).map(|(r, f)| r / f).collect()),
+            None => p.median(),
+        })
+        .collect()
+}
+
+/// The largest relative deviation of a curve from its first point.
+pub fn flatness(values: &[f64]) -> f64 {
+    let Some(first) = values.first() else {
+        return f64::NAN;
+    };
+    values.iter().map(|v| (v / first - 1.0).abs()).fold(0.0, f64::max)
 }
 
 fn machine() -> String {
@@ -328,15 +338,17 @@ impl Results {
             ("excluded CIDRs", &self.cidrs),
             ("registered namespaces", &self.namespaces),
         ] {
-            for s in series.iter().filter(|s| s.mode != IPTABLES) {
+            let floor = series.iter().find(|s| s.mode == FLOOR);
+            for s in series.iter().filter(|s| s.mode != IPTABLES && s.mode != FLOOR) {
                 let (first, last) = match (s.points.first(), s.points.last()) {
                     (Some(f), Some(l)) => (f.x, l.x),
                     _ => continue,
                 };
-                let dev = flatness(&s.points);
+                let dev = flatness(&relative(&s.points, floor));
                 let _ = writeln!(
                     out,
-                    "| short connections/s flat from {first} to {last} {axis}, {} | ±10% | {:.0}% | {} |",
+                    "| short connections/s flat from {first} to {last} {axis}, {} (÷ floor of the same round) | ±10% | \
+                     {:.0}% | {} |",
                     s.mode,
                     dev * 100.0,
                     if dev <= 0.10 {
@@ -382,60 +394,79 @@ impl Results {
             i.scaling_repeats,
             i.scaling_duration.as_secs_f64()
         );
-        if let Some(first) = self.cidrs.first() {
+        if !self.cidrs.is_empty() {
             let _ = writeln!(
                 out,
                 "## Scaling with excluded CIDRs (`-x`)\n\n{note} The CIDRs are disjoint /27s of 198.18.0.0/15, none \
                  covering the remote server. iptables: one `RETURN` rule per CIDR in `ISTIO_OUTPUT`, walked by \
-                 every new connection; eBPF: one LPM-trie lookup.\n"
+                 every new connection; eBPF: one LPM-trie lookup. *÷ floor*: the median of each round's rate divided \
+                 by the floor's in the same round (the floor has no capture, so this takes the machine's drift out).\n"
             );
-            let mut header = "| excluded CIDRs |".to_owned();
-            for s in &self.cidrs {
-                let _ = write!(header, " {} conn/s |", s.mode);
-                if s.mode == IPTABLES {
-                    header.push_str(" iptables rules |");
-                }
-            }
-            let _ = writeln!(out, "{header}\n|{}", "---|".repeat(header.matches('|').count() - 1));
-            for (k, p) in first.points.iter().enumerate() {
-                let mut line = format!("| {} |", p.x);
-                for s in &self.cidrs {
-                    let q = &s.points[k];
-                    let _ = write!(line, " {} |", with_range(&q.rates));
-                    if let Some(rules) = q.rules {
-                        let _ = write!(line, " {rules} |");
-                    }
-                }
-                let _ = writeln!(out, "{line}");
-            }
-            let _ = writeln!(out);
+            scaling_table(out, "excluded CIDRs", &self.cidrs, None);
         }
         if let Some(first) = self.namespaces.first() {
             let _ = writeln!(
                 out,
                 "## Scaling with registered namespaces (eBPF)\n\n{note} Each point registers more throwaway \
-                 namespaces with the same capture (same cgroup and pins, injector flags); the pod is one of them. \
+                 namespaces with the same capture (same cgroup and pins, injector flags, through the loader's \
+                 `Maps::register`: running `capture` in each reloads the programs, about a second each here); the pod \
+                 is one of them. \
                  iptables has no such axis: its rules live in each namespace, and another namespace's rules never \
                  touch this pod's connections.\n"
             );
-            let mut header = "| registered namespaces |".to_owned();
-            for s in &self.namespaces {
-                let _ = write!(header, " {} conn/s |", s.mode);
-            }
-            header.push_str(" time to make and register the added namespaces |");
-            let _ = writeln!(out, "{header}\n|{}", "---|".repeat(header.matches('|').count() - 1));
-            for (k, p) in first.points.iter().enumerate() {
-                let mut line = format!("| {} |", p.x);
-                for s in &self.namespaces {
-                    let _ = write!(line, " {} |", with_range(&s.points[k].rates));
-                }
-                let setup = p.setup.map_or(0.0, |d| d.as_secs_f64());
-                let _ = writeln!(line, " {setup:.1} s |");
-                out.push_str(&line);
-            }
-            let _ = writeln!(out);
+            let setup: Vec<String> = first
+                .points
+                .iter()
+                .map(|p| format!("{:.1} s", p.setup.map_or(0.0, |d| d.as_secs_f64())))
+                .collect();
+            scaling_table(
+                out,
+                "registered namespaces",
+                &self.namespaces,
+                Some(("time to make and register the added namespaces", &setup)),
+            );
         }
     }
+}
+
+/// One scaling table: a row per point; per mode its rate (median and range), its rate ÷ the floor's
+/// (eBPF and iptables), iptables' rule count; then `extra`, a column of its own.
+fn scaling_table(out: &mut String, axis: &str, series: &[Series<Point>], extra: Option<(&str, &[String])>) {
+    let Some(first) = series.first() else { return };
+    let floor = series.iter().find(|s| s.mode == FLOOR);
+    let mut header = format!("| {axis} |");
+    for s in series {
+        let _ = write!(header, " {} conn/s |", s.mode);
+        if s.mode != FLOOR && floor.is_some() {
+            let _ = write!(header, " {} ÷ floor |", s.mode);
+        }
+        if s.mode == IPTABLES {
+            header.push_str(" iptables rules |");
+        }
+    }
+    if let Some((title, _)) = extra {
+        let _ = write!(header, " {title} |");
+    }
+    let _ = writeln!(out, "{header}\n|{}", "---|".repeat(header.matches('|').count() - 1));
+    let relatives: Vec<Vec<f64>> = series.iter().map(|s| relative(&s.points, floor)).collect();
+    for k in 0..first.points.len() {
+        let mut line = format!("| {} |", first.points[k].x);
+        for (s, rel) in series.iter().zip(&relatives) {
+            let q = &s.points[k];
+            let _ = write!(line, " {} |", with_range(&q.rates));
+            if s.mode != FLOOR && floor.is_some() {
+                let _ = write!(line, " {:.2} |", rel[k]);
+            }
+            if s.mode == IPTABLES {
+                let _ = write!(line, " {} |", q.rules.unwrap_or(0));
+            }
+        }
+        if let Some((_, column)) = extra {
+            let _ = write!(line, " {} |", column.get(k).map_or("", String::as_str));
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out);
 }
 
 /// One line per mode for the terminal, besides the report.
