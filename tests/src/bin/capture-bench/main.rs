@@ -35,6 +35,8 @@ use crate::{
 
 /// Planned seconds to make and register one throwaway namespace (for the time-left estimate only).
 pub const NAMESPACE_SECONDS: f64 = 0.02;
+/// Planned seconds to apply capture with other flags in every mode (for the time-left estimate only).
+pub const APPLY_SECONDS: f64 = 1.5;
 /// Planned seconds to build one mode's topology.
 const SETUP_SECONDS: f64 = 1.0;
 /// Planned bulk rate, MB/s (for the time-left estimate only).
@@ -88,7 +90,7 @@ impl Plan {
         let namespaces = self.namespace_points.last().copied().unwrap_or(1).saturating_sub(1) as f64;
         modes * SETUP_SECONDS
             + self.repeats as f64 * modes * round
-            + self.cidr_points.len() as f64 * modes * scaling
+            + self.cidr_points.len() as f64 * (modes * scaling + self.scaling_repeats as f64 * APPLY_SECONDS)
             + self.namespace_points.len() as f64 * (ebpf + floor) * scaling
             + namespaces * NAMESPACE_SECONDS * ebpf.min(1.0)
     }

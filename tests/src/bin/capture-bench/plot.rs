@@ -195,10 +195,7 @@ fn panel(
     top: f64,
 ) -> Plot {
     let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("Short connections/s vs {}", axis.split(' ').next().unwrap_or(axis)),
-            (FONT, 20),
-        )
+        .caption(format!("Short connections/s vs {axis}"), (FONT, 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)

@@ -65,9 +65,8 @@ impl Point {
     }
 }
 
-/// Short-connection rate with each number of excluded CIDRs, for the iptables and eBPF modes (rounds
-/// interleaved between modes at each point). The pods keep the last point's flags: call before
-/// [`namespaces`] only if it re-applies (it does).
+/// Short-connection rate with each number of excluded CIDRs, for every mode (the floor as the reference),
+/// rounds interleaved between modes at each point; the injector's flags are applied again at the end.
 pub fn cidrs(
     topologies: &[Topology],
     points: &[usize],
@@ -84,19 +83,30 @@ pub fn cidrs(
             points: Vec::new(),
         })
         .collect();
-    for &n in points {
-        let flags = flags_with_excluded(excluded_cidrs(n));
-        for (t, s) in chosen.iter().zip(&mut series) {
-            t.apply(&flags)?;
-            let rules = (t.mode.backend == Backend::Iptables).then(|| t.rule_count());
-            s.points.push(Point {
-                x: n,
+    for s in &mut series {
+        s.points = points
+            .iter()
+            .map(|&x| Point {
+                x,
                 rates: Vec::new(),
-                rules,
+                rules: None,
                 setup: None,
-            });
-        }
-        for round in 1..=repeats {
+            })
+            .collect();
+    }
+    // Rounds outside, points inside (1, 16, … 4096, 1, 16, …), each point applied anew: a drift of the
+    // machine over the run, or state that builds up with connections (TIME_WAIT), then spreads over
+    // every point instead of weighing on the last ones.
+    for round in 1..=repeats {
+        for (k, &n) in points.iter().enumerate() {
+            let flags = flags_with_excluded(excluded_cidrs(n));
+            for (t, s) in chosen.iter().zip(&mut series) {
+                t.apply(&flags)?;
+                if t.mode.backend == Backend::Iptables {
+                    s.points[k].rules = Some(t.rule_count());
+                }
+            }
+            progress.step(crate::APPLY_SECONDS, &format!("scaling: {n} excluded CIDRs applied"));
             for (t, s) in chosen.iter().zip(&mut series) {
                 let r = workloads::short(t, duration)?;
                 progress.step(
@@ -107,7 +117,7 @@ pub fn cidrs(
                         r.per_second()
                     ),
                 );
-                s.points.last_mut().expect("pushed above").rates.push(r.per_second());
+                s.points[k].rates.push(r.per_second());
             }
         }
     }
