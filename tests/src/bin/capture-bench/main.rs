@@ -239,20 +239,12 @@ fn main() -> Result<()> {
             r.bulk.push(bulk);
         }
     }
-    let cidrs = scaling::cidrs(
-        &topologies,
-        plan.cidr_points,
-        plan.scaling_repeats,
-        plan.scaling_duration,
-        &mut progress,
-    )?;
-    let namespaces = scaling::namespaces(
-        &topologies,
-        plan.namespace_points,
-        plan.scaling_repeats,
-        plan.scaling_duration,
-        &mut progress,
-    )?;
+    let rounds = scaling::Rounds {
+        repeats: plan.scaling_repeats,
+        duration: plan.scaling_duration,
+    };
+    let cidrs = scaling::cidrs(&topologies, plan.cidr_points, rounds, &mut progress)?;
+    let namespaces = scaling::namespaces(&topologies, plan.namespace_points, rounds, &mut progress)?;
     drop(topologies);
     drop(cgroups);
 

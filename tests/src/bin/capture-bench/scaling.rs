@@ -46,6 +46,13 @@ fn flags_with_excluded(cidrs: String) -> Vec<String> {
     flags
 }
 
+/// How many short-connection runs each point gets, and how long each lasts.
+#[derive(Clone, Copy, Debug)]
+pub struct Rounds {
+    pub repeats: usize,
+    pub duration: Duration,
+}
+
 /// One point of a scaling curve for one mode.
 #[derive(Clone, Debug)]
 pub struct Point {
@@ -70,30 +77,13 @@ impl Point {
 pub fn cidrs(
     topologies: &[Topology],
     points: &[usize],
-    repeats: usize,
-    duration: Duration,
+    rounds: Rounds,
     progress: &mut Progress,
 ) -> Result<Vec<Series<Point>>> {
+    let Rounds { repeats, duration } = rounds;
     // Every mode: the floor has no capture to configure, and is the reference for machine drift.
     let chosen: Vec<&Topology> = topologies.iter().collect();
-    let mut series: Vec<Series<Point>> = chosen
-        .iter()
-        .map(|t| Series {
-            mode: t.mode.name,
-            points: Vec::new(),
-        })
-        .collect();
-    for s in &mut series {
-        s.points = points
-            .iter()
-            .map(|&x| Point {
-                x,
-                rates: Vec::new(),
-                rules: None,
-                setup: None,
-            })
-            .collect();
-    }
+    let mut series = empty_series(&chosen, points);
     // Rounds outside, points inside (1, 16, … 4096, 1, 16, …), each point applied anew: a drift of the
     // machine over the run, or state that builds up with connections (TIME_WAIT), then spreads over
     // every point instead of weighing on the last ones.
@@ -107,18 +97,8 @@ pub fn cidrs(
                 }
             }
             progress.step(crate::APPLY_SECONDS, &format!("scaling: {n} excluded CIDRs applied"));
-            for (t, s) in chosen.iter().zip(&mut series) {
-                let r = workloads::short(t, duration)?;
-                progress.step(
-                    duration.as_secs_f64(),
-                    &format!(
-                        "scaling: {n} excluded CIDRs, round {round}/{repeats}, {:<10} {:>7.0} conn/s",
-                        t.mode.name,
-                        r.per_second()
-                    ),
-                );
-                s.points[k].rates.push(r.per_second());
-            }
+            let what = format!("{n} excluded CIDRs, round {round}/{repeats}");
+            measure(&chosen, &mut series, k, duration, progress, &what)?;
         }
     }
     for t in &chosen {
@@ -131,25 +111,19 @@ pub fn cidrs(
 pub fn namespaces(
     topologies: &[Topology],
     points: &[usize],
-    repeats: usize,
-    duration: Duration,
+    rounds: Rounds,
     progress: &mut Progress,
 ) -> Result<Vec<Series<Point>>> {
+    let Rounds { repeats, duration } = rounds;
     // The eBPF modes, and the floor as the reference for machine drift.
     let chosen: Vec<&Topology> = topologies
         .iter()
         .filter(|t| matches!(t.mode.backend, Backend::Ebpf | Backend::None))
         .collect();
-    let mut series: Vec<Series<Point>> = chosen
-        .iter()
-        .map(|t| Series {
-            mode: t.mode.name,
-            points: Vec::new(),
-        })
-        .collect();
+    let mut series = empty_series(&chosen, points);
     // Removed (`ip netns del`) when this returns, also on failure.
     let mut extra: Vec<Netns> = Vec::new();
-    for &n in points {
+    for (k, &n) in points.iter().enumerate() {
         let started = Instant::now();
         let before = extra.len();
         let added: Vec<Netns> = (extra.len() + 1..n).map(|_| Netns::new("bench-ns")).collect();
@@ -169,29 +143,54 @@ pub fn namespaces(
             );
         }
         for s in &mut series {
-            s.points.push(Point {
-                x: n,
-                rates: Vec::new(),
-                rules: None,
-                setup: Some(setup),
-            });
+            s.points[k].setup = Some(setup);
         }
         for round in 1..=repeats {
-            for (t, s) in chosen.iter().zip(&mut series) {
-                let r = workloads::short(t, duration)?;
-                progress.step(
-                    duration.as_secs_f64(),
-                    &format!(
-                        "scaling: {n} registered namespaces, round {round}/{repeats}, {:<10} {:>7.0} conn/s",
-                        t.mode.name,
-                        r.per_second()
-                    ),
-                );
-                s.points.last_mut().expect("pushed above").rates.push(r.per_second());
-            }
+            let what = format!("{n} registered namespaces, round {round}/{repeats}");
+            measure(&chosen, &mut series, k, duration, progress, &what)?;
         }
     }
     Ok(series)
+}
+
+/// One series per topology, with a point (no rates yet) for each of `points`.
+fn empty_series(chosen: &[&Topology], points: &[usize]) -> Vec<Series<Point>> {
+    chosen
+        .iter()
+        .map(|t| Series {
+            mode: t.mode.name,
+            points: points
+                .iter()
+                .map(|&x| Point {
+                    x,
+                    rates: Vec::new(),
+                    rules: None,
+                    setup: None,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// One short-connection run in each topology, its rate added to point `k` of its series; `what` names the
+/// point and round on the progress line.
+fn measure(
+    chosen: &[&Topology],
+    series: &mut [Series<Point>],
+    k: usize,
+    duration: Duration,
+    progress: &mut Progress,
+    what: &str,
+) -> Result<()> {
+    for (t, s) in chosen.iter().zip(series) {
+        let r = workloads::short(t, duration)?;
+        progress.step(
+            duration.as_secs_f64(),
+            &format!("scaling: {what}, {:<10} {:>7.0} conn/s", t.mode.name, r.per_second()),
+        );
+        s.points[k].rates.push(r.per_second());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
