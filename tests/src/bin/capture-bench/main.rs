@@ -239,12 +239,13 @@ fn main() -> Result<()> {
             r.bulk.push(bulk);
         }
     }
-    let rounds = scaling::Rounds {
+    let sweep = |points| scaling::Sweep {
+        points,
         repeats: plan.scaling_repeats,
         duration: plan.scaling_duration,
     };
-    let cidrs = scaling::cidrs(&topologies, plan.cidr_points, rounds, &mut progress)?;
-    let namespaces = scaling::namespaces(&topologies, plan.namespace_points, rounds, &mut progress)?;
+    let cidrs = scaling::cidrs(&topologies, sweep(plan.cidr_points), &mut progress)?;
+    let namespaces = scaling::namespaces(&topologies, sweep(plan.namespace_points), &mut progress)?;
     drop(topologies);
     drop(cgroups);
 

@@ -46,9 +46,10 @@ fn flags_with_excluded(cidrs: String) -> Vec<String> {
     flags
 }
 
-/// How many short-connection runs each point gets, and how long each lasts.
+/// The points of an axis, how many short-connection runs each gets, and how long each lasts.
 #[derive(Clone, Copy, Debug)]
-pub struct Rounds {
+pub struct Sweep<'a> {
+    pub points: &'a [usize],
     pub repeats: usize,
     pub duration: Duration,
 }
@@ -74,13 +75,12 @@ impl Point {
 
 /// Short-connection rate with each number of excluded CIDRs, for every mode (the floor as the reference),
 /// rounds interleaved between modes at each point; the injector's flags are applied again at the end.
-pub fn cidrs(
-    topologies: &[Topology],
-    points: &[usize],
-    rounds: Rounds,
-    progress: &mut Progress,
-) -> Result<Vec<Series<Point>>> {
-    let Rounds { repeats, duration } = rounds;
+pub fn cidrs(topologies: &[Topology], sweep: Sweep, progress: &mut Progress) -> Result<Vec<Series<Point>>> {
+    let Sweep {
+        points,
+        repeats,
+        duration,
+    } = sweep;
     // Every mode: the floor has no capture to configure, and is the reference for machine drift.
     let chosen: Vec<&Topology> = topologies.iter().collect();
     let mut series = empty_series(&chosen, points);
@@ -108,13 +108,12 @@ pub fn cidrs(
 }
 
 /// Short-connection rate with each number of registered namespaces (the pod included), for the eBPF modes.
-pub fn namespaces(
-    topologies: &[Topology],
-    points: &[usize],
-    rounds: Rounds,
-    progress: &mut Progress,
-) -> Result<Vec<Series<Point>>> {
-    let Rounds { repeats, duration } = rounds;
+pub fn namespaces(topologies: &[Topology], sweep: Sweep, progress: &mut Progress) -> Result<Vec<Series<Point>>> {
+    let Sweep {
+        points,
+        repeats,
+        duration,
+    } = sweep;
     // The eBPF modes, and the floor as the reference for machine drift.
     let chosen: Vec<&Topology> = topologies
         .iter()
