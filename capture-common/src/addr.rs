@@ -89,10 +89,10 @@ pub const fn port_to_be_field(port: u16) -> u32 {
     port.to_be() as u32
 }
 
-/// sockops' `remote_port` holds the network-order port in its first two bytes (the kernel shifts it up
-/// by 16 on little-endian machines), so the port is the field read as a big-endian u32.
+/// sockops' and sk_msg's `remote_port` hold the network-order port in their first two bytes (the kernel
+/// shifts it up by 16 on little-endian machines), so the port is the field read as a big-endian u32.
 #[inline(always)]
-pub const fn port_from_sockops_remote(field: u32) -> u16 {
+pub const fn port_from_remote_field(field: u32) -> u16 {
     u32::from_be(field) as u16
 }
 
@@ -132,7 +132,7 @@ mod tests {
         } else {
             8080
         };
-        assert_eq!(port_from_sockops_remote(sockops), 8080);
+        assert_eq!(port_from_remote_field(sockops), 8080);
     }
 
     #[test]

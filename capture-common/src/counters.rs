@@ -12,15 +12,21 @@ pub enum Counter {
     OrigDstLookups = 2,
     /// `SO_ORIGINAL_DST` asked for a connection we did not redirect (left to the kernel).
     OrigDstMisses = 3,
+    /// Sockets joined to loopback acceleration (`--loopback-accel`), both ends of a pair counting.
+    Accelerated = 4,
+    /// Accelerated sockets whose send found no peer to hand data to, and went back to TCP for good.
+    AccelFallbacks = 5,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 6] = [
         Counter::Redirected,
         Counter::Passed,
         Counter::OrigDstLookups,
         Counter::OrigDstMisses,
+        Counter::Accelerated,
+        Counter::AccelFallbacks,
     ];
 
     /// The slot this counter lives in.
@@ -35,6 +41,8 @@ impl Counter {
             Counter::Passed => "passed",
             Counter::OrigDstLookups => "original_dst_lookups",
             Counter::OrigDstMisses => "original_dst_misses",
+            Counter::Accelerated => "accelerated_sockets",
+            Counter::AccelFallbacks => "accel_fallbacks",
         }
     }
 }

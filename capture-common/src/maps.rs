@@ -21,6 +21,8 @@ pub mod names {
     pub const FLAGS_TEXT: &str = "FLAGS_TEXT";
     /// The proxy's listening sockets, for inbound capture.
     pub const LISTENERS: &str = "LISTENERS";
+    /// Established local sockets of namespaces with loopback acceleration (the sk_msg program's map).
+    pub const PEERS: &str = "PEERS";
     /// The global that tells an sk_lookup program copy which namespace it serves.
     pub const NETNS_GLOBAL: &str = "CAPTURE_NETNS";
 }
@@ -64,6 +66,8 @@ pub mod flag {
     pub const HAS_OUTBOUND_INCLUDE_PORTS: u32 = 1 << 14;
     /// See [`HAS_EXCLUDED_SUBNETS`].
     pub const HAS_INCLUDE_CIDRS: u32 = 1 << 15;
+    /// `--loopback-accel`: sends between two sockets of this namespace skip the loopback TCP/IP path.
+    pub const LOOPBACK_ACCEL: u32 = 1 << 16;
 }
 
 /// One namespace's scalar configuration. Value of the `CONFIG` map, keyed by network-namespace cookie.
@@ -216,6 +220,40 @@ pub struct ListenerKey {
     pub family: u32,
 }
 
+/// Key of the `PEERS` sockhash (and of `ACCEL_FALLBACK`): one end of a TCP connection, as that end sees
+/// it. The peer's key is the same with local and remote swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerKey {
+    /// Network-namespace cookie.
+    pub netns: u64,
+    /// The socket's own address, IPv4 mapped (so an IPv4 socket and a dual-stack peer agree).
+    pub local: Addr,
+    /// The peer's address, IPv4 mapped.
+    pub remote: Addr,
+    /// The socket's own port.
+    pub local_port: u16,
+    /// The peer's port.
+    pub remote_port: u16,
+    /// Zero; makes the size a multiple of 8 explicitly.
+    pub _pad: u32,
+}
+
+impl PeerKey {
+    /// The key of the other end of the same connection.
+    #[inline(always)]
+    pub fn peer(&self) -> PeerKey {
+        PeerKey {
+            netns: self.netns,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
 /// Longest flags text kept for `capture status`.
 pub const FLAGS_TEXT_LEN: usize = 1024;
 
@@ -252,5 +290,22 @@ mod tests {
         assert_eq!(size_of::<CidrKeyData>(), 24);
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<PeerKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+    }
+
+    #[test]
+    fn a_peer_key_swaps_the_ends_and_back() {
+        let key = PeerKey {
+            netns: 7,
+            local: crate::addr::from_v4([127, 0, 0, 1]),
+            remote: crate::addr::from_v4([127, 0, 0, 6]),
+            local_port: 40000,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let peer = key.peer();
+        assert_eq!((peer.local, peer.local_port), (key.remote, 15001));
+        assert_eq!((peer.remote, peer.remote_port), (key.local, 40000));
+        assert_eq!(peer.peer(), key);
     }
 }

@@ -318,6 +318,17 @@ pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdic
     Verdict::Pass(Rule::NoMatch)
 }
 
+/// Loopback acceleration (`--loopback-accel`): whether a TCP socket of a registered namespace that has just
+/// become established joins the peer map, whose sends then go straight to the peer socket's receive queue.
+/// Only pairs inside the namespace (the peer address is local: the app and its proxy over loopback, the
+/// proxy's passthrough to the pod's own address) qualify, and only before any data has crossed
+/// (`quiet`): data redirected later is read before data that came by TCP, so a connection that already
+/// carried some (TCP Fast Open) stays on TCP.
+#[inline(always)]
+pub fn accelerate<L: Lookups>(cfg: &PodConfig, peer: &Addr, quiet: bool, lookups: &L) -> bool {
+    has(cfg, flag::LOOPBACK_ACCEL) && quiet && is_local(peer, addr::is_v4(peer), lookups)
+}
+
 /// istio's inbound decision (`ISTIO_INBOUND` in REDIRECT mode, REFERENCE §3.5) for a new TCP connection.
 #[inline(always)]
 pub fn inbound<L: Lookups>(cfg: &PodConfig, conn: &InConn, lookups: &L) -> Verdict {

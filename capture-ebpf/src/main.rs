@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod accel;
 mod connect;
 mod fields;
 mod lookups;
@@ -11,8 +12,8 @@ mod sockops;
 mod sockopt;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
 /// Outbound capture for IPv4 sockets.
@@ -76,6 +77,13 @@ pub fn capture_getsockopt(ctx: SockoptContext) -> i32 {
 #[sk_lookup]
 pub fn capture_sk_lookup(ctx: SkLookupContext) -> u32 {
     sk_lookup::lookup(&ctx)
+}
+
+/// Loopback acceleration: a send of an accelerated socket goes straight to its peer (attached to the
+/// `PEERS` sockhash, so it runs only for sockets in it).
+#[sk_msg]
+pub fn capture_sk_msg(ctx: SkMsgContext) -> u32 {
+    accel::redirect(&ctx)
 }
 
 #[cfg(not(test))]

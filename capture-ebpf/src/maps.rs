@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use capture_common::{
     counters::{Counter, NetnsCounters},
-    maps::{CidrKeyData, ConnKey, FlagsText, ListenerKey, OrigDst, PodConfig, SetKey},
+    maps::{CidrKeyData, ConnKey, FlagsText, ListenerKey, OrigDst, PeerKey, PodConfig, SetKey},
 };
 
 /// Registered network namespaces (pods) a node can hold.
@@ -19,6 +19,9 @@ const MAX_CIDR_ENTRIES: u32 = 65536;
 /// Connections between connect() and their proxy's accept, over all namespaces; LRU as a backstop for
 /// connections that are never accepted.
 const MAX_PENDING_CONNECTIONS: u32 = 65536;
+
+/// Established sockets under loopback acceleration, over all namespaces (both ends of each pair).
+const MAX_PEERS: u32 = 65536;
 
 /// Per-namespace configuration.
 /// - key: network-namespace cookie (`u64`); value: [`PodConfig`]
@@ -77,6 +80,22 @@ pub static FLAGS_TEXT: HashMap<u64, FlagsText> = HashMap::pinned(MAX_NAMESPACES,
 ///   the kernel removes a socket when it closes. Read by: sk_lookup.
 #[map]
 pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_NAMESPACES * 2, 0);
+
+/// Both ends of each local TCP connection in a namespace with `--loopback-accel`; the sk_msg program is
+/// attached to this map and runs for every send of a socket in it.
+/// - key: [`PeerKey`] (netns, the socket's own address and port, the peer's); value: the socket
+/// - written by: sockops (ACTIVE/PASSIVE_ESTABLISHED_CB), when [`capture_common::model::accelerate`] says
+///   so; the kernel removes a socket when it closes. Read by: sk_msg (the peer's key).
+#[map]
+pub static PEERS: SockHash<PeerKey> = SockHash::pinned(MAX_PEERS, 0);
+
+/// Accelerated sockets that once sent by TCP because their peer was not in [`PEERS`]: they stay on TCP,
+/// since data redirected later would overtake what TCP still holds.
+/// - key: [`PeerKey`] of the sending socket; value: `u8` 1
+/// - written by: sk_msg; deleted by: sockops when a new connection with the same key joins [`PEERS`].
+///   LRU: an entry outlives its connection until then or until evicted.
+#[map]
+pub static ACCEL_FALLBACK: LruHashMap<PeerKey, u8> = LruHashMap::pinned(MAX_PEERS, 0);
 
 /// Adds one to `counter` of namespace `netns` (if it is registered).
 #[inline(always)]

@@ -5,12 +5,13 @@
 //!   destination from `ORIG_BY_COOKIE` to `ORIG_BY_ADDR`, keyed by what the proxy will see as its peer.
 //! - PASSIVE_ESTABLISHED_CB (proxy side): if the connection is one of ours, ask for state callbacks.
 //! - STATE_CB to TCP_CLOSE (proxy side): delete the entry.
+//! - ACTIVE/PASSIVE_ESTABLISHED_CB: loopback acceleration picks the socket up (see [`crate::accel`]).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
@@ -21,6 +22,7 @@ use capture_common::{
 };
 
 use crate::{
+    accel,
     fields::words,
     maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, ORIG_BY_COOKIE},
 };
@@ -34,7 +36,7 @@ const TCP_CLOSE: u32 = 7;
 
 /// The socket's local address (IPv4 mapped).
 #[inline(always)]
-fn local_addr(ctx: &SockOpsContext) -> Addr {
+pub fn local_addr(ctx: &SockOpsContext) -> Addr {
     // SAFETY: the kernel's context, readable for the program's lifetime.
     let ops = unsafe { &*ctx.ops };
     if ctx.family() == AF_INET {
@@ -46,7 +48,7 @@ fn local_addr(ctx: &SockOpsContext) -> Addr {
 
 /// The socket's peer address (IPv4 mapped).
 #[inline(always)]
-fn remote_addr(ctx: &SockOpsContext) -> Addr {
+pub fn remote_addr(ctx: &SockOpsContext) -> Addr {
     // SAFETY: the kernel's context, readable for the program's lifetime.
     let ops = unsafe { &*ctx.ops };
     if ctx.family() == AF_INET {
@@ -64,7 +66,7 @@ fn proxy_side_key(ctx: &SockOpsContext) -> ConnKey {
     ConnKey {
         netns,
         client: remote_addr(ctx),
-        client_port: addr::port_from_sockops_remote(ctx.remote_port()),
+        client_port: addr::port_from_remote_field(ctx.remote_port()),
         proxy_port: ctx.local_port() as u16,
         _pad: 0,
     }
@@ -113,11 +115,13 @@ pub fn handle(ctx: &SockOpsContext) {
             let _ = ORIG_BY_ADDR.insert(&key, &orig, 0);
             let _ = ORIG_BY_COOKIE.remove(&cookie);
         }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => accel::join(ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let key = proxy_side_key(ctx);
             if ORIG_BY_ADDR.get_ptr(&key).is_some() {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
+            accel::join(ctx);
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             let _ = ORIG_BY_ADDR.remove(&proxy_side_key(ctx));

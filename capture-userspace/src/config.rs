@@ -116,6 +116,9 @@ pub struct Config {
     pub owner_groups: OwnerGroups,
     /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: what "localhost" means for IPv4 (v6 is always `::1/128`).
     pub loopback_cidr_v4: Ipv4Net,
+    /// `--loopback-accel` (capture's own, eBPF backend only): sends between two sockets of the namespace
+    /// skip the loopback TCP/IP path.
+    pub loopback_accel: bool,
 }
 
 /// The DNS port, and the istio-agent DNS proxy port that captured DNS goes to (hard-coded in istio); defined
@@ -154,6 +157,7 @@ impl Default for Config {
             dual_stack: false,
             owner_groups: OwnerGroups::AllExcept(Vec::new()),
             loopback_cidr_v4: "127.0.0.1/32".parse().expect("valid default loopback CIDR"),
+            loopback_accel: false,
         }
     }
 }

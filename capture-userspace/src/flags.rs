@@ -577,7 +577,7 @@ fn pin_dir_arg() -> Arg {
         .help("bpffs directory the eBPF backend pins its programs and maps in [default: /sys/fs/bpf/capture]")
 }
 
-fn our_args() -> [Arg; 5] {
+fn our_args() -> [Arg; 6] {
     [
         backend_arg(),
         pin_dir_arg(),
@@ -593,6 +593,14 @@ fn our_args() -> [Arg; 5] {
             .long("resolv-conf")
             .value_name("PATH")
             .help("Where --redirect-dns reads the DNS servers from [default: /etc/resolv.conf]"),
+        Arg::new("loopback-accel")
+            .long("loopback-accel")
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .value_name("BOOL")
+            .action(ArgAction::Set)
+            .help("eBPF backend: sends between the app and its proxy skip the loopback TCP/IP path (sockops + sk_msg) [default: false]"),
     ]
 }
 
@@ -791,7 +799,22 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         dual_stack: boolean_value(&get("dual-stack"))?,
         owner_groups,
         loopback_cidr_v4,
+        loopback_accel: match ours("loopback-accel") {
+            None => false,
+            Some(value) => boolean_value(&Raw {
+                name: "--loopback-accel".into(),
+                value,
+                origin: Origin::Cli,
+            })?,
+        },
     };
+    if config.loopback_accel && backend == Backend::Iptables {
+        return Err(FlagError {
+            origin: "--loopback-accel".into(),
+            value: "true".into(),
+            reason: "loopback acceleration is an eBPF program; drop the flag or use --backend ebpf".into(),
+        });
+    }
 
     let cleanup_only = boolean_value(&get("cleanup-only"))?;
     let iptables_flavour = {

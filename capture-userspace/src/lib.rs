@@ -2,6 +2,7 @@
 //!
 //! [`flags`] turns istio-iptables' command line into a [`config::Config`]; [`app`] runs it with one of the
 //! backends: [`ebpf`] (kernel programs fed from maps) or [`iptables`] (istio's own rules).
+pub mod agent;
 pub mod app;
 pub mod cgroup;
 pub mod config;

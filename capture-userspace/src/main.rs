@@ -9,6 +9,10 @@ use capture::flags::{self, ParseError};
 const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
+    // The node agent and its client have command lines of their own.
+    if matches!(std::env::args().nth(1).as_deref(), Some("agent" | "pod")) {
+        return capture::agent::cli::main(std::env::args_os().collect());
+    }
     let env = |name: &str| std::env::var(name).ok();
     let invocation = match flags::parse(std::env::args_os(), &env) {
         Ok(inv) => inv,

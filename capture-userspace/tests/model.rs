@@ -10,7 +10,7 @@ use capture::{
 };
 use capture_common::{
     addr::{self, Addr},
-    model::{Conn, Proto, Rule, Verdict, outbound},
+    model::{Conn, Proto, Rule, Verdict, accelerate, outbound},
 };
 
 const POD_IP: &str = "10.1.1.5";
@@ -348,4 +348,20 @@ fn inbound_lists_interfaces_and_families() {
         inbound_to(&pod(INJECTOR), POD_IP6, 8080, "fd00::9", ETH0),
         Redirect(15006, InboundPort)
     );
+}
+
+#[test]
+fn loopback_acceleration_takes_quiet_local_pairs_only() {
+    let on = pod(&format!("{INJECTOR} --loopback-accel"));
+    let accel = |p: &Pod, peer: &str, quiet: bool| accelerate(&p.entries.config, &ip(peer), quiet, &p.lookups);
+    // The app and its proxy over loopback, the proxy's passthrough to the pod's own address.
+    for peer in ["127.0.0.1", "127.0.0.6", "::1", POD_IP, POD_IP6] {
+        assert!(accel(&on, peer, true), "{peer}");
+        assert!(!accel(&on, peer, false), "{peer} after data crossed");
+    }
+    // A peer outside the namespace: nothing to hand the data to.
+    assert!(!accel(&on, "10.9.9.9", true));
+    assert!(!accel(&on, "2001:db8::9", true));
+    // Off unless asked for.
+    assert!(!accel(&pod(INJECTOR), "127.0.0.1", true));
 }

@@ -22,6 +22,7 @@ use std::{
 };
 
 pub mod diff;
+pub mod echo;
 pub mod sidecar;
 
 /// How long a test connection may take before it counts as failed.

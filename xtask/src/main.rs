@@ -201,7 +201,8 @@ fn main() -> Result<()> {
             setup::ensure()?;
             let built = build()?;
             let mut cmd = cargo();
-            cmd.arg("test")
+            // Every test binary runs even after one fails, so the closing count covers the whole suite.
+            cmd.args(["test", "--no-fail-fast"])
                 .env("CAPTURE_BIN", &built.capture)
                 .env("CAPTURE_PROBE_BIN", &built.probe);
             let test_file = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/tests/{f}.rs"));

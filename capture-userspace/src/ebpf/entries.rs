@@ -108,6 +108,7 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
         matches!(&cfg.include_cidrs, IncludeCidrs::List(l) if !l.is_empty()),
         flag::HAS_INCLUDE_CIDRS,
     );
+    set_flag(cfg.loopback_accel, flag::LOOPBACK_ACCEL);
     let config = PodConfig {
         id,
         flags,

@@ -2,8 +2,9 @@
 //! capture works even if the proxy started first (an agent registering running pods). sockops learns
 //! listeners only when they start listening; these are handed to the `LISTENERS` sockhash by the loader.
 //!
-//! A listener is found by its inode in this namespace's /proc/net/tcp{,6}, its owner by that inode among
-//! the processes' descriptors, and a copy of the descriptor is taken with pidfd_getfd(2) (Linux 5.6).
+//! A listener is found by its inode in this namespace's /proc/thread-self/net/tcp{,6} (the calling
+//! thread's namespace: the agent registers pods from threads that entered them), its owner by that inode
+//! among the processes' descriptors, and a copy of the descriptor is taken with pidfd_getfd(2) (Linux 5.6).
 
 use std::{
     fs, io,
@@ -49,7 +50,10 @@ pub fn parse_proc_net_tcp(text: &str, family: u32, ports: &[u16]) -> Vec<Listeni
 /// The listening sockets on `ports` in the current network namespace, each with a descriptor of it.
 pub fn existing(ports: &[u16]) -> Result<Vec<(Listening, OwnedFd)>> {
     let mut wanted = Vec::new();
-    for (path, family) in [("/proc/net/tcp", AF_INET), ("/proc/net/tcp6", AF_INET6)] {
+    for (path, family) in [
+        ("/proc/thread-self/net/tcp", AF_INET),
+        ("/proc/thread-self/net/tcp6", AF_INET6),
+    ] {
         match fs::read_to_string(path) {
             Ok(text) => wanted.extend(parse_proc_net_tcp(&text, family, ports)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

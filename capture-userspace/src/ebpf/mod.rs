@@ -12,6 +12,8 @@ mod listeners;
 pub mod maps;
 mod sys;
 
+pub use maps::Registered;
+
 use std::{
     fs::File,
     os::fd::AsFd as _,
@@ -25,7 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SkMsg, SockOps},
     sys::is_program_supported,
 };
 
@@ -55,10 +57,11 @@ const LOG_POLL_MS: u16 = 200;
 /// statfs(2) magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// A kernel program, the hook it attaches to, and the name its link is pinned under.
+/// A kernel program, the hook it attaches to, and the pin that holds the attachment.
 struct Hook {
     program: &'static str,
     attach: AttachType,
+    /// The name its link is pinned under (for sk_msg: the pinned map it is attached to).
     link: &'static str,
     /// What the hook is for and the first kernel that has it, for the error when it is missing.
     needs: &'static str,
@@ -70,6 +73,15 @@ const SK_LOOKUP: Hook = Hook {
     attach: AttachType::SkLookup,
     link: "link_sk_lookup",
     needs: "sk_lookup (Linux 5.9)",
+};
+
+/// Loopback acceleration: attached to the `PEERS` sockhash, it runs for the sends of the sockets sockops
+/// puts there (only in namespaces registered with `--loopback-accel`).
+const SK_MSG: Hook = Hook {
+    program: "capture_sk_msg",
+    attach: AttachType::SkMsgVerdict,
+    link: maps::names::PEERS,
+    needs: "sk_msg with bpf_get_netns_cookie (Linux 5.15)",
 };
 
 /// Where the sk_lookup link of namespace `netns` is pinned.
@@ -186,6 +198,10 @@ fn probe() -> Result<()> {
             "cgroup sockopt programs (getsockopt, Linux 5.3)",
         ),
         (ProgramType::SkLookup, "sk_lookup programs (inbound capture, Linux 5.9)"),
+        (
+            ProgramType::SkMsg,
+            "sk_msg programs (loopback acceleration, Linux 4.17)",
+        ),
     ];
     for (ty, what) in types {
         if !is_program_supported(ty).unwrap_or(false) {
@@ -221,17 +237,75 @@ fn links_pinned(dir: &Path) -> bool {
     HOOKS.iter().all(|h| dir.join(h.link).exists())
 }
 
-/// Loads, attaches and registers (see [`load_and_register`]). On failure nothing stays: a first
-/// registration that fails removes the pins it made.
+/// Loads, attaches and registers the current namespace. On failure nothing stays: a first registration
+/// that fails removes the pins it made.
 fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
     probe()?;
     let fresh = !dir.join(maps::names::CONFIG).exists();
     ensure_pin_dir(dir)?;
-    let result = load_and_register(inv, env, facts, dir);
+    let result = (|| {
+        let netns = namespace::cookie()?;
+        let mut ebpf = load(dir, inv.options.log_level, netns)?;
+        attach_hooks(&mut ebpf, dir, inv.options.cgroup.as_deref())?;
+        register_namespace(&mut ebpf, inv, env, facts, dir, netns)?;
+        Ok(ebpf)
+    })();
     if result.is_err() && fresh {
         let _ = remove_pins(dir);
     }
     result
+}
+
+/// Loads and attaches the programs without registering a namespace: what `capture agent` does when it
+/// starts. Like an apply, it switches programs that are already attached to the new ones in place.
+pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<()> {
+    probe()?;
+    ensure_pin_dir(dir)?;
+    let mut ebpf = load(dir, level, 0)?;
+    attach_hooks(&mut ebpf, dir, cgroup)
+}
+
+/// Registers the network namespace the calling thread is in with `inv`'s configuration, on programs
+/// [`attach`] attached: the agent's step for one pod (from a thread that entered the pod's namespace).
+/// Returns the namespace's cookie.
+pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path) -> Result<u64> {
+    let facts = namespace::facts(&inv.config)?;
+    // Built first: a configuration the kernel cannot take fails before anything is touched.
+    entries::entries(&inv.config, env, &facts, 0)?;
+    namespace::add_passthrough_v6(env)?;
+    let facts = namespace::facts(&inv.config)?;
+    let netns = namespace::cookie()?;
+    let mut ebpf = load(dir, inv.options.log_level, netns)?;
+    register_namespace(&mut ebpf, inv, env, &facts, dir, netns)?;
+    Ok(netns)
+}
+
+/// Unregisters namespace `netns` (by cookie), from any namespace; the programs stay attached.
+pub fn unregister(dir: &Path, netns: u64) -> Result<()> {
+    Maps::open(dir)?.unregister(netns)?;
+    let pin = sk_lookup_pin(dir, netns);
+    if pin.exists() {
+        // Unpinning the last reference detaches the program from the namespace.
+        std::fs::remove_file(&pin).with_context(|| format!("unpin {}", pin.display()))?;
+    }
+    Ok(())
+}
+
+/// Every registered namespace, with its flags and counters.
+pub fn registered(dir: &Path) -> Result<Vec<Registered>> {
+    Maps::open(dir)?.registered()
+}
+
+/// Opens the kernel object with the requested log level, for namespace `netns` (sk_lookup's copy), with
+/// its maps pinned in, or reused from, `dir`.
+fn load(dir: &Path, level: LogLevel, netns: u64) -> Result<Ebpf> {
+    let level = level as u8;
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .override_global(aya_log::LEVEL, &level, true)
+        .override_global(maps::names::NETNS_GLOBAL, &netns, true)
+        .load(PROGRAMS)
+        .context("load capture's kernel programs")
 }
 
 /// Loads one program of the object and returns a descriptor of it that outlives the object.
@@ -261,31 +335,27 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
             let p: &mut SkLookup = program.try_into()?;
             p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
         }
+        AttachType::SkMsgVerdict => {
+            let p: &mut SkMsg = program.try_into()?;
+            p.load().map(|()| p.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+        }
     };
     loaded
         .with_context(|| format!("the kernel rejected {} ({})", hook.program, hook.needs))??
         .with_context(|| format!("duplicate the fd of {}", hook.program))
 }
 
-/// Loads the programs (with the requested log level) and attaches them: new links on the first
-/// registration, or the existing pinned links switched to the new programs, atomically each, so a newer
-/// `capture` or another log level takes over with no moment unattached. Then registers the namespace.
-fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
-    let level = inv.options.log_level as u8;
-    let netns = namespace::cookie()?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .override_global(aya_log::LEVEL, &level, true)
-        .override_global(maps::names::NETNS_GLOBAL, &netns, true)
-        .load(PROGRAMS)
-        .context("load capture's kernel programs")?;
+/// Loads the programs and attaches them: new links the first time, or the pinned links switched to the new
+/// programs, atomically each, so a newer `capture` or another log level takes over with no moment
+/// unattached.
+fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<()> {
     let attached = links_pinned(dir);
-    let cgroup = match &inv.options.cgroup {
-        Some(c) => c.clone(),
+    let cgroup = match cgroup {
+        Some(c) => c.to_owned(),
         None => cgroup::cgroup2_root()?,
     };
     for hook in &HOOKS {
-        let prog = load_program(&mut ebpf, hook)?;
+        let prog = load_program(ebpf, hook)?;
         let pin = dir.join(hook.link);
         if attached {
             let link = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
@@ -298,6 +368,25 @@ fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &P
             sys::obj_pin(link.as_fd(), &pin).with_context(|| format!("pin the link of {}", hook.program))?;
         }
     }
+    // Loopback acceleration's program rides on its pinned map: attached (or replaced) before any namespace
+    // can ask for it.
+    let prog = load_program(ebpf, &SK_MSG)?;
+    let pin = dir.join(SK_MSG.link);
+    let peers = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
+    sys::map_attach(prog.as_fd(), peers.as_fd(), SK_MSG.attach)
+        .with_context(|| format!("attach {} to {} ({})", SK_MSG.program, SK_MSG.link, SK_MSG.needs))
+}
+
+/// Registers the current namespace (cookie `netns`): its map entries, the proxy's listeners that already
+/// exist, and its own copy of sk_lookup from `ebpf` (loaded for `netns`).
+fn register_namespace(
+    ebpf: &mut Ebpf,
+    inv: &Invocation,
+    env: &Environment,
+    facts: &Facts,
+    dir: &Path,
+    netns: u64,
+) -> Result<()> {
     let mut maps = Maps::open(dir)?;
     maps.register(netns, &inv.config, env, facts, &flags_text())?;
     // Listeners that existed before this registration (sockops only sees new ones).
@@ -306,18 +395,19 @@ fn load_and_register(inv: &Invocation, env: &Environment, facts: &Facts, dir: &P
         maps.add_listener(netns, listening.port, listening.family, &fd)?;
     }
     // Inbound: this namespace's own copy of sk_lookup, attached to it.
-    let prog = load_program(&mut ebpf, &SK_LOOKUP)?;
+    let prog = load_program(ebpf, &SK_LOOKUP)?;
     let pin = sk_lookup_pin(dir, netns);
     if pin.exists() {
         let link = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
         sys::link_update(link.as_fd(), prog.as_fd()).context("switch the sk_lookup link to the new program")?;
     } else {
-        let ns = File::open("/proc/self/ns/net").context("open this network namespace")?;
+        // The calling thread's namespace: the agent registers from a thread that entered the pod's.
+        let ns = File::open("/proc/thread-self/ns/net").context("open this network namespace")?;
         let link = sys::link_create(prog.as_fd(), ns.as_fd(), AttachType::SkLookup)
             .with_context(|| format!("attach {} to this namespace ({})", SK_LOOKUP.program, SK_LOOKUP.needs))?;
         sys::obj_pin(link.as_fd(), &pin).context("pin the sk_lookup link")?;
     }
-    Ok(ebpf)
+    Ok(())
 }
 
 /// Forwards the kernel programs' log records to stderr until Ctrl-C (or SIGTERM).
@@ -355,16 +445,8 @@ fn clean(dir: &Path) -> Result<String> {
     if !dir.join(maps::names::CONFIG).exists() {
         return Ok(String::new());
     }
-    let mut maps = Maps::open(dir)?;
-    let netns = namespace::cookie()?;
-    maps.unregister(netns)?;
-    let pin = sk_lookup_pin(dir, netns);
-    if pin.exists() {
-        // Unpinning the last reference detaches the program from the namespace.
-        std::fs::remove_file(&pin).with_context(|| format!("unpin {}", pin.display()))?;
-    }
-    if maps.registered()?.is_empty() {
-        drop(maps);
+    unregister(dir, namespace::cookie()?)?;
+    if Maps::open(dir)?.registered()?.is_empty() {
         remove_pins(dir)?;
     }
     Ok(String::new())

@@ -1,6 +1,7 @@
 //! The bpf(2) link commands the loader needs and aya 0.14 does not offer for every program type: create a
 //! cgroup link for a loaded program, pin it so the attachment outlives the loader, open a pinned link, and
-//! swap the program behind a link (a new loader replaces the programs with no moment unattached).
+//! swap the program behind a link (a new loader replaces the programs with no moment unattached); and
+//! attach a program to a pinned sockhash, which aya would detach again when the loader exits.
 
 use std::{
     ffi::CString,
@@ -12,6 +13,7 @@ use std::{
 /// bpf(2) commands (include/uapi/linux/bpf.h).
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -21,6 +23,8 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 pub enum AttachType {
     /// BPF_CGROUP_SOCK_OPS.
     SockOps = 3,
+    /// BPF_SK_MSG_VERDICT (attached to a sockhash).
+    SkMsgVerdict = 7,
     /// BPF_CGROUP_INET4_CONNECT.
     Connect4 = 10,
     /// BPF_CGROUP_INET6_CONNECT.
@@ -69,6 +73,17 @@ pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachT
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches `prog` to the sockhash `map` (sk_msg). The attachment lives as long as the map; attaching again
+/// replaces the program atomically. (BPF links for sockmap programs only came in Linux 6.10.)
+pub fn map_attach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach: AttachType) -> io::Result<()> {
+    let mut attr = Attr([0; 64]);
+    // prog_attach: target_fd, attach_bpf_fd, attach_type, attach_flags.
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, attach as u32);
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {

@@ -1,0 +1,172 @@
+//! `capture agent`: one long-running process per node that keeps pods captured, instead of an init
+//! container per pod. Pod sources (the local control socket, Kubernetes) tell it which pods exist; it
+//! registers each pod's network namespace with the eBPF backend and unregisters it when the pod goes.
+
+pub mod cli;
+pub mod control;
+mod http;
+pub mod registry;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use self::registry::{PodRecord, Registry, Settings, Source};
+use crate::{ebpf, flags::LogLevel};
+
+/// A pod to capture, as a source describes it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodSpec {
+    /// Stable identity: `namespace/name` for a Kubernetes pod; any unique name over the control socket.
+    pub id: String,
+    /// The pod's network namespace: a path such as `/proc/PID/ns/net` or `/run/netns/NAME`.
+    pub netns: PathBuf,
+    /// The istio-iptables flags for this pod, as `capture` takes them (`["-p", "15001", "-u", "1337", …]`).
+    pub flags: Vec<String>,
+}
+
+/// What a pod source tells the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// Capture this pod (new, or with changed flags or namespace).
+    Upsert(PodSpec),
+    /// This pod is gone: release it.
+    Remove(String),
+    /// After a (re)list: every pod the source knows now. The agent releases the pods of this source that
+    /// are not listed.
+    Synced(Vec<String>),
+}
+
+/// The running agent's state, shared by its sources and endpoints.
+pub struct Agent {
+    registry: Mutex<Registry>,
+    /// Set once the programs are attached and the records reconciled.
+    ready: AtomicBool,
+    stats: Mutex<Stats>,
+}
+
+/// The agent's own figures, for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// How long the reconcile at start took.
+    pub reconcile: Duration,
+    /// How long the last registration took in the kernel (flags checked, namespace entered, maps written).
+    pub last_registration: Duration,
+    /// Requests from sources that failed.
+    pub errors: u64,
+}
+
+impl Agent {
+    /// Applies one event of `source`; returns whether anything changed.
+    pub fn apply(&self, event: SourceEvent, source: Source) -> Result<bool> {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match event {
+            SourceEvent::Upsert(spec) => {
+                let id = spec.id.clone();
+                registry.upsert(spec, source).map(|took| {
+                    if !took.is_zero() {
+                        tracing::info!(pod = %id, micros = took.as_micros() as u64, "registered");
+                        self.stats().last_registration = took;
+                    }
+                    !took.is_zero()
+                })
+            }
+            SourceEvent::Remove(id) => registry.remove(&id).inspect(|&removed| {
+                if removed {
+                    tracing::info!(pod = %id, "released");
+                }
+            }),
+            SourceEvent::Synced(present) => registry.retain(source, &present).map(|n| n > 0),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(error = %format!("{e:#}"), "request failed");
+            self.stats().errors += 1;
+        }
+        result
+    }
+
+    /// Every captured pod.
+    pub fn pods(&self) -> Vec<PodRecord> {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.pods().cloned().collect()
+    }
+
+    /// Whether the agent has taken over the kernel's state and serves requests.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn registry_settings(&self) -> Settings {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.settings().clone()
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How `capture agent` runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Programs, maps and records.
+    pub settings: Settings,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: std::net::SocketAddr,
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C. Capture stays in the kernel when it stops (or is killed): a
+/// new agent takes over from the pins and the state file.
+pub fn run(opts: Options) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(serve(opts))
+}
+
+async fn serve(opts: Options) -> Result<()> {
+    let settings = opts.settings.clone();
+    let started = Instant::now();
+    ebpf::attach(&settings.pin_dir, Some(&settings.cgroup), LogLevel::Off)?;
+    let mut registry = Registry::load(settings)?;
+    let reconciled = registry
+        .reconcile()
+        .context("take over the pods of the previous agent")?;
+    let agent = Arc::new(Agent {
+        registry: Mutex::new(registry),
+        ready: AtomicBool::new(false),
+        stats: Mutex::new(Stats {
+            reconcile: started.elapsed(),
+            ..Stats::default()
+        }),
+    });
+    tracing::info!(
+        kept = reconciled.kept,
+        restored = reconciled.restored,
+        released = reconciled.released,
+        millis = started.elapsed().as_millis() as u64,
+        "programs attached, pods reconciled"
+    );
+    let http = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listen on {}", opts.listen))?;
+    tracing::info!(socket = %opts.socket.display(), http = %http.local_addr()?, "serving");
+    agent.ready.store(true, Ordering::Relaxed);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = control::serve(&opts.socket, agent.clone()) => r,
+        r = http::serve(http, agent.clone()) => r,
+        _ = term.recv() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

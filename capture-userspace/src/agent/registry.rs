@@ -1,0 +1,311 @@
+//! The agent's pods: which are captured, under which namespace cookie, from which source; registering and
+//! unregistering them with the eBPF backend; and the state file that lets a restarted agent take over the
+//! pods the kernel still captures (the pins outlive the agent) without touching them.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::PodSpec;
+use crate::{
+    ebpf,
+    flags::{self, Backend, Invocation},
+    namespace,
+};
+
+/// Flags the agent sets itself: a pod may not choose where the programs live or how they are applied.
+const AGENT_OWNED_FLAGS: [&str; 6] = [
+    "--backend",
+    "--pin-dir",
+    "--cgroup",
+    "--network-namespace",
+    "--log-level",
+    "--cleanup-only",
+];
+
+/// Which source told the agent about a pod; a source's resync only releases its own pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The local control socket (`capture pod add`).
+    Control,
+    /// The Kubernetes pod watch.
+    Kubernetes,
+}
+
+/// One captured pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRecord {
+    /// What the source asked for.
+    pub spec: PodSpec,
+    /// Who asked.
+    pub source: Source,
+    /// The cookie of the namespace it was registered under.
+    pub cookie: u64,
+}
+
+/// Where the programs are and where the agent keeps its records.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// bpffs directory of the programs and maps.
+    pub pin_dir: PathBuf,
+    /// cgroup the programs are attached to.
+    pub cgroup: PathBuf,
+    /// Directory of the state file (on tmpfs, like the pins: both go with a reboot).
+    pub state_dir: PathBuf,
+}
+
+/// The captured pods, by id.
+pub struct Registry {
+    settings: Settings,
+    pods: BTreeMap<String, PodRecord>,
+}
+
+/// What a reconcile at start found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Pods still there and still registered: left untouched.
+    pub kept: usize,
+    /// Pods still there whose registration was missing: registered again.
+    pub restored: usize,
+    /// Pods whose namespace is gone: unregistered.
+    pub released: usize,
+}
+
+impl Registry {
+    /// The registry as the state file left it, not yet reconciled with the kernel.
+    pub fn load(settings: Settings) -> Result<Registry> {
+        let path = state_file(&settings.state_dir);
+        let pods = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let list: Vec<PodRecord> =
+                    serde_json::from_slice(&bytes).with_context(|| format!("read {}", path.display()))?;
+                list.into_iter().map(|r| (r.spec.id.clone(), r)).collect()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        Ok(Registry { settings, pods })
+    }
+
+    /// Where the programs and records are.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Every captured pod.
+    pub fn pods(&self) -> impl Iterator<Item = &PodRecord> {
+        self.pods.values()
+    }
+
+    /// The pod that has namespace cookie `cookie`.
+    pub fn by_cookie(&self, cookie: u64) -> Option<&PodRecord> {
+        self.pods.values().find(|r| r.cookie == cookie)
+    }
+
+    /// Makes the kernel's registrations match the records after a start: a pod whose namespace still
+    /// exists (same cookie) and is still registered is left alone, so its connections never notice the
+    /// restart; one whose registration went missing is registered again; one whose namespace is gone is
+    /// unregistered and forgotten.
+    pub fn reconcile(&mut self) -> Result<Reconciled> {
+        let registered: Vec<u64> = ebpf::registered(&self.settings.pin_dir)?
+            .iter()
+            .map(|r| r.netns)
+            .collect();
+        let mut out = Reconciled::default();
+        let records: Vec<PodRecord> = self.pods.values().cloned().collect();
+        for record in records {
+            match netns_cookie(&record.spec.netns) {
+                Ok(cookie) if cookie == record.cookie && registered.contains(&cookie) => out.kept += 1,
+                Ok(_) => {
+                    if record.cookie != 0 {
+                        ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
+                    }
+                    self.register(record.spec, record.source)?;
+                    out.restored += 1;
+                }
+                Err(_) => {
+                    ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
+                    self.pods.remove(&record.spec.id);
+                    out.released += 1;
+                }
+            }
+        }
+        self.save()?;
+        Ok(out)
+    }
+
+    /// Captures `spec` for `source` (or updates it). Adding the same pod twice changes nothing. Returns how
+    /// long the kernel registration took (zero when there was nothing to do).
+    pub fn upsert(&mut self, spec: PodSpec, source: Source) -> Result<Duration> {
+        if self.pods.get(&spec.id).is_some_and(|r| r.spec == spec) {
+            return Ok(Duration::ZERO);
+        }
+        let started = Instant::now();
+        let old_cookie = self.pods.get(&spec.id).map(|r| r.cookie);
+        let cookie = self.register(spec, source)?;
+        if let Some(old) = old_cookie.filter(|&old| old != cookie) {
+            // The pod moved to another namespace: release the old one.
+            ebpf::unregister(&self.settings.pin_dir, old)?;
+        }
+        self.save()?;
+        Ok(started.elapsed())
+    }
+
+    /// Releases pod `id`; releasing a pod that is not captured is not an error.
+    pub fn remove(&mut self, id: &str) -> Result<bool> {
+        let Some(record) = self.pods.remove(id) else {
+            return Ok(false);
+        };
+        ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
+        self.save()?;
+        Ok(true)
+    }
+
+    /// Releases every pod of `source` that is not in `present` (after that source re-listed its pods).
+    pub fn retain(&mut self, source: Source, present: &[String]) -> Result<usize> {
+        let gone: Vec<String> = self
+            .pods
+            .values()
+            .filter(|r| r.source == source && !present.contains(&r.spec.id))
+            .map(|r| r.spec.id.clone())
+            .collect();
+        for id in &gone {
+            self.remove(id)?;
+        }
+        Ok(gone.len())
+    }
+
+    /// Registers `spec` in its namespace and records it; returns the namespace's cookie.
+    fn register(&mut self, spec: PodSpec, source: Source) -> Result<u64> {
+        let inv = invocation(&spec, &self.settings)?;
+        let netns = File::open(&spec.netns).with_context(|| format!("open {}", spec.netns.display()))?;
+        let resolv_conf = inv.options.resolv_conf.clone();
+        let pin_dir = self.settings.pin_dir.clone();
+        // setns changes only the calling thread's network namespace: a thread of its own enters the pod's.
+        let cookie = std::thread::spawn(move || -> Result<u64> {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("enter the pod's namespace")?;
+            let env = namespace::detect(&inv.config, &resolv_conf)?;
+            ebpf::register_here(&inv, &env, &pin_dir)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the registration thread panicked"))?
+        .with_context(|| format!("register pod {}", spec.id))?;
+        self.pods.insert(spec.id.clone(), PodRecord { spec, source, cookie });
+        Ok(cookie)
+    }
+
+    /// Writes the records (to a new file, then renamed over the old one: never half-written).
+    fn save(&self) -> Result<()> {
+        let dir = &self.settings.state_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let path = state_file(dir);
+        let tmp = path.with_extension("json.new");
+        let list: Vec<&PodRecord> = self.pods.values().collect();
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replace {}", path.display()))
+    }
+}
+
+fn state_file(dir: &Path) -> PathBuf {
+    dir.join("pods.json")
+}
+
+/// The invocation for a pod: its flags, checked as `capture` checks them, on the agent's programs.
+pub fn invocation(spec: &PodSpec, settings: &Settings) -> Result<Invocation> {
+    if let Some(flag) = spec
+        .flags
+        .iter()
+        .find(|f| AGENT_OWNED_FLAGS.iter().any(|own| f.split('=').next() == Some(own)))
+    {
+        bail!("{flag}: set by the agent, not per pod");
+    }
+    let mut args: Vec<String> = vec!["capture".into()];
+    args.extend(spec.flags.iter().cloned());
+    // A pod in /proc/PID/ns/net reads its own resolv.conf unless it names one.
+    if let Some(pid) = proc_pid(&spec.netns)
+        && !spec.flags.iter().any(|f| f.starts_with("--resolv-conf"))
+    {
+        args.push(format!("--resolv-conf=/proc/{pid}/root/etc/resolv.conf"));
+    }
+    args.extend([
+        "--backend".into(),
+        "ebpf".into(),
+        "--pin-dir".into(),
+        settings.pin_dir.display().to_string(),
+        "--cgroup".into(),
+        settings.cgroup.display().to_string(),
+    ]);
+    // The environment is the agent's: pods give everything as flags.
+    let inv = flags::parse(args, &|_| None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if inv.options.backend != Backend::Ebpf || inv.options.dry_run {
+        bail!("pod {}: the agent applies the eBPF backend, for real", spec.id);
+    }
+    Ok(inv)
+}
+
+/// The PID of a `/proc/PID/ns/net` path.
+fn proc_pid(netns: &Path) -> Option<u32> {
+    let mut parts = netns.strip_prefix("/proc").ok()?.components();
+    let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+    (parts.as_path() == Path::new("ns/net")).then_some(pid)
+}
+
+/// The cookie of the namespace at `path` (from a thread that enters it).
+pub fn netns_cookie(path: &Path) -> Result<u64> {
+    let netns = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    std::thread::spawn(move || -> Result<u64> {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("enter the namespace")?;
+        namespace::cookie()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the cookie thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            pin_dir: "/run/pins".into(),
+            cgroup: "/sys/fs/cgroup/x".into(),
+            state_dir: "/run/state".into(),
+        }
+    }
+
+    fn spec(netns: &str, flags: &[&str]) -> PodSpec {
+        PodSpec {
+            id: "default/app".into(),
+            netns: netns.into(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_pods_flags_are_checked_as_capture_checks_them_and_the_agent_places_the_programs() {
+        let inv = invocation(&spec("/run/netns/x", &["-p", "15001", "-u", "1337"]), &settings()).unwrap();
+        assert_eq!(inv.options.pin_dir, Path::new("/run/pins"));
+        assert_eq!(inv.options.cgroup.as_deref(), Some(Path::new("/sys/fs/cgroup/x")));
+        assert_eq!(inv.options.backend, Backend::Ebpf);
+        let err = invocation(&spec("/run/netns/x", &["-p", "99999"]), &settings()).unwrap_err();
+        assert!(err.to_string().contains("99999"), "{err}");
+        let err = invocation(&spec("/run/netns/x", &["--pin-dir=/tmp"]), &settings()).unwrap_err();
+        assert_eq!(err.to_string(), "--pin-dir=/tmp: set by the agent, not per pod");
+    }
+
+    #[test]
+    fn a_pod_in_a_process_namespace_reads_that_process_resolv_conf() {
+        let inv = invocation(&spec("/proc/42/ns/net", &[]), &settings()).unwrap();
+        assert_eq!(inv.options.resolv_conf, Path::new("/proc/42/root/etc/resolv.conf"));
+        let inv = invocation(&spec("/run/netns/x", &[]), &settings()).unwrap();
+        assert_eq!(inv.options.resolv_conf, Path::new("/etc/resolv.conf"));
+        assert_eq!(proc_pid(Path::new("/proc/42/ns/mnt")), None);
+    }
+}

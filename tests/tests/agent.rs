@@ -1,0 +1,315 @@
+//! `capture agent`: pods added and removed through the control socket are captured and released; bad flags
+//! are refused with nothing applied; `/metrics` counts per pod; and the agent killed (SIGKILL) and
+//! restarted 20 times under load drops no connection, captures every one, and ends in the state it started.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, Pod, REMOTE_V4, capture_bin, connect_as,
+    connect_with, sa,
+};
+
+const APP: (u32, u32) = (1000, 1000);
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `capture agent` with its own pins, cgroup, records and socket; killed (SIGKILL) on drop.
+struct Agent {
+    child: Option<Child>,
+    socket: PathBuf,
+    http: SocketAddr,
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Agent {
+    fn start(tag: &str, pins: &BpfPins, cgroup: &Cgroup) -> Agent {
+        let dir = std::env::temp_dir().join(format!("capture-agent-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let socket = dir.join("agent.sock");
+        // A free port for the HTTP endpoints.
+        let http = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let args = vec![
+            "agent".to_owned(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--pin-dir".into(),
+            pins.path().display().to_string(),
+            "--cgroup".into(),
+            cgroup.path().display().to_string(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--listen".into(),
+            http.to_string(),
+        ];
+        let mut agent = Agent {
+            child: None,
+            socket,
+            http,
+            args,
+            dir,
+        };
+        agent.restart();
+        agent
+    }
+
+    /// Starts the agent process (again) and waits until it answers on its socket.
+    fn restart(&mut self) {
+        let log = std::fs::File::create(self.dir.join("agent.log")).expect("agent log");
+        let child = Command::new(capture_bin())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start capture agent");
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.http_get("/readyz").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
+            assert!(Instant::now() < deadline, "the agent did not get ready: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up, as when a node agent crashes or is OOM-killed.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// `capture pod <args>`.
+    fn pod(&self, args: &[&str]) -> Output {
+        Command::new(capture_bin())
+            .arg("pod")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run capture pod")
+    }
+
+    fn add(&self, id: &str, netns: &Path, flags: &[&str]) -> Output {
+        let netns = netns.display().to_string();
+        let mut args = vec!["add", id, &netns, "--"];
+        args.extend_from_slice(flags);
+        self.pod(&args)
+    }
+
+    fn list(&self) -> String {
+        let out = self.pod(&["list"]);
+        assert!(
+            out.status.success(),
+            "pod list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A plain HTTP/1.1 GET of the agent's endpoints: the whole response, or None if it does not answer.
+    fn http_get(&self, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_millis(200)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Where an app connection to the remote service lands: the sidecar (with the original destination) or
+/// the remote server itself.
+fn lands(pod: &Pod, cgroup: &Cgroup, sidecar: &Listeners, remote: &Listeners) -> &'static str {
+    let dst = sa(REMOTE_V4, 8080);
+    connect_as(&pod.pod, Some(cgroup), APP, dst).unwrap_or_else(|e| panic!("connect: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(a) = sidecar.drain().pop() {
+            assert_eq!(a.original_dst, Some(dst));
+            return "sidecar";
+        }
+        if !remote.drain().is_empty() {
+            return "remote";
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the connection was accepted nowhere");
+}
+
+#[test]
+fn pods_added_through_the_socket_are_captured_and_removed_ones_released() {
+    let pod = Pod::new("agent");
+    let cgroup = Cgroup::new("agent");
+    let pins = BpfPins::new("agent");
+    let agent = Agent::start("add", &pins, &cgroup);
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    assert_eq!(
+        lands(&pod, &cgroup, &sidecar, &remote),
+        "remote",
+        "before the pod is added"
+    );
+
+    ok(
+        agent.add("default/app", &pod.pod.path(), INJECTOR_DEFAULT_FLAGS),
+        "pod add",
+    );
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "sidecar", "after pod add");
+    let listed = agent.list();
+    assert!(listed.starts_with("default/app\t"), "{listed}");
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    // Adding the same pod again changes nothing.
+    let again = agent.add("default/app", &pod.pod.path(), INJECTOR_DEFAULT_FLAGS);
+    assert!(again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "capture: nothing to change"
+    );
+
+    // Bad flags: one line naming the flag and the value, exit 2, nothing applied.
+    let other = Netns::new("agent-bad");
+    let bad = agent.add("default/bad", &other.path(), &["-p", "99999"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("-p/--envoy-port") && err.contains("99999"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(agent.list(), listed, "a refused pod must not be registered");
+
+    // Per-pod counters on /metrics.
+    let metrics = agent.http_get("/metrics").expect("metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    let redirected = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("capture_pod_events_total{")
+                && l.contains("pod=\"default/app\"")
+                && l.contains("event=\"redirected\"")
+        })
+        .unwrap_or_else(|| panic!("no redirected counter for the pod in:\n{metrics}"));
+    let n: u64 = redirected.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1, "{redirected}");
+    assert!(metrics.contains("capture_agent_pods 1"), "{metrics}");
+
+    ok(agent.pod(&["remove", "default/app"]), "pod remove");
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "remote", "after pod remove");
+    assert_eq!(agent.list(), "");
+}
+
+#[test]
+fn the_agent_killed_and_restarted_20_times_under_load_drops_and_misses_nothing() {
+    const RESTARTS: usize = 20;
+    /// Connections per probe process, and the pause between batches: several hundred connections/s.
+    const BATCH: u32 = 50;
+    const PAUSE: Duration = Duration::from_millis(20);
+    let pod = Pod::new("restart");
+    let cgroup = Cgroup::new("restart");
+    let pins = BpfPins::new("restart");
+    let mut agent = Agent::start("restart", &pins, &cgroup);
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    ok(
+        agent.add("default/app", &pod.pod.path(), INJECTOR_DEFAULT_FLAGS),
+        "pod add",
+    );
+    let before = (agent.list(), status(&pod.pod, &pins));
+
+    // The load: batches of connections from the app while the agent is killed and restarted, counting
+    // what fails.
+    let stop = AtomicBool::new(false);
+    let (made, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let started = Instant::now();
+    let elapsed = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let how = Connect {
+                    count: BATCH,
+                    ..Connect::default()
+                };
+                match connect_with(&pod.pod, Some(&cgroup), APP, sa(REMOTE_V4, 8080), how) {
+                    Ok(_) => made.fetch_add(u64::from(BATCH), Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("load: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                std::thread::sleep(PAUSE);
+            }
+        });
+        for _ in 0..RESTARTS {
+            agent.kill();
+            std::thread::sleep(Duration::from_millis(100));
+            agent.restart();
+        }
+        let elapsed = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        elapsed
+    });
+    let made = made.load(Ordering::Relaxed);
+    let rate = made as f64 / elapsed.as_secs_f64();
+    eprintln!("{RESTARTS} restarts in {elapsed:?}; {made} connections ({rate:.0}/s)");
+
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed connection batches");
+    assert!(rate >= 200.0, "the load ran at only {rate:.0} connections/s");
+    // Every connection reached the sidecar (captured), none the remote server directly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut captured = 0;
+    while (captured as u64) < made && Instant::now() < deadline {
+        for a in sidecar.drain() {
+            assert_eq!(a.original_dst, Some(sa(REMOTE_V4, 8080)));
+            captured += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(captured as u64, made, "captured connections");
+    assert_eq!(remote.drain().len(), 0, "uncaptured connections");
+    assert_eq!(
+        (agent.list(), status(&pod.pod, &pins)),
+        before,
+        "state after the restarts"
+    );
+}
+
+/// `capture status` without its counters: which namespaces are registered, with which flags.
+fn status(ns: &Netns, pins: &BpfPins) -> String {
+    let out = tests::capture(
+        ns,
+        &[
+            "status",
+            "--backend",
+            "ebpf",
+            "--pin-dir",
+            &pins.path().display().to_string(),
+        ],
+    );
+    ok(out, "status")
+        .lines()
+        .filter(|l| !l.starts_with("  "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,428 @@
+//! Loopback acceleration (`--loopback-accel`): sends between the app and its sidecar skip the loopback
+//! TCP/IP path, and nothing else changes. Every scenario runs twice, once without acceleration and once with
+//! it, and must give the same result: large transfers byte for byte, half-close, reset, many concurrent
+//! pairs, TCP Fast Open, and a proxy restart. Loopback's own byte counters show the path was skipped.
+//!
+//! The sidecar runs on threads of this process, which must be in the attach cgroup for sockops to see its
+//! sockets; scenarios therefore take turns (one process-wide cgroup at a time).
+
+use std::{
+    collections::HashMap,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{Mutex, mpsc},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use tests::{
+    BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, InCgroup, Netns, Pod, REMOTE_V4, capture, echo::EchoServer, sa,
+    sidecar::Sidecar,
+};
+
+const APP: (u32, u32) = (1000, 1000);
+const PROXY: (u32, u32) = (1337, 1337);
+/// The remote echo server: everything it reads it writes back; at the client's EOF it closes.
+const ECHO_PORT: u16 = 8080;
+/// A local server in the pod (the app talking to a process beside it: also accelerated).
+const LOCAL_PORT: u16 = 7001;
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One scenario at a time: the process moves into each scenario's cgroup.
+static TURN: Mutex<()> = Mutex::new(());
+
+/// A pod with capture applied (with or without acceleration), a sidecar and a remote echo server.
+/// Fields drop in order: sidecar and process leave the cgroup before it is removed.
+struct World {
+    sidecar: Option<Sidecar>,
+    _echo: EchoServer,
+    _inside: InCgroup,
+    pins: BpfPins,
+    _cgroup: Cgroup,
+    pod: Pod,
+}
+
+impl World {
+    fn new(tag: &str, accel: bool) -> World {
+        let tag = format!("{tag}{}", if accel { "-a" } else { "-t" });
+        let pod = Pod::new(&tag);
+        let cgroup = Cgroup::new(&tag);
+        let pins = BpfPins::new(&tag);
+        let inside = cgroup.enter_self();
+        let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+        let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
+        args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+        if accel {
+            args.push("--loopback-accel");
+        }
+        let out = capture(&pod.pod, &args);
+        assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+        let echo = EchoServer::start(&pod.remote, sa(REMOTE_V4, ECHO_PORT));
+        let mut world = World {
+            sidecar: None,
+            _echo: echo,
+            _inside: inside,
+            pins,
+            _cgroup: cgroup,
+            pod,
+        };
+        world.start_sidecar();
+        world
+    }
+
+    fn start_sidecar(&mut self) {
+        let (tx, rx) = mpsc::channel();
+        drop(rx);
+        self.sidecar = Some(Sidecar::start(&self.pod.pod, PROXY, &[15001, 15006], 15006, tx));
+    }
+
+    /// `capture status` counters of the pod's namespace.
+    fn counters(&self) -> HashMap<String, u64> {
+        let pin = self.pins.path().display().to_string();
+        let out = capture(&self.pod.pod, &["status", "--backend", "ebpf", "--pin-dir", &pin]);
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines().skip_while(|l| !l.contains("(this namespace)"));
+        lines.next().expect("this namespace is registered");
+        lines
+            .next()
+            .expect("counters line")
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.parse().expect("counter value")))
+            .collect()
+    }
+
+    /// Bytes sent on the pod's loopback interface so far.
+    fn loopback_bytes(&self) -> u64 {
+        self.pod
+            .pod
+            .spawn(None, || {
+                let dev = std::fs::read_to_string("/proc/thread-self/net/dev").expect("read net/dev");
+                let line = dev
+                    .lines()
+                    .find_map(|l| l.trim_start().strip_prefix("lo:"))
+                    .expect("lo in net/dev");
+                // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit bytes.
+                line.split_whitespace()
+                    .nth(8)
+                    .expect("lo tx bytes")
+                    .parse()
+                    .expect("number")
+            })
+            .join()
+            .expect("read loopback counters")
+    }
+
+    /// Runs `f` as the app (uid 1000) in the pod.
+    fn app<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.pod.pod.spawn(Some(APP), f).join().expect("app thread")
+    }
+}
+
+/// Byte `i` of stream `seed`: every stream and offset differ, so a lost, doubled or reordered chunk shows.
+fn pattern(seed: u64, i: u64) -> u8 {
+    ((i.wrapping_add(seed.wrapping_mul(0x9e37_79b9))
+        .wrapping_mul(0x2545_f491_4f6c_dd1d))
+        >> 56) as u8
+}
+
+/// What one echoed stream came back as.
+#[derive(Debug, PartialEq, Eq)]
+struct Echoed {
+    /// Bytes that came back before EOF (or the error).
+    received: u64,
+    /// The first offset that came back wrong.
+    first_mismatch: Option<u64>,
+    /// The errors reads returned, in order: none for a clean EOF.
+    errors: Vec<ErrorKind>,
+}
+
+/// Reads `s` to its end (EOF or an error), checking each byte against stream `seed`. A read that fails
+/// with `WouldBlock` is retried once: a blocking read waiting in the accelerated receive path when the
+/// peer resets returns EAGAIN once before the reset is seen (see the README).
+fn read_checked(mut s: TcpStream, seed: u64) -> Echoed {
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+    let mut out = Echoed {
+        received: 0,
+        first_mismatch: None,
+        errors: Vec::new(),
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => {
+                if out.first_mismatch.is_none() {
+                    out.first_mismatch = (0..n)
+                        .find(|&j| buf[j] != pattern(seed, out.received + j as u64))
+                        .map(|j| out.received + j as u64);
+                }
+                out.received += n as u64;
+            }
+            Err(e) => {
+                out.errors.push(e.kind());
+                if e.kind() != ErrorKind::WouldBlock || out.errors.len() > 1 {
+                    return out;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `total` bytes of stream `seed` on `s` (in `chunk`-sized writes, then a half-close) while reading
+/// the echo back and checking it.
+fn echo_stream(s: TcpStream, seed: u64, total: u64, chunk: usize) -> Echoed {
+    let mut writer = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let mut buf = vec![0u8; chunk];
+        let mut sent = 0u64;
+        while sent < total {
+            let n = chunk.min((total - sent) as usize);
+            for (j, b) in buf[..n].iter_mut().enumerate() {
+                *b = pattern(seed, sent + j as u64);
+            }
+            if writer.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            sent += n as u64;
+        }
+        let _ = writer.shutdown(Shutdown::Write);
+    });
+    let out = read_checked(s, seed);
+    let _ = sender.join();
+    out
+}
+
+/// The app's connection to the remote echo server (captured: it goes through the sidecar).
+fn via_sidecar(seed: u64, total: u64, chunk: usize) -> impl FnOnce() -> Echoed + Send + 'static {
+    move || {
+        let s = TcpStream::connect_timeout(&sa(REMOTE_V4, ECHO_PORT), IO_TIMEOUT).expect("connect");
+        echo_stream(s, seed, total, chunk)
+    }
+}
+
+fn clean_echo(total: u64) -> Echoed {
+    Echoed {
+        received: total,
+        first_mismatch: None,
+        errors: Vec::new(),
+    }
+}
+
+/// Runs `scenario` without and with acceleration; returns both results for the caller to compare.
+fn both<T>(tag: &str, scenario: impl Fn(&mut World) -> T) -> [T; 2] {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    [false, true].map(|accel| {
+        let mut world = World::new(tag, accel);
+        scenario(&mut world)
+    })
+}
+
+#[test]
+fn large_transfers_arrive_byte_for_byte_and_skip_loopback() {
+    const TOTAL: u64 = 64 << 20;
+    let [tcp, accel] = both("acc-big", |w| {
+        let before = w.loopback_bytes();
+        let echoed = w.app(via_sidecar(1, TOTAL, 256 << 10));
+        let lo = w.loopback_bytes() - before;
+        (echoed, lo, w.counters())
+    });
+    for (mode, (echoed, _, _)) in [("tcp", &tcp), ("accel", &accel)] {
+        assert_eq!(echoed, &clean_echo(TOTAL), "{mode}");
+    }
+    // Both directions of the app↔sidecar leg cross loopback without acceleration, and (almost) nothing does
+    // with it: the handshake and FIN only.
+    assert!(
+        tcp.1 >= 2 * TOTAL,
+        "without acceleration loopback carried only {} bytes",
+        tcp.1
+    );
+    assert!(
+        accel.1 < TOTAL / 100,
+        "with acceleration loopback still carried {} bytes",
+        accel.1
+    );
+    assert_eq!(tcp.2["accelerated_sockets"], 0);
+    assert!(accel.2["accelerated_sockets"] >= 2, "{:?}", accel.2);
+    assert_eq!(accel.2["accel_fallbacks"], 0, "{:?}", accel.2);
+}
+
+#[test]
+fn many_concurrent_pairs_keep_their_own_streams() {
+    const PAIRS: u64 = 32;
+    const EACH: u64 = 2 << 20;
+    let [tcp, accel] = both("acc-many", |w| {
+        let clients: Vec<JoinHandle<Echoed>> = (0..PAIRS)
+            .map(|seed| {
+                w.pod
+                    .pod
+                    .spawn(Some(APP), via_sidecar(100 + seed, EACH, 4096 + seed as usize * 61))
+            })
+            .collect();
+        let results: Vec<Echoed> = clients.into_iter().map(|c| c.join().expect("client")).collect();
+        (results, w.counters())
+    });
+    for (mode, (results, _)) in [("tcp", &tcp), ("accel", &accel)] {
+        for (seed, r) in results.iter().enumerate() {
+            assert_eq!(r, &clean_echo(EACH), "{mode}: pair {seed}");
+        }
+    }
+    assert!(accel.1["accelerated_sockets"] >= 2 * PAIRS, "{:?}", accel.1);
+    assert_eq!(accel.1["accel_fallbacks"], 0, "{:?}", accel.1);
+}
+
+/// A local server in the pod (uid 1000, in the cgroup) that accepts one connection and, after `delay`, reads
+/// it to its end (see [`read_checked`]).
+fn local_reader(w: &World, seed: u64, delay: Duration) -> JoinHandle<Echoed> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = w.pod.pod.spawn(Some(APP), move || {
+        let listener = TcpListener::bind(sa(Ipv4Addr::LOCALHOST, LOCAL_PORT)).expect("local: listen");
+        ready_tx.send(()).expect("ready");
+        let (conn, _) = listener.accept().expect("local: accept");
+        std::thread::sleep(delay);
+        read_checked(conn, seed)
+    });
+    ready_rx.recv_timeout(IO_TIMEOUT).expect("local server did not start");
+    handle
+}
+
+#[test]
+fn half_close_and_reset_end_streams_as_tcp_does() {
+    const TOTAL: u64 = 4 << 20;
+    let [tcp, accel] = both("acc-end", |w| {
+        // Half-close through the sidecar: the echo of everything sent comes back after the app's FIN.
+        let half_closed = w.app(via_sidecar(7, TOTAL, 65536));
+        // Reset: the app writes, then aborts (SO_LINGER 0); the local peer reads what arrived, then the reset.
+        let server = local_reader(w, 8, Duration::ZERO);
+        w.app(|| {
+            let mut s = TcpStream::connect_timeout(&sa(Ipv4Addr::LOCALHOST, LOCAL_PORT), IO_TIMEOUT).expect("connect");
+            let data: Vec<u8> = (0..TOTAL).map(|i| pattern(8, i)).collect();
+            s.write_all(&data).expect("write");
+            // Let the reader drain the data before the reset arrives: a reset may drop unread data.
+            std::thread::sleep(Duration::from_millis(500));
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid socket and a correctly sized option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const linger).cast(),
+                    size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_LINGER");
+        });
+        let reset = server.join().expect("local server");
+        (half_closed, reset, w.counters())
+    });
+    assert_eq!(tcp.0, clean_echo(TOTAL), "tcp: half-close");
+    assert_eq!(accel.0, tcp.0, "accel: half-close");
+    assert_eq!(
+        tcp.1,
+        Echoed {
+            received: TOTAL,
+            first_mismatch: None,
+            errors: vec![ErrorKind::ConnectionReset],
+        },
+        "tcp: reset"
+    );
+    // Every byte, then the reset; the accelerated receive path may say EAGAIN once first.
+    let mut reset = accel.1;
+    if reset.errors.first() == Some(&ErrorKind::WouldBlock) {
+        reset.errors.remove(0);
+    }
+    assert_eq!(reset, tcp.1, "accel: reset");
+    // The sidecar pair and the local pair: four sockets.
+    assert!(accel.2["accelerated_sockets"] >= 4, "{:?}", accel.2);
+}
+
+#[test]
+fn fast_open_data_keeps_its_place_in_the_stream() {
+    const TOTAL: u64 = 1 << 20;
+    const FIRST: usize = 1000;
+    let [tcp, accel] = both("acc-tfo", |w| {
+        // Data in the SYN with no cookie (0x4), and the server taking it without one on any listener
+        // (0x200 | 0x400): the first bytes arrive before either socket is established.
+        tests::run(w.pod.pod.command("sysctl").args(["-qw", "net.ipv4.tcp_fastopen=1543"]));
+        // The reader waits until everything has arrived, so any bytes that overtook others would be read
+        // first.
+        let server = local_reader(w, 9, Duration::from_millis(500));
+        w.app(|| {
+            use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrLike as _, socket};
+            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+            let data: Vec<u8> = (0..TOTAL).map(|i| pattern(9, i)).collect();
+            let to = SockaddrIn::from(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, LOCAL_PORT));
+            // connect, with the first bytes in the SYN.
+            // SAFETY: a valid socket, buffer and address of the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    data.as_ptr().cast(),
+                    FIRST,
+                    libc::MSG_FASTOPEN,
+                    to.as_ptr().cast(),
+                    to.len(),
+                )
+            };
+            assert_eq!(
+                n,
+                FIRST as isize,
+                "sendto MSG_FASTOPEN: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut s = TcpStream::from(fd);
+            s.write_all(&data[FIRST..]).expect("write the rest");
+        });
+        server.join().expect("local server")
+    });
+    assert_eq!(tcp, clean_echo(TOTAL), "tcp");
+    assert_eq!(accel, tcp, "accel");
+}
+
+#[test]
+fn a_restarted_proxy_is_accelerated_again_and_nothing_is_lost() {
+    const TOTAL: u64 = 1 << 20;
+    let [tcp, accel] = both("acc-restart", |w| {
+        let first = w.app(via_sidecar(11, TOTAL, 8192));
+        // The proxy goes away: connections fail closed (refused), as without acceleration.
+        w.sidecar = None;
+        let down = w.app(|| TcpStream::connect_timeout(&sa(REMOTE_V4, ECHO_PORT), IO_TIMEOUT).map_err(|e| e.kind()));
+        w.start_sidecar();
+        let again: Vec<Echoed> = (0..4).map(|i| w.app(via_sidecar(12 + i, TOTAL, 8192))).collect();
+        (first, down.err(), again, w.counters())
+    });
+    for (mode, (first, down, again, _)) in [("tcp", &tcp), ("accel", &accel)] {
+        assert_eq!(first, &clean_echo(TOTAL), "{mode}: before the restart");
+        assert_eq!(
+            down,
+            &Some(ErrorKind::ConnectionRefused),
+            "{mode}: while the proxy is down"
+        );
+        for (i, r) in again.iter().enumerate() {
+            assert_eq!(r, &clean_echo(TOTAL), "{mode}: connection {i} after the restart");
+        }
+    }
+    // 5 connections through the sidecar, both ends each.
+    assert!(accel.3["accelerated_sockets"] >= 10, "{:?}", accel.3);
+    assert_eq!(accel.3["accel_fallbacks"], 0, "{:?}", accel.3);
+}
+
+#[test]
+fn acceleration_is_refused_with_the_iptables_backend() {
+    let ns = Netns::new("acc-ipt");
+    let out = capture(&ns, &["--backend", "iptables", "--loopback-accel"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--loopback-accel"), "{err}");
+    assert!(
+        ns.iptables_rules().is_empty(),
+        "rules were applied: {:?}",
+        ns.iptables_rules()
+    );
+}
