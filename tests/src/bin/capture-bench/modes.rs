@@ -45,17 +45,16 @@ pub const MODES: &[Mode] = &[
         backend: Backend::Ebpf,
         extra_args: &[],
     },
-    // LOOPBACK ACCELERATION: once `capture` has its flag (issue 5, built on main), the fourth mode is this
-    // one entry, e.g.
-    // Mode {
-    //     name: "ebpf+accel",
-    //     about: "the eBPF backend with loopback acceleration (sk_msg)",
-    //     backend: Backend::Ebpf,
-    //     extra_args: &["--loopback-accel"],
-    // },
-    // The report then adds its persistent-latency ratios against iptables (goal: ≤ 0.8).
+    // Loopback acceleration: the same backend with one more flag. Another variant is one more entry.
+    Mode {
+        name: EBPF_ACCEL,
+        about: "the eBPF backend with loopback acceleration (`--loopback-accel`: sockops + sk_msg)",
+        backend: Backend::Ebpf,
+        extra_args: &["--loopback-accel"],
+    },
 ];
 
 pub const FLOOR: &str = "floor";
 pub const IPTABLES: &str = "iptables";
 pub const EBPF: &str = "ebpf";
+pub const EBPF_ACCEL: &str = "ebpf+accel";

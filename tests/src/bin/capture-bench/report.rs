@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 use hdrhistogram::Histogram;
 
 use crate::{
-    modes::{Backend, FLOOR, IPTABLES, Mode},
+    modes::{Backend, EBPF_ACCEL, FLOOR, IPTABLES, Mode},
     scaling::Point,
     topology::Proxy,
     workloads::{self, Bulk, CLIENTS, Persistent, Short},
@@ -300,7 +300,7 @@ impl Results {
                 true,
             );
             for (i, p) in [(0, "p50"), (1, "p99")] {
-                let accel = if m.mode.extra_args.is_empty() {
+                let accel = if m.mode.name != EBPF_ACCEL {
                     " (the goal is for loopback acceleration)"
                 } else {
                     ""
@@ -323,11 +323,7 @@ impl Results {
                 false,
             );
         }
-        if !self
-            .modes
-            .iter()
-            .any(|m| m.mode.backend == Backend::Ebpf && !m.mode.extra_args.is_empty())
-        {
+        if !self.modes.iter().any(|m| m.mode.name == EBPF_ACCEL) {
             let _ = writeln!(
                 out,
                 "| persistent p50/p99, eBPF with loopback acceleration / iptables | ≤ 0.80 | — | not measured: no \
