@@ -208,10 +208,11 @@ fn main() -> Result<()> {
     let round_seconds = plan.duration.as_secs_f64() * 2.0 + plan.bulk_bytes as f64 / 1e6 / BULK_MB_PER_SECOND;
     for round in 1..=plan.repeats {
         for (t, r) in topologies.iter().zip(&mut results) {
-            let before = workloads::program_stats();
+            let maps = t.map_ids();
+            let before = workloads::program_stats(&maps);
             let short = workloads::short(t, plan.duration)?;
             if t.mode.backend == Backend::Ebpf {
-                for (name, (time, runs)) in workloads::stats_delta(&before, &workloads::program_stats()) {
+                for (name, (time, runs)) in workloads::stats_delta(&before, &workloads::program_stats(&maps)) {
                     let e = r.kernel.entry(name).or_default();
                     e.0 += time;
                     e.1 += runs;

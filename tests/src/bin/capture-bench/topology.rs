@@ -211,6 +211,16 @@ impl Topology {
         Ok(())
     }
 
+    /// The ids of the maps pinned in this mode's bpffs (none without the eBPF backend).
+    pub fn map_ids(&self) -> std::collections::HashSet<u32> {
+        std::fs::read_dir(self.pins.path())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| aya::maps::MapInfo::from_pin(e.ok()?.path()).ok())
+            .map(|info| info.id())
+            .collect()
+    }
+
     /// Capture rules in the pod (iptables: `-A` lines of both families).
     pub fn rule_count(&self) -> usize {
         self.pod

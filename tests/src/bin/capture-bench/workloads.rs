@@ -2,7 +2,7 @@
 //! the mode's cgroup (app and sidecar) spent meanwhile. Every loop ends at a deadline.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{Read as _, Write as _},
     net::{Shutdown, TcpStream},
     sync::{
@@ -185,14 +185,21 @@ pub fn bulk(t: &Topology, bytes: usize) -> Result<Bulk> {
     })
 }
 
-/// Run time and run count of every loaded capture program, by program id (`BPF_ENABLE_STATS` must be on).
-pub fn program_stats() -> HashMap<u32, (String, Duration, u64)> {
+/// Run time and run count of the loaded programs that use one of `maps` (a mode's pinned maps), by program
+/// id (`BPF_ENABLE_STATS` must be on). Filtering by map keeps out every other capture program on the
+/// machine: another mode's, or another test run's.
+pub fn program_stats(maps: &HashSet<u32>) -> HashMap<u32, (String, Duration, u64)> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
+        .filter(|p| {
+            p.map_ids()
+                .ok()
+                .flatten()
+                .is_some_and(|ids| ids.iter().any(|id| maps.contains(id)))
+        })
         .filter_map(|p| {
             let name = p.name_as_str()?.to_owned();
-            name.starts_with("capture_")
-                .then(|| (p.id(), (name, p.run_time(), p.run_count())))
+            Some((p.id(), (name, p.run_time(), p.run_count())))
         })
         .collect()
 }
