@@ -344,13 +344,13 @@ impl Results {
                 let _ = writeln!(
                     out,
                     "| short connections/s flat from {first} to {last} {axis}, {} (÷ floor of the same round) | ±10% | \
-                     {:.0}% | {} |",
+                     {:.1}% | {} |",
                     s.mode,
                     dev * 100.0,
                     if dev <= 0.10 {
                         "met".to_owned()
                     } else {
-                        format!("**missed** by {:.0} points", (dev - 0.10) * 100.0)
+                        format!("**missed** by {:.1} points", (dev - 0.10) * 100.0)
                     }
                 );
             }
