@@ -3,7 +3,8 @@
 //! - `cargo xtask run` — a self-contained demo in throwaway namespaces; `cargo xtask run -- <flags>` runs
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
-//! - `cargo xtask bench [--quick]` — eBPF vs iptables vs no capture, side by side.
+//! - `cargo xtask bench [--quick] [--proxy haproxy]` — eBPF vs iptables vs no capture, side by side;
+//!   report and plots in target/bench/.
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
 //! - `cargo xtask setup` — only the installation step.
 
@@ -43,11 +44,14 @@ enum Cmd {
         flags: Vec<String>,
     },
     /// Benchmark the eBPF backend against the iptables backend and no capture, side by side; writes
-    /// target/bench/report.md.
+    /// target/bench/report.md and its plots (SVG).
     Bench {
-        /// A run of about half a minute instead of a few minutes.
+        /// A run of under a minute (fewer, shorter rounds; fewer scaling points) instead of the full run.
         #[arg(long)]
         quick: bool,
+        /// The sidecar: `ours` (the bench's forwarding proxy) or `haproxy` (Debian's HAProxy).
+        #[arg(long, default_value = "ours")]
+        proxy: String,
     },
     /// Build and run every test (unit, golden, integration in throwaway namespaces).
     Test {
@@ -175,7 +179,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Setup => setup::ensure(),
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, proxy } => {
             setup::ensure()?;
             let built = build()?;
             let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -194,7 +198,8 @@ fn main() -> Result<()> {
                     ])
                     .arg(&built.capture)
                     .arg(&out)
-                    .arg(quick.to_string()),
+                    .args(quick.then_some("--quick"))
+                    .args(["--proxy", &proxy]),
             )
         }
         Cmd::Run {

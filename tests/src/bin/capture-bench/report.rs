@@ -1,0 +1,477 @@
+//! What a run measured, and the Markdown report: medians over rounds with their range, ratios against
+//! the issue's goals (and by how much a missed one is missed), kernel time per program, scaling.
+
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+
+use hdrhistogram::Histogram;
+
+use crate::{
+    modes::{Backend, EBPF_ACCEL, FLOOR, IPTABLES, Mode},
+    scaling::Point,
+    topology::Proxy,
+    workloads::{self, Bulk, CLIENTS, Persistent, Short},
+};
+
+/// A curve per mode.
+#[derive(Clone, Debug)]
+pub struct Series<P> {
+    pub mode: &'static str,
+    pub points: Vec<P>,
+}
+
+/// Everything measured in one mode.
+pub struct ModeResults {
+    pub mode: Mode,
+    pub short: Vec<Short>,
+    /// Per round: p50, p99, p99.9 (µs), requests/s, CPU µs per request.
+    pub persistent: Vec<[f64; 5]>,
+    /// Every round's latencies together (for the plot).
+    pub latencies: Histogram<u64>,
+    pub bulk: Vec<Bulk>,
+    /// Per program name: run time and runs during the short connections (eBPF modes).
+    pub kernel: BTreeMap<String, (Duration, u64)>,
+}
+
+impl ModeResults {
+    pub fn new(mode: Mode) -> ModeResults {
+        ModeResults {
+            mode,
+            short: Vec::new(),
+            persistent: Vec::new(),
+            latencies: workloads::histogram(),
+            bulk: Vec::new(),
+            kernel: BTreeMap::new(),
+        }
+    }
+
+    pub fn add_persistent(&mut self, p: &Persistent) {
+        self.persistent.push([
+            p.micros(0.5),
+            p.micros(0.99),
+            p.micros(0.999),
+            p.per_second(),
+            p.cpu_per_request(),
+        ]);
+        let _ = self.latencies.add(&p.histogram);
+    }
+
+    pub fn short_rates(&self) -> Vec<f64> {
+        self.short.iter().map(Short::per_second).collect()
+    }
+
+    fn short_rate(&self) -> f64 {
+        median(self.short_rates())
+    }
+
+    fn persistent_median(&self, i: usize) -> f64 {
+        median(self.persistent.iter().map(|p| p[i]).collect())
+    }
+
+    /// Connections made during the short workload, all rounds.
+    fn connections(&self) -> u64 {
+        self.short.iter().map(|s| s.connections).sum()
+    }
+}
+
+/// How the run was set up, for the report's first lines.
+pub struct RunInfo {
+    pub command: String,
+    pub proxy: Proxy,
+    pub repeats: usize,
+    pub duration: Duration,
+    pub bulk_bytes: usize,
+    pub scaling_repeats: usize,
+    pub scaling_duration: Duration,
+    pub quick: bool,
+    pub took: Duration,
+}
+
+/// All of a run.
+pub struct Results {
+    pub info: RunInfo,
+    pub modes: Vec<ModeResults>,
+    pub cidrs: Vec<Series<Point>>,
+    pub namespaces: Vec<Series<Point>>,
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+        (lo.min(*x), hi.max(*x))
+    })
+}
+
+/// `median (min–max)`, rounded.
+fn with_range(v: &[f64]) -> String {
+    let (lo, hi) = min_max(v);
+    format!("{:.0} ({lo:.0}–{hi:.0})", median(v.to_vec()))
+}
+
+/// A goal and its verdict: met, or missed by how much.
+fn verdict(measured: f64, target: f64, at_least: bool) -> String {
+    if measured.is_nan() {
+        "not measured".to_owned()
+    } else if at_least && measured < target {
+        format!("**missed** by {:.0}%", (1.0 - measured / target) * 100.0)
+    } else if !at_least && measured > target {
+        format!("**missed** by {:.0}%", (measured / target - 1.0) * 100.0)
+    } else {
+        "met".to_owned()
+    }
+}
+
+/// Per point, the median over rounds of `points`' rate divided by `floor`'s in the same round (the machine's
+/// drift taken out), or the plain median without a floor series.
+pub fn relative(points: &[Point], floor: Option<&Series<Point>>) -> Vec<f64> {
+    points
+        .iter()
+        .enumerate()
+        .map(|(k, p)| match floor.and_then(|f| f.points.get(k)) {
+            Some(f) => median(p.rates.iter().zip(&f.rates).map(|(r, f)| r / f).collect()),
+            None => p.median(),
+        })
+        .collect()
+}
+
+/// The largest relative deviation of a curve from its first point.
+pub fn flatness(values: &[f64]) -> f64 {
+    let Some(first) = values.first() else {
+        return f64::NAN;
+    };
+    values.iter().map(|v| (v / first - 1.0).abs()).fold(0.0, f64::max)
+}
+
+fn machine() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, m)| m.trim().to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("Linux {}, {cpus} CPUs ({model}), {date}", release.trim())
+}
+
+impl Results {
+    fn find(&self, name: &str) -> Option<&ModeResults> {
+        self.modes.iter().find(|m| m.mode.name == name)
+    }
+
+    /// The Markdown report.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let i = &self.info;
+        let _ = writeln!(out, "# capture benchmark\n");
+        let _ = writeln!(
+            out,
+            "`{}` on {}; the run took {:.0} s.{}\n",
+            i.command,
+            machine(),
+            i.took.as_secs_f64(),
+            if i.quick {
+                " **Quick run**: fewer and shorter rounds, fewer scaling points; for a sanity check, not for figures."
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "Sidecar: {}. {CLIENTS} app threads. Modes run interleaved (A B C A B C …), {} rounds of {} s per \
+             workload; each figure is the median over rounds, with the range (min–max) where shown. *Short*: \
+             connect, one byte each way through the sidecar, close. *Persistent*: one connection per app thread, \
+             one byte each way, again and again. *Bulk*: one connection sending {} MiB.\n",
+            i.proxy.about(),
+            i.repeats,
+            i.duration.as_secs_f64(),
+            i.bulk_bytes >> 20
+        );
+        let _ = writeln!(out, "| mode | what |\n|---|---|");
+        for m in &self.modes {
+            let _ = writeln!(out, "| {} | {} |", m.mode.name, m.mode.about);
+        }
+        let _ = writeln!(
+            out,
+            "\n## Results\n\n| mode | short connections/s | persistent p50 µs | p99 µs | p99.9 µs | requests/s | \
+             bulk MB/s | CPU µs per short connection | CPU µs per persistent request | CPU µs per bulk MB |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for m in &self.modes {
+            let cpu_short = median(m.short.iter().map(Short::cpu_per_connection).collect());
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {cpu_short:.1} | {:.1} | {:.0} |",
+                m.mode.name,
+                with_range(&m.short_rates()),
+                m.persistent_median(0),
+                m.persistent_median(1),
+                m.persistent_median(2),
+                m.persistent_median(3),
+                median(m.bulk.iter().map(|b| b.mb_per_second).collect()),
+                m.persistent_median(4),
+                median(m.bulk.iter().map(|b| b.cpu_per_mb).collect()),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nCPU is the `usage_usec` of the mode's own cgroup (cgroup v2 `cpu.stat`) over the workload, divided by \
+             the connections or requests: the app's threads and the sidecar (its threads, or the HAProxy process) \
+             and the kernel work done on their behalf while they run. The echo server (remote namespace) and the \
+             bench's own main thread are in another cgroup and not counted; softirq work is charged to whichever \
+             task it interrupts.\n"
+        );
+        let _ = writeln!(
+            out,
+            "{}\n",
+            match i.proxy {
+                Proxy::Ours =>
+                    "Checked after every short-connection run: each connection went through the sidecar, \
+                                with the remote server as its original destination (none in the floor).",
+                Proxy::Haproxy =>
+                    "Not checked with HAProxy (it does not report its connections): that each \
+                                   connection went through the sidecar is checked with the bench's own proxy.",
+            }
+        );
+        self.goals(&mut out);
+        self.kernel(&mut out);
+        self.scaling(&mut out);
+        let _ = writeln!(
+            out,
+            "## Plots\n\n![latency percentiles per mode](latency.svg)\n\n![short connections/s per mode](connections.svg)\n\n\
+             ![scaling with excluded CIDRs and registered namespaces](scaling.svg)"
+        );
+        out
+    }
+
+    fn goals(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "## Goals (issue 5)\n\n| goal | target | measured | verdict |\n|---|---|---|---|"
+        );
+        let (floor, ipt) = (self.find(FLOOR), self.find(IPTABLES));
+        let ebpf_modes: Vec<&ModeResults> = self.modes.iter().filter(|m| m.mode.backend == Backend::Ebpf).collect();
+        let ratio = |a: Option<&ModeResults>, b: Option<&ModeResults>, f: &dyn Fn(&ModeResults) -> f64| match (a, b) {
+            (Some(a), Some(b)) => f(a) / f(b),
+            _ => f64::NAN,
+        };
+        let mut row = |goal: String, target: &str, measured: f64, t: f64, at_least: bool| {
+            // Ratios with two decimals; nanoseconds whole.
+            let digits = if t >= 10.0 { 0 } else { 2 };
+            let _ = writeln!(
+                out,
+                "| {goal} | {target} | {measured:.digits$} | {} |",
+                verdict(measured, t, at_least)
+            );
+        };
+        for m in &ebpf_modes {
+            let name = m.mode.name;
+            row(
+                format!("short connections/s, {name} / iptables"),
+                "≥ 1.30",
+                ratio(Some(m), ipt, &ModeResults::short_rate),
+                1.3,
+                true,
+            );
+            row(
+                format!("short connections/s, {name} / floor"),
+                "≥ 0.95",
+                ratio(Some(m), floor, &ModeResults::short_rate),
+                0.95,
+                true,
+            );
+            for (i, p) in [(0, "p50"), (1, "p99")] {
+                let accel = if m.mode.name != EBPF_ACCEL {
+                    " (the goal is for loopback acceleration)"
+                } else {
+                    ""
+                };
+                row(
+                    format!("persistent {p}, {name} / iptables{accel}"),
+                    "≤ 0.80",
+                    ratio(Some(m), ipt, &|r: &ModeResults| r.persistent_median(i)),
+                    0.8,
+                    false,
+                );
+            }
+            let per_connection =
+                m.kernel.values().map(|(t, _)| t.as_nanos() as f64).sum::<f64>() / m.connections().max(1) as f64;
+            row(
+                format!("kernel ns per short connection, {name} (all programs)"),
+                "< 500",
+                per_connection,
+                500.0,
+                false,
+            );
+        }
+        if !self.modes.iter().any(|m| m.mode.name == EBPF_ACCEL) {
+            let _ = writeln!(
+                out,
+                "| persistent p50/p99, eBPF with loopback acceleration / iptables | ≤ 0.80 | — | not measured: no \
+                 such mode yet (`MODES` in tests/src/bin/capture-bench/modes.rs) |"
+            );
+        }
+        for (axis, series) in [
+            ("excluded CIDRs", &self.cidrs),
+            ("registered namespaces", &self.namespaces),
+        ] {
+            let floor = series.iter().find(|s| s.mode == FLOOR);
+            for s in series.iter().filter(|s| s.mode != IPTABLES && s.mode != FLOOR) {
+                let (first, last) = match (s.points.first(), s.points.last()) {
+                    (Some(f), Some(l)) => (f.x, l.x),
+                    _ => continue,
+                };
+                let dev = flatness(&relative(&s.points, floor));
+                let _ = writeln!(
+                    out,
+                    "| short connections/s flat from {first} to {last} {axis}, {} (÷ floor of the same round) | ±10% | \
+                     {:.1}% | {} |",
+                    s.mode,
+                    dev * 100.0,
+                    if dev <= 0.10 {
+                        "met".to_owned()
+                    } else {
+                        format!("**missed** by {:.1} points", (dev - 0.10) * 100.0)
+                    }
+                );
+            }
+        }
+        let _ = writeln!(out);
+    }
+
+    fn kernel(&self, out: &mut String) {
+        for m in self.modes.iter().filter(|m| !m.kernel.is_empty()) {
+            let connections = m.connections().max(1) as f64;
+            let _ = writeln!(
+                out,
+                "## Kernel time per program: {} (during the short connections, `BPF_ENABLE_STATS`)\n\n\
+                 | program | runs per connection | ns per run | ns per connection |\n|---|---|---|---|",
+                m.mode.name
+            );
+            let mut total = 0.0;
+            for (name, (time, runs)) in m.kernel.iter().filter(|(_, (_, r))| *r > 0) {
+                let ns = time.as_nanos() as f64;
+                total += ns;
+                let _ = writeln!(
+                    out,
+                    "| {name} | {:.1} | {:.0} | {:.0} |",
+                    *runs as f64 / connections,
+                    ns / *runs as f64,
+                    ns / connections
+                );
+            }
+            let _ = writeln!(out, "| **all** | | | **{:.0}** |\n", total / connections);
+        }
+    }
+
+    fn scaling(&self, out: &mut String) {
+        let i = &self.info;
+        let note = format!(
+            "Short connections/s, median of {} rounds of {} s per point, rounds interleaved between modes.",
+            i.scaling_repeats,
+            i.scaling_duration.as_secs_f64()
+        );
+        if !self.cidrs.is_empty() {
+            let _ = writeln!(
+                out,
+                "## Scaling with excluded CIDRs (`-x`)\n\n{note} The CIDRs are disjoint /27s of 198.18.0.0/15, none \
+                 covering the remote server. iptables: one `RETURN` rule per CIDR in `ISTIO_OUTPUT`, walked by \
+                 every new connection; eBPF: one LPM-trie lookup. *÷ floor*: the median of each round's rate divided \
+                 by the floor's in the same round (the floor has no capture, so this takes the machine's drift out).\n"
+            );
+            scaling_table(out, "excluded CIDRs", &self.cidrs, None);
+        }
+        if let Some(first) = self.namespaces.first() {
+            let _ = writeln!(
+                out,
+                "## Scaling with registered namespaces (eBPF)\n\n{note} Each point registers more throwaway \
+                 namespaces with the same capture (same cgroup and pins, injector flags, through the loader's \
+                 `Maps::register`: running `capture` in each reloads the programs, about a second each here); the pod \
+                 is one of them. \
+                 iptables has no such axis: its rules live in each namespace, and another namespace's rules never \
+                 touch this pod's connections.\n"
+            );
+            let setup: Vec<String> = first
+                .points
+                .iter()
+                .map(|p| format!("{:.1} s", p.setup.map_or(0.0, |d| d.as_secs_f64())))
+                .collect();
+            scaling_table(
+                out,
+                "registered namespaces",
+                &self.namespaces,
+                Some(("time to make and register the added namespaces", &setup)),
+            );
+        }
+    }
+}
+
+/// One scaling table: a row per point; per mode its rate (median and range), its rate ÷ the floor's
+/// (eBPF and iptables), iptables' rule count; then `extra`, a column of its own.
+fn scaling_table(out: &mut String, axis: &str, series: &[Series<Point>], extra: Option<(&str, &[String])>) {
+    let Some(first) = series.first() else { return };
+    let floor = series.iter().find(|s| s.mode == FLOOR);
+    let mut header = format!("| {axis} |");
+    for s in series {
+        let _ = write!(header, " {} conn/s |", s.mode);
+        if s.mode != FLOOR && floor.is_some() {
+            let _ = write!(header, " {} ÷ floor |", s.mode);
+        }
+        if s.mode == IPTABLES {
+            header.push_str(" iptables rules |");
+        }
+    }
+    if let Some((title, _)) = extra {
+        let _ = write!(header, " {title} |");
+    }
+    let _ = writeln!(out, "{header}\n|{}", "---|".repeat(header.matches('|').count() - 1));
+    let relatives: Vec<Vec<f64>> = series.iter().map(|s| relative(&s.points, floor)).collect();
+    for k in 0..first.points.len() {
+        let mut line = format!("| {} |", first.points[k].x);
+        for (s, rel) in series.iter().zip(&relatives) {
+            let q = &s.points[k];
+            let _ = write!(line, " {} |", with_range(&q.rates));
+            if s.mode != FLOOR && floor.is_some() {
+                let _ = write!(line, " {:.2} |", rel[k]);
+            }
+            if s.mode == IPTABLES {
+                let _ = write!(line, " {} |", q.rules.unwrap_or(0));
+            }
+        }
+        if let Some((_, column)) = extra {
+            let _ = write!(line, " {} |", column.get(k).map_or("", String::as_str));
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out);
+}
+
+/// One line per mode for the terminal, besides the report.
+pub fn summary_line(m: &ModeResults) -> String {
+    format!(
+        "{:<10} short {:>7.0} conn/s, persistent p50 {:.0} µs p99 {:.0} µs",
+        m.mode.name,
+        m.short_rate(),
+        m.persistent_median(0),
+        m.persistent_median(1)
+    )
+}
