@@ -4,7 +4,7 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Connections redirected to the proxy (outbound, proxy→pod IP, DNS).
+    /// Outbound connections redirected to the proxy (proxy→pod IP and DNS included).
     Redirected = 0,
     /// Connections judged and left alone.
     Passed = 1,
@@ -16,17 +16,26 @@ pub enum Counter {
     Accelerated = 4,
     /// Accelerated sockets whose send found no peer to hand data to, and went back to TCP for good.
     AccelFallbacks = 5,
+    /// Of the redirected: DNS to the DNS proxy (TCP connections and UDP sockets).
+    Dns = 6,
+    /// Inbound connections handed to the proxy's listener (sk_lookup).
+    Inbound = 7,
+    /// Inbound connections for the proxy that found it not listening, and were reset.
+    InboundResets = 8,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Redirected,
         Counter::Passed,
         Counter::OrigDstLookups,
         Counter::OrigDstMisses,
         Counter::Accelerated,
         Counter::AccelFallbacks,
+        Counter::Dns,
+        Counter::Inbound,
+        Counter::InboundResets,
     ];
 
     /// The slot this counter lives in.
@@ -43,6 +52,9 @@ impl Counter {
             Counter::OrigDstMisses => "original_dst_misses",
             Counter::Accelerated => "accelerated_sockets",
             Counter::AccelFallbacks => "accel_fallbacks",
+            Counter::Dns => "dns",
+            Counter::Inbound => "inbound",
+            Counter::InboundResets => "inbound_resets",
         }
     }
 }

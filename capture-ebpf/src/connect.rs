@@ -14,7 +14,7 @@ use capture_common::{
     addr::{self, Addr},
     counters::Counter,
     maps::OrigDst,
-    model::{self, Conn, Proto, Verdict},
+    model::{self, Conn, Proto, Rule, Verdict},
 };
 
 use crate::{
@@ -184,7 +184,7 @@ pub fn connect4(ctx: &SockAddrContext) {
         return;
     };
     match verdict {
-        Verdict::Redirect(port, _) => {
+        Verdict::Redirect(port, rule) => {
             remember(ctx, netns, proto, dst, dport, port, false);
             // SAFETY: user_ip4 and user_port are writable in connect4.
             unsafe {
@@ -192,6 +192,9 @@ pub fn connect4(ctx: &SockAddrContext) {
                 (*ctx.sock_addr).user_port = addr::port_to_be_field(port);
             }
             bump(netns, Counter::Redirected);
+            if rule == Rule::Dns {
+                bump(netns, Counter::Dns);
+            }
         }
         Verdict::Pass(_) => bump(netns, Counter::Passed),
     }
@@ -213,7 +216,7 @@ pub fn connect6(ctx: &SockAddrContext) {
         return;
     };
     match verdict {
-        Verdict::Redirect(port, _) => {
+        Verdict::Redirect(port, rule) => {
             remember(ctx, netns, proto, dst, dport, port, true);
             let target = if addr::is_v4(&dst) {
                 addr::from_v4(LOCALHOST_V4)
@@ -231,6 +234,9 @@ pub fn connect6(ctx: &SockAddrContext) {
                 sa.user_port = addr::port_to_be_field(port);
             }
             bump(netns, Counter::Redirected);
+            if rule == Rule::Dns {
+                bump(netns, Counter::Dns);
+            }
         }
         Verdict::Pass(_) => bump(netns, Counter::Passed),
     }

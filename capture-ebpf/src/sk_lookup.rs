@@ -10,6 +10,7 @@
 use aya_ebpf::{Global, bindings::sk_action, programs::SkLookupContext};
 use capture_common::{
     addr::{self, Addr},
+    counters::Counter,
     maps::{ListenerKey, OrigDst},
     model::{self, InConn, Verdict},
 };
@@ -17,7 +18,7 @@ use capture_common::{
 use crate::{
     fields::words,
     lookups::MapLookups,
-    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR},
+    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, bump},
 };
 
 /// The namespace this copy serves; set by the loader at load time.
@@ -74,8 +75,10 @@ pub fn lookup(ctx: &SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     };
     if !assign(ctx, netns, port, family) {
+        bump(netns, Counter::InboundResets);
         return sk_action::SK_DROP;
     }
+    bump(netns, Counter::Inbound);
     let key = capture_common::maps::ConnKey {
         netns,
         client: remote,

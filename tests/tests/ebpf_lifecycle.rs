@@ -100,6 +100,21 @@ fn namespaces_share_one_attachment_reapply_in_place_and_the_last_clean_detaches(
         "one redirect each:\n{status}"
     );
     assert_eq!(status.matches("original_dst_lookups=1 ").count(), 2, "{status}");
+    // One inbound connection into A: counted as inbound in A only.
+    connect_as(&a.remote, None, (0, 0), sa(POD_V4, 8080)).expect("inbound connection");
+    let got = sidecars[0].next().expect("nobody accepted the inbound connection");
+    assert_eq!(got.listener, 15006);
+    let status = ok(
+        capture(&a.pod, &["status", "--backend", "ebpf", "--pin-dir", &pin]),
+        "status",
+    );
+    let counters_of_a = status
+        .lines()
+        .skip_while(|l| !l.contains("(this namespace)"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(counters_of_a.contains(" inbound=1 "), "{status}");
+    assert_eq!(status.matches(" inbound=0 ").count(), 1, "B had none:\n{status}");
 
     // Re-applying with other flags replaces A's configuration in place, and only A's.
     // Each namespace has its three -d ports in SETS; A's re-apply adds one -o port, and must not leave

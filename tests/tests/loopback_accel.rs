@@ -350,6 +350,7 @@ fn half_close_and_reset_end_streams_as_tcp_does() {
             received: TOTAL,
             first_mismatch: None,
             errors: vec![ErrorKind::ConnectionReset],
+            early_eagain: 0,
         },
         "tcp: reset"
     );
