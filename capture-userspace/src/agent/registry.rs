@@ -127,8 +127,16 @@ impl Registry {
                     if record.cookie != 0 {
                         ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
                     }
-                    self.register(record.spec, record.source)?;
-                    out.restored += 1;
+                    // One pod that cannot be registered again must not keep the agent from starting.
+                    let id = record.spec.id.clone();
+                    match self.register(record.spec, record.source) {
+                        Ok(_) => out.restored += 1,
+                        Err(e) => {
+                            tracing::warn!(pod = %id, error = %format!("{e:#}"), "could not register again; released");
+                            self.pods.remove(&id);
+                            out.released += 1;
+                        }
+                    }
                 }
                 Err(_) => {
                     ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
