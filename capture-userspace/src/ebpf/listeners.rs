@@ -2,21 +2,25 @@
 //! capture works even if the proxy started first (an agent registering running pods). sockops learns
 //! listeners only when they start listening; these are handed to the `LISTENERS` sockhash by the loader.
 //!
-//! A listener is found by its inode in this namespace's /proc/thread-self/net/tcp{,6} (the calling
-//! thread's namespace: the agent registers pods from threads that entered them), its owner by that inode
-//! among the processes' descriptors, and a copy of the descriptor is taken with pidfd_getfd(2) (Linux 5.6).
+//! A listener is found by a sock_diag dump of the calling thread's namespace (the agent registers pods
+//! from threads that entered them), its owner by its inode among the processes' descriptors, and a copy of
+//! the descriptor is taken with pidfd_getfd(2) (Linux 5.6). The dump asks for listeners only, so the
+//! kernel walks just its listening table: /proc/net/tcp walks the established table, which every
+//! namespace of the host shares, and cost more than the rest of a registration together.
 
 use std::{
     fs, io,
     os::fd::{FromRawFd, OwnedFd},
 };
 
-use anyhow::{Context as _, Result};
-
-/// `TCP_LISTEN` in /proc/net/tcp's `st` column.
-const TCP_LISTEN_STATE: &str = "0A";
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+use anyhow::{Context as _, Result, bail};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
 /// A listening socket of this namespace on one of the wanted ports.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,37 +33,67 @@ pub struct Listening {
     pub inode: u64,
 }
 
-/// Parses /proc/net/tcp or tcp6 text: the listening sockets on `ports`.
-pub fn parse_proc_net_tcp(text: &str, family: u32, ports: &[u16]) -> Vec<Listening> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            (*state == TCP_LISTEN_STATE && ports.contains(&port)).then_some(())?;
-            Some(Listening {
-                port,
-                family,
-                inode: inode.parse().ok()?,
-            })
-        })
-        .collect()
+/// The TCP sockets of `family` listening on `ports` in the calling thread's network namespace.
+fn listening(family: u8, ports: &[u16]) -> Result<Vec<Listening>> {
+    // A netlink socket belongs to the namespace of the thread that creates it.
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("open a sock_diag socket")?;
+    socket.bind_auto().context("bind the sock_diag socket")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connect the sock_diag socket")?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::LISTEN,
+        socket_id: if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        },
+    });
+    let mut message = NetlinkMessage::new(header, request.into());
+    message.finalize();
+    let mut buf = vec![0; message.buffer_len()];
+    message.serialize(&mut buf);
+    socket.send(&buf, 0).context("send the sock_diag request")?;
+
+    let mut found = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full().context("read the sock_diag dump")?;
+        let mut rest = &datagram[..];
+        while !rest.is_empty() {
+            let reply = NetlinkMessage::<SockDiagMessage>::deserialize(rest).context("parse the sock_diag dump")?;
+            let len = reply.header.length as usize;
+            match reply.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    let port = r.header.socket_id.source_port;
+                    if ports.contains(&port) {
+                        found.push(Listening {
+                            port,
+                            family: u32::from(family),
+                            inode: u64::from(r.header.inode),
+                        });
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) => bail!("sock_diag: {e}"),
+                _ => {}
+            }
+            if len == 0 || len > rest.len() {
+                bail!("sock_diag: a message of {len} bytes in {} left", rest.len());
+            }
+            rest = &rest[len..];
+        }
+    }
 }
 
 /// The listening sockets on `ports` in the current network namespace, each with a descriptor of it.
 pub fn existing(ports: &[u16]) -> Result<Vec<(Listening, OwnedFd)>> {
-    let mut wanted = Vec::new();
-    for (path, family) in [
-        ("/proc/thread-self/net/tcp", AF_INET),
-        ("/proc/thread-self/net/tcp6", AF_INET6),
-    ] {
-        match fs::read_to_string(path) {
-            Ok(text) => wanted.extend(parse_proc_net_tcp(&text, family, ports)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("read {path}")),
-        }
-    }
+    let mut wanted = listening(AF_INET, ports)?;
+    wanted.extend(listening(AF_INET6, ports)?);
     let mut found = Vec::new();
     if wanted.is_empty() {
         return Ok(found);
@@ -117,29 +151,37 @@ fn take(pid: i32, fd: i32) -> io::Result<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
+    use std::{net::TcpListener, os::unix::fs::MetadataExt as _};
+
     use super::*;
 
+    /// The inode of a socket, as the kernel reports it in /proc/self/fd.
+    fn inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
+        fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap().ino()
+    }
+
     #[test]
-    fn listening_sockets_on_the_wanted_ports_are_picked_from_proc_net_tcp() {
-        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-            0: 00000000:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 4242 1 0\n\
-            1: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 4243 1 0\n\
-            2: 0100007F:3A9E 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 4244 1 0\n";
-        let got = parse_proc_net_tcp(text, AF_INET, &[15006, 15001]);
+    fn the_dump_finds_listeners_on_the_wanted_ports_only() {
+        let wanted = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = TcpListener::bind("[::1]:0").ok();
+        let port = wanted.local_addr().unwrap().port();
+        let found = listening(AF_INET, &[port]).unwrap();
         assert_eq!(
-            got,
-            [
-                Listening {
-                    port: 15006,
-                    family: AF_INET,
-                    inode: 4242
-                },
-                Listening {
-                    port: 15001,
-                    family: AF_INET,
-                    inode: 4243
-                }
-            ]
+            found,
+            [Listening {
+                port,
+                family: u32::from(AF_INET),
+                inode: inode(&wanted)
+            }]
         );
+        assert!(!found.iter().any(|l| l.inode == inode(&other)));
+        // An IPv6 listener is in the IPv6 dump (where this host has IPv6 at all).
+        if let Some(v6) = v6 {
+            let port = v6.local_addr().unwrap().port();
+            let found = listening(AF_INET6, &[port]).unwrap();
+            assert_eq!(found.len(), 1);
+            assert_eq!(found[0].inode, inode(&v6));
+        }
     }
 }
