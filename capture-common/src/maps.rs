@@ -23,9 +23,15 @@ pub mod names {
     pub const LISTENERS: &str = "LISTENERS";
     /// Established local sockets of namespaces with loopback acceleration (the sk_msg program's map).
     pub const PEERS: &str = "PEERS";
-    /// The global that tells an sk_lookup program copy which namespace it serves.
-    pub const NETNS_GLOBAL: &str = "CAPTURE_NETNS";
+    /// Which namespace each sk_lookup program copy serves, by slot.
+    pub const SLOT_NETNS: &str = "SLOT_NETNS";
+    /// The global that tells an sk_lookup program copy its slot.
+    pub const SLOT_GLOBAL: &str = "CAPTURE_SLOT";
 }
+
+/// Registered network namespaces (pods) a node can hold: the size of the per-namespace maps, and the
+/// number of sk_lookup slots.
+pub const MAX_NAMESPACES: u32 = 4096;
 
 /// At most this many proxy uids, and as many gids (`-u`, `-g`); istio's injector passes one.
 pub const MAX_PROXY_IDS: usize = 8;
@@ -97,6 +103,9 @@ pub struct PodConfig {
     pub uids: [u32; MAX_PROXY_IDS],
     /// `-g`, in order.
     pub gids: [u32; MAX_PROXY_IDS],
+    /// The slot of the sk_lookup copy attached to this namespace (its index in `SLOT_NETNS`). Only the
+    /// loader reads it, to find the slot again when the namespace is registered anew or released.
+    pub slot: u32,
 }
 
 /// What a `SETS` entry is a member of.

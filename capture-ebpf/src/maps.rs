@@ -3,15 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
 };
 use capture_common::{
     counters::{Counter, NetnsCounters},
-    maps::{CidrKeyData, ConnKey, FlagsText, ListenerKey, OrigDst, PeerKey, PodConfig, SetKey},
+    maps::{CidrKeyData, ConnKey, FlagsText, ListenerKey, MAX_NAMESPACES, OrigDst, PeerKey, PodConfig, SetKey},
 };
 
-/// Registered network namespaces (pods) a node can hold.
-const MAX_NAMESPACES: u32 = 4096;
 /// Port and group set members, over all namespaces.
 const MAX_SET_ENTRIES: u32 = 65536;
 /// CIDR set members (`-i`, `-x`, local addresses, nameservers, `-c` subnets), over all namespaces.
@@ -28,6 +26,14 @@ const MAX_PEERS: u32 = 65536;
 /// - written by: the loader (`capture`, `capture clean`); read by: connect4/connect6.
 #[map]
 pub static CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(MAX_NAMESPACES, 0);
+
+/// Which namespace each sk_lookup copy serves.
+/// - key: slot (`u32`: the copy's `CAPTURE_SLOT`, the namespace's [`PodConfig::slot`]); value:
+///   network-namespace cookie, 0 while the slot is free
+/// - written by: the loader, when it attaches a copy to a namespace and when it unregisters the namespace;
+///   read by: sk_lookup.
+#[map]
+pub static SLOT_NETNS: Array<u64> = Array::pinned(MAX_NAMESPACES, 0);
 
 /// Port and owner-group sets of each configuration.
 /// - key: [`SetKey`] (config id, set kind, port or gid); value: `u8` 1

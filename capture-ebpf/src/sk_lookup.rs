@@ -4,8 +4,10 @@
 //! getsockopt program answers `SO_ORIGINAL_DST` with it. If the proxy is not listening the connection is
 //! dropped (fail closed): it must never reach the application uncaptured.
 //!
-//! sk_lookup is attached to one network namespace and cannot read that namespace's cookie, so the loader
-//! loads one copy per namespace with the cookie in [`CAPTURE_NETNS`].
+//! sk_lookup cannot read the cookie of the namespace it is attached to, so each registered namespace gets
+//! its own copy of the program, loaded for one slot ([`CAPTURE_SLOT`]); the loader writes the slot's
+//! namespace into [`SLOT_NETNS`] when it attaches the copy. A copy is loaded before its namespace is known
+//! (the agent keeps a few loaded and spare), which is what keeps a pod's registration in milliseconds.
 
 use aya_ebpf::{Global, bindings::sk_action, programs::SkLookupContext};
 use capture_common::{
@@ -18,12 +20,12 @@ use capture_common::{
 use crate::{
     fields::words,
     lookups::MapLookups,
-    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, bump},
+    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, SLOT_NETNS, bump},
 };
 
-/// The namespace this copy serves; set by the loader at load time.
+/// The slot this copy serves (an index into [`SLOT_NETNS`]); set by the loader at load time.
 #[unsafe(no_mangle)]
-static CAPTURE_NETNS: Global<u64> = Global::new(0);
+static CAPTURE_SLOT: Global<u32> = Global::new(0);
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -45,7 +47,10 @@ fn assign(ctx: &SkLookupContext, netns: u64, port: u16, family: u32) -> bool {
 /// Decides one lookup; returns the sk_lookup verdict.
 #[inline(always)]
 pub fn lookup(ctx: &SkLookupContext) -> u32 {
-    let netns = CAPTURE_NETNS.load();
+    // A slot whose namespace was unregistered reads 0, which no namespace has: the lookup passes.
+    let Some(&netns) = SLOT_NETNS.get(CAPTURE_SLOT.load()) else {
+        return sk_action::SK_PASS;
+    };
     // SAFETY: read only for the duration of this call.
     let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
         return sk_action::SK_PASS;

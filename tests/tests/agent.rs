@@ -12,8 +12,8 @@ use std::{
 };
 
 use tests::{
-    BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, Pod, REMOTE_V4, capture_bin, connect_as,
-    connect_with, sa,
+    BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, capture_bin,
+    connect_as, connect_with, sa,
 };
 
 const APP: (u32, u32) = (1000, 1000);
@@ -147,14 +147,20 @@ fn ok(out: Output, what: &str) -> String {
 fn lands(pod: &Pod, cgroup: &Cgroup, sidecar: &Listeners, remote: &Listeners) -> &'static str {
     let dst = sa(REMOTE_V4, 8080);
     connect_as(&pod.pod, Some(cgroup), APP, dst).unwrap_or_else(|e| panic!("connect: {e}"));
+    accepted_by(dst, ("sidecar", sidecar), ("remote", remote))
+}
+
+/// Which of two listeners accepted the connection to `dst` just made; a captured one (`proxy`) must have
+/// seen `dst` as its original destination.
+fn accepted_by(dst: SocketAddr, proxy: (&'static str, &Listeners), plain: (&'static str, &Listeners)) -> &'static str {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if let Some(a) = sidecar.drain().pop() {
+        if let Some(a) = proxy.1.drain().pop() {
             assert_eq!(a.original_dst, Some(dst));
-            return "sidecar";
+            return proxy.0;
         }
-        if !remote.drain().is_empty() {
-            return "remote";
+        if !plain.1.drain().is_empty() {
+            return plain.0;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -218,6 +224,83 @@ fn pods_added_through_the_socket_are_captured_and_removed_ones_released() {
     ok(agent.pod(&["remove", "default/app"]), "pod remove");
     assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "remote", "after pod remove");
     assert_eq!(agent.list(), "");
+}
+
+/// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
+struct InboundPod {
+    pod: Pod,
+    proxy: Option<Listeners>,
+    app: Listeners,
+}
+
+impl InboundPod {
+    fn new(tag: &str) -> InboundPod {
+        let pod = Pod::new(tag);
+        let app = Listeners::start(&pod.pod, None, None, &[sa(Ipv4Addr::UNSPECIFIED, 8080)]);
+        InboundPod { pod, proxy: None, app }
+    }
+
+    /// Starts the proxy's inbound listener, in the agent's cgroup.
+    fn start_proxy(&mut self, cgroup: &Cgroup) {
+        let addr = sa(Ipv4Addr::UNSPECIFIED, 15006);
+        self.proxy = Some(Listeners::start(&self.pod.pod, Some(cgroup), None, &[addr]));
+    }
+
+    /// Where a connection from the other end of the wire to the app's port lands: the pod's own proxy
+    /// (with the original destination) or the app.
+    fn inbound_lands(&self) -> &'static str {
+        let dst = sa(POD_V4, 8080);
+        connect_as(&self.pod.remote, None, APP, dst).unwrap_or_else(|e| panic!("connect: {e}"));
+        let proxy = self.proxy.as_ref().expect("the proxy is started");
+        accepted_by(dst, ("proxy", proxy), ("app", &self.app))
+    }
+}
+
+#[test]
+fn each_pod_gets_its_own_inbound_capture_and_a_released_pods_copy_serves_no_one() {
+    // sk_lookup cannot tell namespaces apart: each pod's copy is bound to it by slot, from copies the agent
+    // loaded ahead. Each pod's inbound must reach its own proxy, through adds, removes and updates.
+    let cgroup = Cgroup::new("agent-in");
+    let pins = BpfPins::new("agent-in");
+    let agent = Agent::start("inbound", &pins, &cgroup);
+    let mut pods: Vec<InboundPod> = ["agin-a", "agin-b", "agin-c"].map(InboundPod::new).into();
+    let ids = ["default/a", "default/b", "default/c"];
+    let netns: Vec<PathBuf> = pods.iter().map(|p| p.pod.pod.path()).collect();
+    let add = |i: usize, flags: &[&str]| ok(agent.add(ids[i], &netns[i], flags), "pod add");
+    // a and b: the proxy listens before the pod is added (found by the registration); c: after (found by
+    // sockops).
+    pods[0].start_proxy(&cgroup);
+    pods[1].start_proxy(&cgroup);
+    add(0, INJECTOR_DEFAULT_FLAGS);
+    add(1, INJECTOR_DEFAULT_FLAGS);
+    add(2, INJECTOR_DEFAULT_FLAGS);
+    pods[2].start_proxy(&cgroup);
+    let lands = |pods: &[InboundPod]| pods.iter().map(InboundPod::inbound_lands).collect::<Vec<_>>();
+    assert_eq!(lands(&pods), ["proxy", "proxy", "proxy"], "a, b and c added");
+
+    ok(agent.pod(&["remove", ids[0]]), "pod remove");
+    assert_eq!(lands(&pods), ["app", "proxy", "proxy"], "a removed");
+
+    // b again with other flags: only port 9090 captured now, through the copy it already has.
+    let mut only_9090 = INJECTOR_DEFAULT_FLAGS.to_vec();
+    let b = only_9090.iter().position(|f| *f == "-b").unwrap();
+    only_9090[b + 1] = "9090";
+    add(1, &only_9090);
+    assert_eq!(lands(&pods), ["app", "app", "proxy"], "b updated");
+
+    // a back, with the slot it freed or another one.
+    add(0, INJECTOR_DEFAULT_FLAGS);
+    assert_eq!(lands(&pods), ["proxy", "app", "proxy"], "a added again");
+
+    let metrics = agent.http_get("/metrics").expect("metrics");
+    for id in [ids[0], ids[2]] {
+        let inbound = metrics
+            .lines()
+            .find(|l| l.contains(&format!("pod=\"{id}\"")) && l.contains("event=\"inbound\""))
+            .unwrap_or_else(|| panic!("no inbound counter for {id} in:\n{metrics}"));
+        let n: u64 = inbound.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1, "{inbound}");
+    }
 }
 
 #[test]

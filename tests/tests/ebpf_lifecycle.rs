@@ -57,6 +57,68 @@ fn lands(
 }
 
 #[test]
+fn pods_applied_at_once_each_get_their_own_configuration_and_inbound_capture() {
+    // Init containers of pods that start together run `capture` at the same moment: each must end up with
+    // its own configuration and its own sk_lookup copy, as if they had run one after another.
+    const PODS: usize = 4;
+    let pods: Vec<Pod> = (0..PODS).map(|i| Pod::new(&format!("life-c{i}"))).collect();
+    let cgroup = Cgroup::new("life-c");
+    let pins = BpfPins::new("life-c");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let any = |p| sa(Ipv6Addr::UNSPECIFIED, p);
+    let sidecars: Vec<Listeners> = pods
+        .iter()
+        .map(|p| Listeners::start(&p.pod, Some(&cgroup), None, &[any(15006)]))
+        .collect();
+    let apps: Vec<Listeners> = pods
+        .iter()
+        .map(|p| Listeners::start(&p.pod, None, None, &[any(8080)]))
+        .collect();
+    // Even pods capture every inbound port, odd ones only 9090: a configuration given to the wrong
+    // namespace shows.
+    let flags = |i: usize| -> Vec<&str> {
+        let mut f = INJECTOR_DEFAULT_FLAGS.to_vec();
+        let b = f.iter().position(|a| *a == "-b").unwrap();
+        if i % 2 == 1 {
+            f[b + 1] = "9090";
+        }
+        ebpf_args(&cg, &pin, &f)
+    };
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let args = flags(i);
+                scope.spawn(move || capture(&pod.pod, &args))
+            })
+            .collect();
+        for run in runs {
+            ok(run.join().expect("apply thread"), "apply");
+        }
+    });
+    let dst = sa(POD_V4, 8080);
+    for (i, pod) in pods.iter().enumerate() {
+        connect_as(&pod.remote, None, (0, 0), dst).unwrap_or_else(|e| panic!("pod {i}: connect: {e}"));
+        let deadline = Instant::now() + tests::patient(Duration::from_secs(3));
+        let landed = loop {
+            if let Some(a) = sidecars[i].drain().into_iter().chain(apps[i].drain()).next() {
+                break (a.listener, a.original_dst);
+            }
+            assert!(Instant::now() < deadline, "pod {i}: nobody accepted the connection");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let expected = if i % 2 == 0 { (15006, Some(dst)) } else { (8080, None) };
+        assert_eq!(landed, expected, "pod {i}");
+    }
+    let status = ok(
+        capture(&pods[0].pod, &["status", "--backend", "ebpf", "--pin-dir", &pin]),
+        "status",
+    );
+    assert_eq!(status.matches("\nnetns ").count(), PODS, "{status}");
+}
+
+#[test]
 fn namespaces_share_one_attachment_reapply_in_place_and_the_last_clean_detaches() {
     let (a, b) = (Pod::new("life-a"), Pod::new("life-b"));
     let cgroup = Cgroup::new("life");

@@ -142,7 +142,8 @@ async fn serve(opts: Options) -> Result<()> {
     let settings = opts.settings.clone();
     let started = Instant::now();
     ebpf::attach(&settings.pin_dir, Some(&settings.cgroup), LogLevel::Off)?;
-    let mut registry = Registry::load(settings)?;
+    let spares = ebpf::Spares::start(&settings.pin_dir);
+    let mut registry = Registry::load(settings, spares)?;
     let reconciled = registry
         .reconcile()
         .context("take over the pods of the previous agent")?;

@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -65,6 +66,8 @@ pub struct Settings {
 pub struct Registry {
     settings: Settings,
     pods: BTreeMap<String, PodRecord>,
+    /// sk_lookup copies loaded ahead, so that registering a pod only hands one over.
+    spares: Arc<ebpf::Spares>,
 }
 
 /// What a reconcile at start found.
@@ -79,8 +82,9 @@ pub struct Reconciled {
 }
 
 impl Registry {
-    /// The registry as the state file left it, not yet reconciled with the kernel.
-    pub fn load(settings: Settings) -> Result<Registry> {
+    /// The registry as the state file left it, not yet reconciled with the kernel; new pods get their
+    /// sk_lookup copies from `spares`.
+    pub fn load(settings: Settings, spares: Arc<ebpf::Spares>) -> Result<Registry> {
         let path = state_file(&settings.state_dir);
         let pods = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -91,7 +95,7 @@ impl Registry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
-        Ok(Registry { settings, pods })
+        Ok(Registry { settings, pods, spares })
     }
 
     /// Where the programs and records are.
@@ -196,11 +200,12 @@ impl Registry {
         let netns = File::open(&spec.netns).with_context(|| format!("open {}", spec.netns.display()))?;
         let resolv_conf = inv.options.resolv_conf.clone();
         let pin_dir = self.settings.pin_dir.clone();
+        let spares = self.spares.clone();
         // setns changes only the calling thread's network namespace: a thread of its own enters the pod's.
         let cookie = std::thread::spawn(move || -> Result<u64> {
             nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("enter the pod's namespace")?;
             let env = namespace::detect(&inv.config, &resolv_conf)?;
-            ebpf::register_here(&inv, &env, &pin_dir)
+            ebpf::register_here(&inv, &env, &pin_dir, &spares)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the registration thread panicked"))?

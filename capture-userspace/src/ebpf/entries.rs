@@ -121,6 +121,8 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
         n_gids,
         uids,
         gids,
+        // Chosen when the namespace is registered (`Maps::register`).
+        slot: 0,
     };
 
     let set = |kind: SetKind, value: u32| SetKey {

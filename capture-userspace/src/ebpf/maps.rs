@@ -3,15 +3,19 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash, lpm_trie::Key};
 pub use capture_common::maps::names;
 use capture_common::{
     counters::{Counter, NetnsCounters},
-    maps::{CidrKeyData, ConnKey, FLAGS_TEXT_LEN, FlagsText, ListenerKey, OrigDst, PodConfig, SetKey},
+    maps::{CidrKeyData, ConnKey, FLAGS_TEXT_LEN, FlagsText, ListenerKey, MAX_NAMESPACES, OrigDst, PodConfig, SetKey},
 };
 
 use super::entries::{self, Facts};
 use crate::config::{Config, Environment};
+
+/// The slot of a namespace registered without inbound capture (the benchmark's many namespaces): past
+/// the last real one, so no sk_lookup copy ever serves it.
+pub const NO_SLOT: u32 = MAX_NAMESPACES;
 
 /// The maps the loader writes.
 pub struct Maps {
@@ -22,6 +26,7 @@ pub struct Maps {
     counters: PerCpuHashMap<MapData, u64, NetnsCounters>,
     flags: HashMap<MapData, u64, FlagsText>,
     listeners: SockHash<MapData, ListenerKey>,
+    slot_netns: Array<MapData, u64>,
 }
 
 /// One registered namespace, as `capture status` shows it.
@@ -55,6 +60,7 @@ impl Maps {
             counters: open(dir, names::NETNS_COUNTERS)?,
             flags: open(dir, names::FLAGS_TEXT)?,
             listeners: open(dir, names::LISTENERS)?,
+            slot_netns: open(dir, names::SLOT_NETNS)?,
         })
     }
 
@@ -70,13 +76,42 @@ impl Maps {
             .expect("fewer namespaces than ids"))
     }
 
-    /// Registers (or re-registers) namespace `netns`. The new entries go in under a fresh id and the
-    /// `CONFIG` value switches to it in one update, so a connection sees the old configuration or the new
-    /// one, never a mix; the old entries go after. On failure the new entries are removed again.
-    pub fn register(&mut self, netns: u64, cfg: &Config, env: &Environment, facts: &Facts, flags: &str) -> Result<()> {
+    /// The sk_lookup slots registered namespaces hold.
+    pub fn slots_in_use(&self) -> Result<Vec<u32>> {
+        Ok(self
+            .config
+            .iter()
+            .map(|r| r.map(|(_, c)| c.slot))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The sk_lookup slot of namespace `netns`, if it is registered.
+    pub fn slot_of(&self, netns: u64) -> Option<u32> {
+        self.config.get(&netns, 0).ok().map(|c| c.slot)
+    }
+
+    /// Gives sk_lookup slot `slot` to namespace `netns`: the copy loaded for that slot serves it from now.
+    pub fn bind_slot(&mut self, slot: u32, netns: u64) -> Result<()> {
+        self.slot_netns.set(slot, netns, 0).context("SLOT_NETNS")
+    }
+
+    /// Registers (or re-registers) namespace `netns`, whose inbound capture is sk_lookup slot `slot`. The
+    /// new entries go in under a fresh id and the `CONFIG` value switches to it in one update, so a
+    /// connection sees the old configuration or the new one, never a mix; the old entries go after. On
+    /// failure the new entries are removed again.
+    pub fn register(
+        &mut self,
+        netns: u64,
+        slot: u32,
+        cfg: &Config,
+        env: &Environment,
+        facts: &Facts,
+        flags: &str,
+    ) -> Result<()> {
         let old = self.config.get(&netns, 0).ok();
         let id = self.fresh_id()?;
-        let e = entries::entries(cfg, env, facts, id)?;
+        let mut e = entries::entries(cfg, env, facts, id)?;
+        e.config.slot = slot;
         let written = self.write(&e).and_then(|()| {
             if self.counters.get(&netns, 0).is_err() {
                 let zero = PerCpuValues::try_from(vec![
@@ -143,12 +178,17 @@ impl Maps {
             .context("LISTENERS")
     }
 
-    /// Unregisters `netns`: its configuration, counters, flags and pending original destinations.
+    /// Unregisters `netns`: its configuration, sk_lookup slot, counters, flags and pending original
+    /// destinations.
     pub fn unregister(&mut self, netns: u64) -> Result<()> {
         let Ok(cfg) = self.config.get(&netns, 0) else {
             return Ok(());
         };
         self.config.remove(&netns)?;
+        // Only if the slot is still this namespace's, which it is unless its sk_lookup copy failed to attach.
+        if cfg.slot != NO_SLOT && self.slot_netns.get(&cfg.slot, 0).is_ok_and(|n| n == netns) {
+            self.bind_slot(cfg.slot, 0)?;
+        }
         self.remove_entries(cfg.id)?;
         let _ = self.counters.remove(&netns);
         let _ = self.flags.remove(&netns);

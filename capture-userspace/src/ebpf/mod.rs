@@ -8,12 +8,14 @@
 pub mod entries;
 pub mod features;
 mod listeners;
+pub mod sk_lookup;
 // Public for the benchmark, which registers hundreds of throwaway namespaces without loading the programs
 // again for each.
 pub mod maps;
 mod sys;
 
 pub use maps::Registered;
+pub use sk_lookup::Spares;
 
 use std::{
     fs::File,
@@ -30,6 +32,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
 };
+use capture_common::maps::MAX_NAMESPACES;
 
 use nix::poll::{PollFd, PollFlags, poll};
 
@@ -67,7 +70,8 @@ struct Hook {
     needs: &'static str,
 }
 
-/// The inbound hook: one copy of the program per registered namespace, attached to that namespace.
+/// The inbound hook: one copy of the program per registered namespace, attached to that namespace (see
+/// [`sk_lookup`]).
 const SK_LOOKUP: Hook = Hook {
     program: "capture_sk_lookup",
     attach: AttachType::SkLookup,
@@ -222,13 +226,26 @@ fn links_pinned(dir: &Path) -> bool {
 /// Loads, attaches and registers the current namespace. On failure nothing stays: a first registration
 /// that fails removes the pins it made.
 fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
+    let _lock = lock(dir, true)?;
     let fresh = !dir.join(maps::names::CONFIG).exists();
-    ensure_pin_dir(dir)?;
     let result = (|| {
         let netns = namespace::cookie()?;
-        let mut ebpf = load(dir, inv.options.log_level, netns)?;
+        // The object loaded for the hooks also gives this namespace its sk_lookup copy: loaded for the
+        // namespace's slot, or for a free one.
+        let slot = match dir.join(maps::names::CONFIG).exists() {
+            true => {
+                let maps = Maps::open(dir)?;
+                match maps.slot_of(netns) {
+                    Some(slot) => slot,
+                    None => sk_lookup::free_slot(&maps.slots_in_use()?, &[])?,
+                }
+            }
+            false => 0,
+        };
+        let mut ebpf = Loader::new(dir, inv.options.log_level).load(slot)?;
         attach_hooks(&mut ebpf, dir, inv.options.cgroup.as_deref())?;
-        register_namespace(&mut ebpf, inv, env, facts, dir, netns)?;
+        let copy = sk_lookup::Loaded::from_object(&mut ebpf, slot)?;
+        register_namespace(Maps::open(dir)?, inv, env, facts, dir, netns, Some(copy))?;
         Ok(ebpf)
     })();
     if result.is_err() && fresh {
@@ -241,28 +258,41 @@ fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Resu
 /// starts. Like an apply, it switches programs that are already attached to the new ones in place.
 pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<()> {
     probe()?;
-    ensure_pin_dir(dir)?;
-    let mut ebpf = load(dir, level, 0)?;
+    let _lock = lock(dir, true)?;
+    // No sk_lookup copy comes from this object: slot 0 is as good as any.
+    let mut ebpf = Loader::new(dir, level).load(0)?;
     attach_hooks(&mut ebpf, dir, cgroup)
 }
 
 /// Registers the network namespace the calling thread is in with `inv`'s configuration, on programs
-/// [`attach`] attached: the agent's step for one pod (from a thread that entered the pod's namespace).
+/// [`attach`] attached: the agent's step for one pod (from a thread that entered the pod's namespace). A
+/// namespace new to capture gets its sk_lookup copy from `spares`; one registered again keeps its copy.
 /// Returns the namespace's cookie.
-pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path) -> Result<u64> {
+pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path, spares: &Spares) -> Result<u64> {
     let facts = namespace::facts(&inv.config)?;
     // Built first: a configuration the kernel cannot take fails before anything is touched.
     entries::entries(&inv.config, env, &facts, 0)?;
     namespace::add_passthrough_v6(env)?;
     let facts = namespace::facts(&inv.config)?;
+    let _lock = lock(dir, false)?;
     let netns = namespace::cookie()?;
-    let mut ebpf = load(dir, inv.options.log_level, netns)?;
-    register_namespace(&mut ebpf, inv, env, &facts, dir, netns)?;
+    let maps = Maps::open(dir)?;
+    let copy = match maps.slot_of(netns).is_some() && sk_lookup_pin(dir, netns).exists() {
+        true => None,
+        false => Some(spares.take(&maps.slots_in_use()?)?),
+    };
+    register_namespace(maps, inv, env, &facts, dir, netns, copy)?;
     Ok(netns)
 }
 
 /// Unregisters namespace `netns` (by cookie), from any namespace; the programs stay attached.
 pub fn unregister(dir: &Path, netns: u64) -> Result<()> {
+    let _lock = lock(dir, false)?;
+    unregister_locked(dir, netns)
+}
+
+/// [`unregister`], for a caller that holds the lock.
+fn unregister_locked(dir: &Path, netns: u64) -> Result<()> {
     Maps::open(dir)?.unregister(netns)?;
     let pin = sk_lookup_pin(dir, netns);
     if pin.exists() {
@@ -277,19 +307,76 @@ pub fn registered(dir: &Path) -> Result<Vec<Registered>> {
     Maps::open(dir)?.registered()
 }
 
-/// Opens the kernel object with the requested log level, for namespace `netns` (sk_lookup's copy), with
-/// its maps pinned in, or reused from, `dir`.
-fn load(dir: &Path, level: LogLevel, netns: u64) -> Result<Ebpf> {
-    let level = level as u8;
-    EbpfLoader::new()
-        // The programs need no CO-RE relocation: not parsing the kernel's BTF (megabytes) on every load
-        // keeps a pod's registration in milliseconds.
-        .btf(None)
-        .default_map_pin_directory(dir)
-        .override_global(aya_log::LEVEL, &level, true)
-        .override_global(maps::names::NETNS_GLOBAL, &netns, true)
-        .load(PROGRAMS)
-        .context("load capture's kernel programs")
+/// Holds the pin directory `dir` for one change at a time (attach, register, unregister): `capture` runs
+/// of pods that start together (as init containers) and the agent pick configuration ids and sk_lookup
+/// slots that must not clash, and create pins that must not collide. With `create`, makes the directory
+/// first, and again if the last namespace's `capture clean` removed it while this waited. Released when
+/// the returned lock is dropped.
+fn lock(dir: &Path, create: bool) -> Result<nix::fcntl::Flock<File>> {
+    /// Removals to outlast before giving up.
+    const TRIES: usize = 3;
+    for _ in 0..TRIES {
+        if create {
+            ensure_pin_dir(dir)?;
+        }
+        let file = File::open(dir).with_context(|| format!("open {}", dir.display()))?;
+        let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("lock {}", dir.display()))?;
+        let removed = nix::sys::stat::fstat(&*locked)
+            .with_context(|| format!("stat {}", dir.display()))?
+            .st_nlink
+            == 0;
+        if !removed {
+            return Ok(locked);
+        }
+        if !create {
+            bail!("{} was removed (its last namespace was cleaned)", dir.display());
+        }
+    }
+    bail!("{} was removed {TRIES} times while waiting for it", dir.display())
+}
+
+/// Values for the loader's globals, which it borrows for as long as it lives: one per log level and one
+/// per sk_lookup slot, so that one loader serves every load.
+static LOG_LEVELS: [u8; 6] = [0, 1, 2, 3, 4, 5];
+static SLOTS: [u32; MAX_NAMESPACES as usize] = {
+    let mut slots = [0; MAX_NAMESPACES as usize];
+    let mut i = 0;
+    while i < slots.len() {
+        slots[i] = i as u32;
+        i += 1;
+    }
+    slots
+};
+
+/// Loads capture's kernel object (with its maps pinned in, or reused from, one directory), as often as
+/// needed. Making an aya loader parses the kernel's BTF, about 20 ms here, which these programs do not use
+/// (they need no CO-RE relocation): the agent keeps one loader for all its sk_lookup copies.
+struct Loader(EbpfLoader<'static>);
+
+impl Loader {
+    /// A loader for the maps in `dir`, with the programs logging at `level`.
+    fn new(dir: &Path, level: LogLevel) -> Loader {
+        let mut loader = EbpfLoader::new();
+        loader.btf(None).default_map_pin_directory(dir).override_global(
+            aya_log::LEVEL,
+            &LOG_LEVELS[level as usize],
+            true,
+        );
+        Loader(loader)
+    }
+
+    /// Opens the object, for sk_lookup slot `slot` (the copy of sk_lookup it holds serves that slot).
+    fn load(&mut self, slot: u32) -> Result<Ebpf> {
+        let slot = SLOTS
+            .get(slot as usize)
+            .with_context(|| format!("sk_lookup slot {slot} is past the last one"))?;
+        self.0
+            .override_global(maps::names::SLOT_GLOBAL, slot, true)
+            .load(PROGRAMS)
+            .context("load capture's kernel programs")
+    }
 }
 
 /// Loads one program of the object and returns a descriptor of it that outlives the object.
@@ -361,37 +448,40 @@ fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<()
         .with_context(|| format!("attach {} to {} ({})", SK_MSG.program, SK_MSG.link, SK_MSG.needs))
 }
 
-/// Registers the current namespace (cookie `netns`): its map entries, the proxy's listeners that already
-/// exist, and its own copy of sk_lookup from `ebpf` (loaded for `netns`).
+/// Registers the current namespace (cookie `netns`) in `maps`: its entries, the proxy's listeners that
+/// already exist, and `copy`, its sk_lookup copy (`None`: the namespace keeps the one it has). A
+/// namespace new to capture that fails half-way is unregistered again.
 fn register_namespace(
-    ebpf: &mut Ebpf,
+    mut maps: Maps,
     inv: &Invocation,
     env: &Environment,
     facts: &Facts,
     dir: &Path,
     netns: u64,
+    copy: Option<sk_lookup::Loaded>,
 ) -> Result<()> {
-    let mut maps = Maps::open(dir)?;
-    maps.register(netns, &inv.config, env, facts, &flags_text())?;
-    // Listeners that existed before this registration (sockops only sees new ones).
-    let ports = [inv.config.inbound_capture_port, inv.config.proxy_port];
-    for (listening, fd) in listeners::existing(&ports).context("find the proxy's listening sockets")? {
-        maps.add_listener(netns, listening.port, listening.family, &fd)?;
+    let known = maps.slot_of(netns);
+    let slot = match (&copy, known) {
+        (Some(copy), _) => copy.slot(),
+        (None, Some(slot)) => slot,
+        (None, None) => bail!("namespace {netns} has no sk_lookup copy"),
+    };
+    maps.register(netns, slot, &inv.config, env, facts, &flags_text())?;
+    let rest = (|| {
+        // Listeners that existed before this registration (sockops only sees new ones).
+        let ports = [inv.config.inbound_capture_port, inv.config.proxy_port];
+        for (listening, fd) in listeners::existing(&ports).context("find the proxy's listening sockets")? {
+            maps.add_listener(netns, listening.port, listening.family, &fd)?;
+        }
+        match copy {
+            Some(copy) => copy.attach(&mut maps, netns, &sk_lookup_pin(dir, netns)),
+            None => Ok(()),
+        }
+    })();
+    if rest.is_err() && known.is_none() {
+        let _ = unregister_locked(dir, netns);
     }
-    // Inbound: this namespace's own copy of sk_lookup, attached to it.
-    let prog = load_program(ebpf, &SK_LOOKUP)?;
-    let pin = sk_lookup_pin(dir, netns);
-    if pin.exists() {
-        let link = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
-        sys::link_update(link.as_fd(), prog.as_fd()).context("switch the sk_lookup link to the new program")?;
-    } else {
-        // The calling thread's namespace: the agent registers from a thread that entered the pod's.
-        let ns = File::open("/proc/thread-self/ns/net").context("open this network namespace")?;
-        let link = sys::link_create(prog.as_fd(), ns.as_fd(), AttachType::SkLookup)
-            .with_context(|| format!("attach {} to this namespace ({})", SK_LOOKUP.program, SK_LOOKUP.needs))?;
-        sys::obj_pin(link.as_fd(), &pin).context("pin the sk_lookup link")?;
-    }
-    Ok(())
+    rest
 }
 
 /// Forwards the kernel programs' log records to stderr until Ctrl-C (or SIGTERM).
@@ -429,7 +519,8 @@ fn clean(dir: &Path) -> Result<String> {
     if !dir.join(maps::names::CONFIG).exists() {
         return Ok(String::new());
     }
-    unregister(dir, namespace::cookie()?)?;
+    let _lock = lock(dir, false)?;
+    unregister_locked(dir, namespace::cookie()?)?;
     if Maps::open(dir)?.registered()?.is_empty() {
         remove_pins(dir)?;
     }

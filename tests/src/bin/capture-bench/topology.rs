@@ -169,7 +169,15 @@ impl Topology {
                 let env = capture::namespace::detect(&inv.config, std::path::Path::new("/etc/resolv.conf"))?;
                 let facts = capture::namespace::facts(&inv.config)?;
                 let cookie = capture::namespace::cookie()?;
-                maps.register(cookie, &inv.config, &env, &facts, "capture-bench: injector defaults")?;
+                let slot = capture::ebpf::maps::NO_SLOT;
+                maps.register(
+                    cookie,
+                    slot,
+                    &inv.config,
+                    &env,
+                    &facts,
+                    "capture-bench: injector defaults",
+                )?;
             }
             Ok(())
         })
