@@ -21,9 +21,10 @@ use capture_common::maps::MAX_NAMESPACES;
 use super::{Loader, SK_LOOKUP, maps::Maps, sys};
 use crate::flags::LogLevel;
 
-/// How many copies the agent keeps loaded ahead. Pods that arrive faster than one per load beyond this
-/// many wait for a load of their own (tens of milliseconds each); a node starts a few pods at a time.
-const SPARES: usize = 4;
+/// How many copies the agent keeps loaded ahead. A burst of more new pods than this, faster than the
+/// refill loads copies (about 10 ms each on an idle machine here), has the rest wait for a load of their
+/// own. A copy costs the kernel a few kilobytes, and the agent nothing but a descriptor.
+const SPARES: usize = 16;
 /// How long the refill waits after a failed load before trying again.
 const RETRY: Duration = Duration::from_secs(1);
 

@@ -3,7 +3,8 @@
 //! ([`topology`]). Workloads ([`workloads`]): short connections, persistent connections (latency
 //! percentiles), one bulk transfer; for each, the CPU of the mode's own cgroup ([`cgroups`]); during the
 //! short connections, the kernel time of each eBPF program. Then [`scaling`]: the connection rate with
-//! more excluded CIDRs and more registered namespaces. Output ([`report`], [`plot`]): report.md and SVG
+//! more excluded CIDRs and more registered namespaces. Last, [`registration`]: how long the node agent
+//! takes to register a pod. Output ([`report`], [`plot`]): report.md and SVG
 //! plots in the output directory.
 //!
 //! Modes run interleaved (A B C A B C …) so that machine noise hits them alike; each figure is the median
@@ -14,6 +15,7 @@
 mod cgroups;
 mod modes;
 mod plot;
+mod registration;
 mod report;
 mod scaling;
 mod topology;
@@ -51,6 +53,8 @@ struct Plan {
     scaling_duration: Duration,
     cidr_points: &'static [usize],
     namespace_points: &'static [usize],
+    /// Pods the agent registers one at a time, and as many again in a burst.
+    agent_pods: usize,
 }
 
 impl Plan {
@@ -64,6 +68,7 @@ impl Plan {
                 scaling_duration: Duration::from_secs(1),
                 cidr_points: &[1, 4096],
                 namespace_points: &[1, 100],
+                agent_pods: 10,
             }
         } else {
             Plan {
@@ -74,6 +79,7 @@ impl Plan {
                 scaling_duration: Duration::from_secs(3),
                 cidr_points: &[1, 16, 256, 4096],
                 namespace_points: &[1, 100, 1000],
+                agent_pods: 40,
             }
         }
     }
@@ -93,6 +99,7 @@ impl Plan {
             + self.cidr_points.len() as f64 * (modes * scaling + self.scaling_repeats as f64 * APPLY_SECONDS)
             + self.namespace_points.len() as f64 * (ebpf + floor) * scaling
             + namespaces * NAMESPACE_SECONDS * ebpf.min(1.0)
+            + self.agent_pods as f64 * (registration::PACE.as_secs_f64() + 2.0 * NAMESPACE_SECONDS)
     }
 }
 
@@ -249,6 +256,7 @@ fn main() -> Result<()> {
     let namespaces = scaling::namespaces(&topologies, sweep(plan.namespace_points), &mut progress)?;
     drop(topologies);
     drop(cgroups);
+    let registration = registration::measure(&args.capture, plan.agent_pods, &mut progress)?;
 
     let results = Results {
         info: RunInfo {
@@ -265,6 +273,7 @@ fn main() -> Result<()> {
         modes: results,
         cidrs,
         namespaces,
+        registration,
     };
     let report = results.markdown();
     print!("{report}");
