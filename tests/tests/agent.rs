@@ -13,7 +13,7 @@ use std::{
 
 use tests::{
     BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, capture_bin,
-    connect_as, connect_with, sa,
+    connect_as, connect_with, run_as, sa,
 };
 
 const APP: (u32, u32) = (1000, 1000);
@@ -189,6 +189,13 @@ fn pods_added_through_the_socket_are_captured_and_removed_ones_released() {
     let listed = agent.list();
     assert!(listed.starts_with("default/app\t"), "{listed}");
     assert_eq!(listed.lines().count(), 1, "{listed}");
+    // The control socket is root's only: another user cannot even list.
+    let mut as_app = Command::new(capture_bin());
+    as_app.arg("pod").arg("--socket").arg(&agent.socket).arg("list");
+    run_as(&mut as_app, APP);
+    let denied = as_app.output().expect("run capture pod as another user");
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success() && err.contains("Permission denied"), "{err}");
     // Adding the same pod again changes nothing.
     let again = agent.add("default/app", &pod.pod.path(), INJECTOR_DEFAULT_FLAGS);
     assert!(again.status.success());

@@ -119,6 +119,43 @@ fn pods_applied_at_once_each_get_their_own_configuration_and_inbound_capture() {
 }
 
 #[test]
+fn captured_dns_is_counted_as_dns() {
+    // `--redirect-dns`: queries to the resolv.conf server go to the DNS proxy on 15053, and `capture status`
+    // (and the agent's metrics, which read the same counters) count them as dns as well as redirected.
+    let pod = Pod::new("life-dns");
+    let cgroup = Cgroup::new("life-dns");
+    let pins = BpfPins::new("life-dns");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let resolv = std::env::temp_dir().join(format!("capture-life-dns-{}", std::process::id()));
+    std::fs::write(&resolv, format!("nameserver {REMOTE_V4}\n")).expect("write resolv.conf");
+    let dns_proxy = sa(Ipv4Addr::UNSPECIFIED, 15053);
+    let proxy = Listeners::start_with_udp(&pod.pod, Some(&cgroup), Some(PROXY), &[dns_proxy], &[dns_proxy]);
+    let resolv_flag = resolv.display().to_string();
+    let mut flags = INJECTOR_DEFAULT_FLAGS.to_vec();
+    flags.extend(["--redirect-dns", "--resolv-conf", &resolv_flag]);
+    let applied = capture(&pod.pod, &ebpf_args(&cg, &pin, &flags));
+    let _ = std::fs::remove_file(&resolv);
+    ok(applied, "apply");
+
+    let udp = Connect {
+        sendto: true,
+        ..Connect::default()
+    };
+    for _ in 0..2 {
+        connect_with(&pod.pod, Some(&cgroup), APP, sa(REMOTE_V4, 53), udp).expect("a UDP query");
+    }
+    connect_as(&pod.pod, Some(&cgroup), APP, sa(REMOTE_V4, 53)).expect("a TCP query");
+    assert_eq!(proxy.drain_datagrams().len(), 2, "UDP queries at the DNS proxy");
+    assert_eq!(proxy.drain().len(), 1, "TCP queries at the DNS proxy");
+    let status = ok(
+        capture(&pod.pod, &["status", "--backend", "ebpf", "--pin-dir", &pin]),
+        "status",
+    );
+    assert!(status.contains(" dns=3 "), "{status}");
+    assert!(status.contains("redirected=3 "), "{status}");
+}
+
+#[test]
 fn namespaces_share_one_attachment_reapply_in_place_and_the_last_clean_detaches() {
     let (a, b) = (Pod::new("life-a"), Pod::new("life-b"));
     let cgroup = Cgroup::new("life");
