@@ -1,7 +1,11 @@
 //! The deployment manifests (deploy/) parse as the Kubernetes objects they claim to be and keep the
-//! properties the agent depends on. (Schema validation: `kubernetes-validate --strict`, see the README.)
+//! properties the agent depends on; the Helm chart passes `helm lint --strict` and renders objects with the
+//! same properties. (Schema validation: `kubernetes-validate --strict`, see the README.)
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
@@ -17,8 +21,13 @@ fn deploy(path: &str) -> PathBuf {
 /// Every document of a multi-document YAML file, as JSON values.
 fn documents(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    parse(&text, &path.display().to_string())
+}
+
+/// Every document of multi-document YAML `text` (from `what`), as JSON values.
+fn parse(text: &str, what: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{what}: {e}")))
         .filter(|v| !v.is_null())
         .map(|v| serde_json::to_value(v).unwrap())
         .collect()
@@ -34,8 +43,62 @@ fn object<T: serde::de::DeserializeOwned>(docs: &[serde_json::Value], kind: &str
 
 #[test]
 fn daemonset_has_what_the_agent_needs_and_no_more() {
-    let docs = documents(&deploy("kubernetes/capture.yaml"));
+    check_daemonset(&documents(&deploy("kubernetes/capture.yaml")));
+}
+
+#[test]
+fn rbac_reads_pods_only() {
+    check_rbac(&documents(&deploy("kubernetes/capture.yaml")));
+}
+
+/// The helm binary `cargo xtask test` installed.
+fn helm() -> PathBuf {
+    std::env::var_os("CAPTURE_HELM")
+        .map(PathBuf::from)
+        .expect("CAPTURE_HELM is not set: run `cargo xtask test`, which installs helm")
+}
+
+#[test]
+fn the_chart_lints_and_renders_what_the_agent_needs() {
+    let chart = deploy("helm/capture");
+    let lint = Command::new(helm())
+        .args(["lint", "--strict"])
+        .arg(&chart)
+        .output()
+        .expect("run helm lint");
+    assert!(
+        lint.status.success(),
+        "helm lint:\n{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    let rendered = Command::new(helm())
+        .args(["template", "capture"])
+        .arg(&chart)
+        .args(["--set", "image.repository=registry.example/capture,image.tag=9.9.9"])
+        .output()
+        .expect("run helm template");
+    assert!(
+        rendered.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let docs = parse(&String::from_utf8_lossy(&rendered.stdout), "helm template");
+    check_daemonset(&docs);
+    check_rbac(&docs);
     let ds: DaemonSet = object(&docs, "DaemonSet");
+    let image = ds.spec.unwrap().template.spec.unwrap().containers[0].image.clone();
+    assert_eq!(
+        image.as_deref(),
+        Some("registry.example/capture:9.9.9"),
+        "values reach the image"
+    );
+}
+
+/// What the agent's DaemonSet must have: the host's PIDs (not its network), every taint tolerated, the node
+/// name from the downward API, named capabilities instead of privileged, the host's bpffs and cgroup root.
+fn check_daemonset(docs: &[serde_json::Value]) {
+    let ds: DaemonSet = object(docs, "DaemonSet");
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.host_pid, Some(true), "the namespace lookup reads the host's /proc");
     assert_ne!(
@@ -91,22 +154,20 @@ fn daemonset_has_what_the_agent_needs_and_no_more() {
     );
 }
 
-#[test]
-fn rbac_reads_pods_only() {
-    let docs = documents(&deploy("kubernetes/capture.yaml"));
-    let _: ServiceAccount = object(&docs, "ServiceAccount");
-    let role: ClusterRole = object(&docs, "ClusterRole");
+/// The agent's account may only get, list and watch pods.
+fn check_rbac(docs: &[serde_json::Value]) {
+    let _: ServiceAccount = object(docs, "ServiceAccount");
+    let role: ClusterRole = object(docs, "ClusterRole");
     let [rule] = <[_; 1]>::try_from(role.rules.unwrap()).unwrap();
     assert_eq!(rule.api_groups.unwrap(), [""]);
     assert_eq!(rule.resources.unwrap(), ["pods"]);
     assert_eq!(rule.verbs, ["get", "list", "watch"]);
-    let binding: ClusterRoleBinding = object(&docs, "ClusterRoleBinding");
+    let binding: ClusterRoleBinding = object(docs, "ClusterRoleBinding");
     assert_eq!(binding.role_ref.name, "capture");
     assert_eq!(binding.subjects.unwrap()[0].name, "capture");
 }
 
-/// Helm is not installable here, so the chart is only checked for what can be checked without it:
-/// Chart.yaml and values.yaml parse, and the values the templates use exist.
+/// Every value the templates use exists in values.yaml (helm renders a missing one as empty, silently).
 #[test]
 fn chart_values_cover_the_templates() {
     let chart = &documents(&deploy("helm/capture/Chart.yaml"))[0];

@@ -247,7 +247,8 @@ fn main() -> Result<()> {
             // Every test binary runs even after one fails, so the closing count covers the whole suite.
             cmd.args(["test", "--no-fail-fast"])
                 .env("CAPTURE_BIN", &built.capture)
-                .env("CAPTURE_PROBE_BIN", &built.probe);
+                .env("CAPTURE_PROBE_BIN", &built.probe)
+                .env("CAPTURE_HELM", setup::helm());
             match filter {
                 Some(f) if is_test_file(&f) => cmd.args(["--package", "tests", "--test", &f]),
                 Some(f) => cmd.args(["--all-targets", "--", &f]),

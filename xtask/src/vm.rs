@@ -211,10 +211,11 @@ fn guest_script(built: &Built, tests: &[TestBinary], filter: Option<&str>, dir: 
         "#!/bin/sh\n\
          # Written by `cargo xtask vm`; runs inside the guest.\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin RUST_BACKTRACE=1\n\
-         export CAPTURE_BIN={} CAPTURE_PROBE_BIN={} CAPTURE_TEST_TIME_SCALE={GUEST_TIME_SCALE}\n\
+         export CAPTURE_BIN={} CAPTURE_PROBE_BIN={} CAPTURE_HELM={} CAPTURE_TEST_TIME_SCALE={GUEST_TIME_SCALE}\n\
          echo \"vm: kernel $(uname -r)\" >> {out}\n",
         quote(&built.capture.display().to_string()),
         quote(&built.probe.display().to_string()),
+        quote(&crate::setup::helm().display().to_string()),
     );
     for t in tests {
         script.push_str(&format!(
