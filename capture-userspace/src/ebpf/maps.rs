@@ -85,9 +85,13 @@ impl Maps {
             .collect::<Result<_, _>>()?)
     }
 
-    /// The sk_lookup slot of namespace `netns`, if it is registered.
+    /// The sk_lookup slot of namespace `netns`, if it is registered with one.
     pub fn slot_of(&self, netns: u64) -> Option<u32> {
-        self.config.get(&netns, 0).ok().map(|c| c.slot)
+        self.config
+            .get(&netns, 0)
+            .ok()
+            .map(|c| c.slot)
+            .filter(|&slot| slot != NO_SLOT)
     }
 
     /// Gives sk_lookup slot `slot` to namespace `netns`: the copy loaded for that slot serves it from now.
