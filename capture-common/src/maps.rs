@@ -293,7 +293,7 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(
             size_of::<PodConfig>(),
-            4 * 2 + 2 * 4 + 4 + 4 * 2 + 4 * 2 * MAX_PROXY_IDS
+            4 * 2 + 2 * 4 + 4 + 4 * 2 + 4 * 2 * MAX_PROXY_IDS + 4
         );
         assert_eq!(size_of::<SetKey>(), 12);
         assert_eq!(size_of::<CidrKeyData>(), 24);
