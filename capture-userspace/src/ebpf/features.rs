@@ -89,6 +89,12 @@ pub const FEATURES: &[Feature] = &[
         Probe::Map(MapType::Hash),
     ),
     feature(
+        "array_map",
+        "3.19",
+        "which namespace each inbound copy serves",
+        Probe::Map(MapType::Array),
+    ),
+    feature(
         "percpu_hash_map",
         "4.6",
         "per-namespace counters",
