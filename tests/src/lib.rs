@@ -11,7 +11,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Output, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -23,6 +23,7 @@ use std::{
 
 pub mod diff;
 pub mod echo;
+pub mod runnable;
 pub mod sidecar;
 
 /// How long a test connection may take before it counts as failed (on this machine; see [`patient`]).
@@ -232,18 +233,19 @@ pub struct Datagram {
 const PROBE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `capture-probe` binary (the tests crate's client/server process): `$CAPTURE_PROBE_BIN` (set by
-/// `cargo xtask test` and `cargo xtask run`), else `capture-probe` next to the `capture` binary.
+/// `cargo xtask test` and `cargo xtask run`), else `capture-probe` next to the `capture` binary; where every
+/// user can run it (see [`runnable`]), since it runs as the app and the proxy.
 pub fn probe_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("CAPTURE_PROBE_BIN") {
-        return bin.into();
+        return runnable::runnable_by_all(Path::new(&bin));
     }
-    let bin = capture_bin().with_file_name("capture-probe");
+    let bin = built_capture().with_file_name("capture-probe");
     assert!(
         bin.exists(),
         "{} does not exist: run `cargo xtask test`, or `cargo build -p tests --bin capture-probe` first",
         bin.display()
     );
-    bin
+    runnable::runnable_by_all(&bin)
 }
 
 /// A `capture-probe` command that starts inside `ns`, inside `cgroup` if given, as `ids` (uid, gid) if given.
@@ -263,8 +265,15 @@ fn probe_command(ns: &Netns, cgroup: Option<&Cgroup>, ids: Option<(u32, u32)>) -
 
 /// Makes `cmd` run as `(uid, gid)` with no supplementary groups. Not `CommandExt::{uid, gid}`: std drops
 /// credentials before it runs `pre_exec` closures, and joining a namespace or cgroup needs root. Closures
-/// run in the order they were added, so call this after [`Netns::command`] and [`Cgroup::enter`].
+/// run in the order they were added, so call this after [`Netns::command`] and [`Cgroup::enter`]. Panics at
+/// once if the program is a path that user could not reach (see [`runnable`]), rather than failing at spawn.
 pub fn run_as(cmd: &mut Command, (uid, gid): (u32, u32)) {
+    let program = Path::new(cmd.get_program());
+    if program.components().count() > 1
+        && let Some(why) = runnable::unreachable_by_others(program)
+    {
+        panic!("cannot run {} as uid {uid}: {why}", program.display());
+    }
     // SAFETY: setgroups/setgid/setuid are async-signal-safe; the closure makes only those calls.
     unsafe {
         cmd.pre_exec(move || {
@@ -560,8 +569,14 @@ fn probe_error(text: &str) -> std::io::Error {
 }
 
 /// The `capture` binary under test: `$CAPTURE_BIN` (set by `cargo xtask test`), else the one cargo built
-/// next to this test executable.
+/// next to this test executable; where every user can run it (see [`runnable`]), since validation runs it
+/// as the app and the proxy.
 pub fn capture_bin() -> PathBuf {
+    runnable::runnable_by_all(&built_capture())
+}
+
+/// `$CAPTURE_BIN`, else the `capture` cargo built next to this test executable: where it was built.
+fn built_capture() -> PathBuf {
     if let Some(bin) = std::env::var_os("CAPTURE_BIN") {
         return bin.into();
     }
