@@ -74,6 +74,9 @@ pub mod flag {
     pub const HAS_INCLUDE_CIDRS: u32 = 1 << 15;
     /// `--loopback-accel`: sends between two sockets of this namespace skip the loopback TCP/IP path.
     pub const LOOPBACK_ACCEL: u32 = 1 << 16;
+    /// `-m TPROXY`: istio captures inbound in the mangle table, whose rules have no tunnel-port exception
+    /// (the `--dport 15008 -j RETURN` is written in nat only), so the tunnel port is captured like any other.
+    pub const TPROXY: u32 = 1 << 17;
 }
 
 /// One namespace's scalar configuration. Value of the `CONFIG` map, keyed by network-namespace cookie.
@@ -141,7 +144,7 @@ pub struct SetKey {
 }
 
 /// What a `CIDRS` entry is a member of.
-#[repr(u32)]
+#[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CidrKind {
     /// `-x`.
@@ -157,31 +160,78 @@ pub enum CidrKind {
     ExcludedInterface = 5,
 }
 
-/// Bits of [`CidrKeyData`] before the address: id and kind.
+/// The address family a `CIDRS` entry serves. istio-iptables splits every CIDR list by family (an entry
+/// goes to iptables or to ip6tables), so an entry only ever meets destinations of its own family: an IPv6
+/// prefix such as `::/0` or the IPv4-mapped `::ffff:10.0.0.0/104` never matches an IPv4 connection, even
+/// though the kernel programs keep IPv4 addresses in their mapped form.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4: an entry written as `a.b.c.d/n`; a destination that is IPv4 (or IPv4-mapped on an IPv6
+    /// socket, which the kernel sends as IPv4).
+    V4 = 4,
+    /// IPv6: an entry written as an IPv6 prefix (IPv4-mapped ones included); a destination that is not
+    /// IPv4-mapped.
+    V6 = 6,
+}
+
+impl Family {
+    /// The family of a connection to (or from) `addr`: what iptables or ip6tables would see.
+    #[inline(always)]
+    pub fn of(addr: &Addr) -> Family {
+        if crate::addr::is_v4(addr) {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+}
+
+/// Bits of [`CidrKeyData`] before the address: id, kind, family and two zero bytes.
 pub const CIDR_KEY_HEADER_BITS: u32 = 64;
 
 /// Data of an LPM-trie key of the `CIDRS` map (the trie matches `prefix_len` bits of it, in memory
-/// order). Bytes only, so there is no padding and the id and kind are matched exactly.
+/// order). Bytes only, so there is no padding and the id, kind and family are matched exactly: the family
+/// in the key is what keeps one family's entries away from the other's destinations.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CidrKeyData {
     /// [`PodConfig::id`], big-endian.
     pub id: [u8; 4],
-    /// [`CidrKind`], big-endian.
-    pub kind: [u8; 4],
+    /// [`CidrKind`].
+    pub kind: u8,
+    /// [`Family`] of the entry, or of the destination looked up.
+    pub family: u8,
+    /// Zero.
+    pub _zero: [u8; 2],
     /// The address (IPv4 mapped).
     pub addr: Addr,
 }
 
 impl CidrKeyData {
-    /// The key data for `addr` in set `kind` of configuration `id`.
+    /// The key data of an entry for `addr` (16-byte form) of `family` in set `kind` of configuration `id`.
     #[inline(always)]
-    pub fn new(id: u32, kind: CidrKind, addr: Addr) -> Self {
+    pub fn new(id: u32, kind: CidrKind, family: Family, addr: Addr) -> Self {
         CidrKeyData {
             id: id.to_be_bytes(),
-            kind: (kind as u32).to_be_bytes(),
+            kind: kind as u8,
+            family: family as u8,
+            _zero: [0; 2],
             addr,
         }
+    }
+
+    /// The key data that looks `dst` up in set `kind` of configuration `id`: among the entries of the
+    /// destination's own family only.
+    #[inline(always)]
+    pub fn lookup(id: u32, kind: CidrKind, dst: Addr) -> Self {
+        Self::new(id, kind, Family::of(&dst), dst)
+    }
+
+    /// Whether `self` and `other` belong to the same set of the same configuration, in the same family.
+    #[inline(always)]
+    pub fn same_set(&self, other: &CidrKeyData) -> bool {
+        self.id == other.id && self.kind == other.kind && self.family == other.family
     }
 }
 
@@ -300,6 +350,30 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<PeerKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+    }
+
+    #[test]
+    fn a_lookup_key_carries_the_destinations_family() {
+        use crate::addr::from_v4;
+        let v4 = CidrKeyData::lookup(3, CidrKind::Exclude, from_v4([10, 0, 0, 1]));
+        assert_eq!(v4.family, Family::V4 as u8);
+        // An IPv6 entry over the same bytes (`::ffff:10.0.0.0/104`) is another set: the trie never matches it
+        // for an IPv4 destination.
+        let mapped_entry = CidrKeyData::new(3, CidrKind::Exclude, Family::V6, from_v4([10, 0, 0, 0]));
+        assert!(!mapped_entry.same_set(&v4));
+        assert!(CidrKeyData::new(3, CidrKind::Exclude, Family::V4, from_v4([10, 0, 0, 0])).same_set(&v4));
+        let v6 = CidrKeyData::lookup(
+            3,
+            CidrKind::Exclude,
+            [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        );
+        assert_eq!(v6.family, Family::V6 as u8);
+        // The header is exactly what CIDR_KEY_HEADER_BITS says: id, kind, family, two zero bytes.
+        assert_eq!(
+            core::mem::offset_of!(CidrKeyData, addr) as u32 * 8,
+            CIDR_KEY_HEADER_BITS
+        );
+        assert_eq!(v6._zero, [0, 0]);
     }
 
     #[test]

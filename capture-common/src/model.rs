@@ -89,7 +89,7 @@ pub enum Rule {
     LocalInbound,
     /// Inbound, `-b` empty: no inbound capture.
     InboundOff,
-    /// Inbound to the tunnel port.
+    /// Inbound to the tunnel port (REDIRECT mode).
     TunnelPort,
     /// Inbound, `-d` with `-b '*'`.
     InboundExcludePort,
@@ -357,7 +357,8 @@ pub fn inbound<L: Lookups>(cfg: &PodConfig, conn: &InConn, lookups: &L) -> Verdi
     if cfg.flags & (flag::INBOUND_ALL | flag::INBOUND_LIST) == 0 {
         return Verdict::Pass(Rule::InboundOff);
     }
-    if conn.dport == cfg.tunnel_port {
+    // REDIRECT mode only: TPROXY mode's mangle rules capture the tunnel port too (see flag::TPROXY).
+    if conn.dport == cfg.tunnel_port && !has(cfg, flag::TPROXY) {
         return Verdict::Pass(Rule::TunnelPort);
     }
     let port = u32::from(conn.dport);

@@ -9,7 +9,7 @@ use capture_common::{
 
 use crate::maps::{CIDRS, SETS};
 
-/// Bits of a full-length CIDR lookup key: id, kind and a 128-bit address.
+/// Bits of a full-length CIDR lookup key: the header (id, kind, family) and a 128-bit address.
 const FULL_KEY_BITS: u32 = CIDR_KEY_HEADER_BITS + 128;
 
 /// Lookups in the sets of one configuration.
@@ -33,7 +33,7 @@ impl Lookups for MapLookups {
     #[inline(always)]
     fn in_cidrs(&self, kind: CidrKind, addr: &Addr) -> bool {
         CIDRS
-            .get(Key::new(FULL_KEY_BITS, CidrKeyData::new(self.id, kind, *addr)))
+            .get(Key::new(FULL_KEY_BITS, CidrKeyData::lookup(self.id, kind, *addr)))
             .is_some()
     }
 }

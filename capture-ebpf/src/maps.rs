@@ -42,8 +42,8 @@ pub static SLOT_NETNS: Array<u64> = Array::pinned(MAX_NAMESPACES, 0);
 pub static SETS: HashMap<SetKey, u8> = HashMap::pinned(MAX_SET_ENTRIES, 0);
 
 /// CIDR sets of each configuration, matched by longest prefix.
-/// - key: [`CidrKeyData`] (config id, CIDR kind, IPv4-mapped address) with a prefix length that always
-///   covers the id and kind; value: `u8` 1
+/// - key: [`CidrKeyData`] (config id, CIDR kind, family, IPv4-mapped address) with a prefix length that
+///   always covers the id, kind and family; value: `u8` 1
 /// - written by: the loader; read by: connect4/connect6.
 #[map]
 pub static CIDRS: LpmTrie<CidrKeyData, u8> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0);

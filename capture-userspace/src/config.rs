@@ -42,7 +42,8 @@ impl IncludeCidrs {
     pub fn has_loopback(&self) -> bool {
         match self {
             IncludeCidrs::All => false,
-            IncludeCidrs::List(cidrs) => cidrs.iter().any(|c| c.addr().is_loopback()),
+            // Go's `IsLoopback` unmaps an IPv4-mapped address first: `::ffff:127.0.0.1/128` counts too.
+            IncludeCidrs::List(cidrs) => cidrs.iter().any(|c| c.addr().to_canonical().is_loopback()),
         }
     }
 }
@@ -198,5 +199,24 @@ impl Config {
     /// DNS capture for one family: effective and (capture-all or a nameserver of that family).
     pub fn dns_effective_for(&self, env: &Environment, v6: bool) -> bool {
         self.redirect_dns && (self.capture_all_dns || env.nameservers(v6).next().is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn include(list: &str) -> IncludeCidrs {
+        IncludeCidrs::List(list.split(',').map(|c| c.parse().unwrap()).collect())
+    }
+
+    #[test]
+    fn a_loopback_include_is_found_in_either_family_and_mapped() {
+        assert!(include("10.0.0.0/8,127.1.2.3/32").has_loopback());
+        assert!(include("::1/128").has_loopback());
+        // Go's netip unmaps before IsLoopback; Rust's Ipv6Addr::is_loopback alone would say no.
+        assert!(include("::ffff:127.0.0.1/128").has_loopback());
+        assert!(!include("::ffff:10.0.0.0/104,::/0,10.0.0.0/8").has_loopback());
+        assert!(!IncludeCidrs::All.has_loopback());
     }
 }

@@ -331,6 +331,29 @@ fn scenario_table_inbound_rows() {
     assert_eq!(inbound_to(&p, POD_IP, 8080, "127.0.0.6", 1), Pass(LocalInbound));
 }
 
+/// istio writes the tunnel port's RETURN in nat's ISTIO_INBOUND only; TPROXY mode captures inbound in
+/// mangle, so there the tunnel port goes to the inbound port like any other (with `-b *`, and with a list
+/// that names it).
+#[test]
+fn tproxy_mode_captures_the_tunnel_port() {
+    let p = pod("-p 15001 -z 15006 -u 1337 -m TPROXY -i * -b * -d 15090");
+    assert_eq!(
+        inbound_to(&p, POD_IP, 15008, "10.2.0.9", ETH0),
+        Redirect(15006, InboundPort)
+    );
+    assert_eq!(
+        inbound_to(&p, POD_IP, 15090, "10.2.0.9", ETH0),
+        Pass(InboundExcludePort)
+    );
+    let listed = pod("-u 1337 -m TPROXY -b 15008,8080");
+    assert_eq!(
+        inbound_to(&listed, POD_IP, 15008, "10.2.0.9", ETH0),
+        Redirect(15006, InboundPort)
+    );
+    let redirect = pod("-u 1337 -m REDIRECT -b 15008,8080");
+    assert_eq!(inbound_to(&redirect, POD_IP, 15008, "10.2.0.9", ETH0), Pass(TunnelPort));
+}
+
 #[test]
 fn inbound_lists_interfaces_and_families() {
     let list = pod("-u 1337 -b 8080 -d 8080");
@@ -364,4 +387,90 @@ fn loopback_acceleration_takes_quiet_local_pairs_only() {
     assert!(!accel(&on, "2001:db8::9", true));
     // Off unless asked for.
     assert!(!accel(&pod(INJECTOR), "127.0.0.1", true));
+}
+
+/// istio-iptables splits `-i` and `-x` by family: an IPv4 destination (an IPv4-mapped one on an IPv6 socket
+/// included) only meets the IPv4 entries, and IPv6 entries — IPv4-mapped prefixes included — only meet IPv6
+/// destinations. Each row is the verdict ip(6)tables gives; the connection is the app's TCP to port 80.
+#[test]
+fn cidr_lists_are_split_by_family() {
+    const V4_REMOTE: &str = "10.2.0.9";
+    const MAPPED_REMOTE: &str = "::ffff:10.2.0.9";
+    const V6_REMOTE: &str = "2001:db8::9";
+    // (flags, IPv4 remote, IPv6 remote)
+    let cases: &[(&str, Verdict, Verdict)] = &[
+        // -x with IPv6 prefixes leaves IPv4 captured.
+        ("-i * -x ::/0", Redirect(15001, IncludeCidr), Pass(ExcludeCidr)),
+        ("-i * -x ::/1", Redirect(15001, IncludeCidr), Pass(ExcludeCidr)),
+        (
+            "-i * -x ::ffff:0:0/96",
+            Redirect(15001, IncludeCidr),
+            Redirect(15001, IncludeCidr),
+        ),
+        (
+            "-i * -x ::ffff:10.2.0.0/112",
+            Redirect(15001, IncludeCidr),
+            Redirect(15001, IncludeCidr),
+        ),
+        (
+            "-i * -x 2001:db8::/32,::/1",
+            Redirect(15001, IncludeCidr),
+            Pass(ExcludeCidr),
+        ),
+        // -x with IPv4 prefixes leaves IPv6 captured.
+        ("-i * -x 0.0.0.0/0", Pass(ExcludeCidr), Redirect(15001, IncludeCidr)),
+        ("-i * -x 10.0.0.0/8,::/1", Pass(ExcludeCidr), Pass(ExcludeCidr)),
+        // -i with IPv6 prefixes captures no IPv4.
+        ("-i ::/0", Pass(NoMatch), Redirect(15001, IncludeCidr)),
+        ("-i ::ffff:10.2.0.0/112", Pass(NoMatch), Pass(NoMatch)),
+        ("-i ::ffff:0:0/96", Pass(NoMatch), Pass(NoMatch)),
+        // -i with IPv4 prefixes captures no IPv6.
+        ("-i 0.0.0.0/0", Redirect(15001, IncludeCidr), Pass(NoMatch)),
+        ("-i 10.0.0.0/8", Redirect(15001, IncludeCidr), Pass(NoMatch)),
+        // Mixed lists: each family its own entries.
+        (
+            "-i 10.0.0.0/8,2001:db8::/32",
+            Redirect(15001, IncludeCidr),
+            Redirect(15001, IncludeCidr),
+        ),
+        (
+            "-i 10.0.0.0/8,2001:db8::/32 -x ::/0",
+            Redirect(15001, IncludeCidr),
+            Pass(ExcludeCidr),
+        ),
+        ("-i ::/0 -x 0.0.0.0/0", Pass(ExcludeCidr), Redirect(15001, IncludeCidr)),
+        // -q captures its ports in both families unless -x of that family excludes first.
+        (
+            "-i '' -q 80 -x ::/0",
+            Redirect(15001, OutboundIncludePort),
+            Pass(ExcludeCidr),
+        ),
+        (
+            "-i '' -q 80 -x 0.0.0.0/0",
+            Pass(ExcludeCidr),
+            Redirect(15001, OutboundIncludePort),
+        ),
+    ];
+    for (flags, v4, v6) in cases {
+        let p = pod(flags);
+        assert_eq!(p.tcp(V4_REMOTE, 80, APP), *v4, "{flags}: IPv4 {V4_REMOTE}");
+        // An IPv4-mapped destination on an IPv6 socket is an IPv4 connection to the kernel and to iptables.
+        assert_eq!(
+            p.tcp(MAPPED_REMOTE, 80, APP),
+            *v4,
+            "{flags}: IPv4-mapped {MAPPED_REMOTE}"
+        );
+        assert_eq!(p.tcp(V6_REMOTE, 80, APP), *v6, "{flags}: IPv6 {V6_REMOTE}");
+    }
+}
+
+/// A mapped loopback prefix in `-i` is a loopback entry to istio (Go unmaps before `IsLoopback`): the c2
+/// rules go, in both families, though the entry itself only ever matches IPv6 destinations.
+#[test]
+fn a_mapped_loopback_include_removes_the_local_pass_rules() {
+    let p = pod("-i ::ffff:127.0.0.1/128");
+    assert_eq!(p.tcp(POD_IP, 8080, APP), Pass(NoMatch));
+    assert_eq!(p.tcp("127.0.0.1", 8080, APP), Pass(Loopback));
+    let plain = pod("-i ::ffff:10.0.0.0/104");
+    assert_eq!(plain.tcp(POD_IP, 8080, APP), Pass(LocalNotProxyUid));
 }

@@ -6,12 +6,12 @@ use std::{collections::HashSet, net::IpAddr};
 use anyhow::{Result, bail};
 use capture_common::{
     addr::{self, Addr},
-    maps::{CIDR_KEY_HEADER_BITS, CidrKeyData, CidrKind, MAX_PROXY_IDS, PodConfig, SetKey, SetKind, flag},
+    maps::{CIDR_KEY_HEADER_BITS, CidrKeyData, CidrKind, Family, MAX_PROXY_IDS, PodConfig, SetKey, SetKind, flag},
     model::Lookups,
 };
 use ipnet::IpNet;
 
-use crate::config::{Config, Environment, InboundPorts, IncludeCidrs, Owner, OwnerGroups};
+use crate::config::{Config, Environment, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups};
 
 /// What the loader learns about the namespace itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,17 +54,20 @@ fn ids(owners: &[Owner], flag: &str) -> Result<([u32; MAX_PROXY_IDS], u32)> {
     Ok((out, owners.len() as u32))
 }
 
-/// A CIDR as an LPM entry of configuration `id`.
+/// A CIDR as an LPM entry of configuration `id`, in the family it is written in (as istio-iptables splits
+/// its lists): `10.0.0.0/8` is an IPv4 entry, `::ffff:10.0.0.0/104` and `::/0` are IPv6 entries, which never
+/// match an IPv4 destination.
 pub fn cidr_entry(id: u32, kind: CidrKind, net: &IpNet) -> CidrEntry {
     let net = net.trunc();
-    let (a, bits) = match net {
+    let (family, a, bits) = match net {
         IpNet::V4(v4) => (
+            Family::V4,
             addr::from_v4(v4.addr().octets()),
             addr::V4_MAPPED_PREFIX_BITS + u32::from(v4.prefix_len()),
         ),
-        IpNet::V6(v6) => (v6.addr().octets(), u32::from(v6.prefix_len())),
+        IpNet::V6(v6) => (Family::V6, v6.addr().octets(), u32::from(v6.prefix_len())),
     };
-    (CIDR_KEY_HEADER_BITS + bits, CidrKeyData::new(id, kind, a))
+    (CIDR_KEY_HEADER_BITS + bits, CidrKeyData::new(id, kind, family, a))
 }
 
 fn host(ip: IpAddr) -> IpNet {
@@ -109,6 +112,7 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
         flag::HAS_INCLUDE_CIDRS,
     );
     set_flag(cfg.loopback_accel, flag::LOOPBACK_ACCEL);
+    set_flag(cfg.mode == InterceptionMode::Tproxy, flag::TPROXY);
     let config = PodConfig {
         id,
         flags,
@@ -209,9 +213,9 @@ impl Lookups for EntryLookups {
     }
 
     fn in_cidrs(&self, kind: CidrKind, a: &Addr) -> bool {
-        let want = CidrKeyData::new(self.id, kind, *a);
-        self.cidrs.iter().any(|(bits, data)| {
-            data.id == want.id && data.kind == want.kind && addr::in_prefix(a, &data.addr, bits - CIDR_KEY_HEADER_BITS)
-        })
+        let want = CidrKeyData::lookup(self.id, kind, *a);
+        self.cidrs
+            .iter()
+            .any(|(bits, data)| data.same_set(&want) && addr::in_prefix(a, &data.addr, bits - CIDR_KEY_HEADER_BITS))
     }
 }
