@@ -189,11 +189,12 @@ struct World {
     pod: Pod,
 }
 
-fn world(backend: Backend, flags: &str, env: &[(&str, &str)], pod_ports: &[u16]) -> World {
+fn world(backend: Backend, prepare: &dyn Fn(&Pod), flags: &str, env: &[(&str, &str)], pod_ports: &[u16]) -> World {
     let pod = Pod::new("diff");
     pod.remote.ip(&["addr", "add", "192.0.2.3/24", "dev", "eth0"]);
     pod.remote
         .ip(&["addr", "add", "2001:db8::3/64", "dev", "eth0", "nodad"]);
+    prepare(&pod);
     let cgroup = Cgroup::new("diff");
     let pins = BpfPins::new("diff");
     let mut args: Vec<String> = match backend {
@@ -294,65 +295,171 @@ fn run_case(w: &World, case: &Case) -> Outcome {
     outcome
 }
 
+/// How a case must end, under both backends: every case a suite pins is checked against it, so a suite
+/// cannot pass by both backends going wrong alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Accepted by the TCP listener (or, for UDP, received by the socket) on this port, in either
+    /// namespace.
+    Port(u16),
+    /// The connect (or send) failed with this error: refused, unreachable, timed out.
+    Failed(ErrorKind),
+    /// Connected, but no listener reported it within the wait.
+    Unseen,
+    /// A difference between the backends that is kept on purpose (the README's differences table says
+    /// why): each backend's own outcome.
+    Differs {
+        /// Under iptables.
+        iptables: Pin,
+        /// Under the eBPF backend.
+        ebpf: Pin,
+    },
+}
+
+/// One backend's outcome in [`Expect::Differs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// As [`Expect::Port`].
+    Port(u16),
+    /// As [`Expect::Failed`].
+    Failed(ErrorKind),
+}
+
+impl From<u16> for Expect {
+    fn from(port: u16) -> Self {
+        Expect::Port(port)
+    }
+}
+
+impl From<Pin> for Expect {
+    fn from(pin: Pin) -> Self {
+        match pin {
+            Pin::Port(port) => Expect::Port(port),
+            Pin::Failed(kind) => Expect::Failed(kind),
+        }
+    }
+}
+
+impl Expect {
+    /// What `backend` must give.
+    fn under(self, backend: Backend) -> Expect {
+        match (self, backend) {
+            (Expect::Differs { iptables, .. }, Backend::Iptables) => iptables.into(),
+            (Expect::Differs { ebpf, .. }, Backend::Ebpf) => ebpf.into(),
+            (same, _) => same,
+        }
+    }
+
+    fn matches(self, outcome: &Outcome) -> bool {
+        match (self, outcome) {
+            (Expect::Port(want), Outcome::Accepted { port, .. } | Outcome::Datagram { port, .. }) => want == *port,
+            (Expect::Failed(want), Outcome::Failed(kind)) => want == *kind,
+            (Expect::Unseen, Outcome::Unseen) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Runs `cases` under both backends with `flags`; fails on any mismatch, asserts `expect` (case name →
-/// listener port) for the cases that pin an absolute outcome, so the suite cannot pass by both backends
-/// failing alike.
-pub fn differential(flags: &str, env: &[(&str, &str)], cases: &[Case], expect: &[(&str, u16)]) -> Vec<Outcome> {
-    differential_with(flags, env, POD_PORTS, cases, expect)
+/// outcome, a bare port meaning [`Expect::Port`]) for the cases that pin an absolute outcome, so the suite
+/// cannot pass by both backends failing alike.
+pub fn differential<E: Copy + Into<Expect>>(
+    flags: &str,
+    env: &[(&str, &str)],
+    cases: &[Case],
+    expect: &[(&str, E)],
+) -> Vec<Outcome> {
+    differential_in(&|_| {}, flags, env, POD_PORTS, cases, expect)
 }
 
 /// As [`differential`], with only `pod_ports` listening in the pod (to test what happens when the proxy
 /// is not listening).
-pub fn differential_with(
+pub fn differential_with<E: Copy + Into<Expect>>(
     flags: &str,
     env: &[(&str, &str)],
     pod_ports: &[u16],
     cases: &[Case],
-    expect: &[(&str, u16)],
+    expect: &[(&str, E)],
 ) -> Vec<Outcome> {
-    let outcomes: Vec<Vec<Outcome>> = [Backend::Iptables, Backend::Ebpf]
+    differential_in(&|_| {}, flags, env, pod_ports, cases, expect)
+}
+
+/// As [`differential`], with `every` case pinned (a missing pin fails), in a pod that `prepare` has changed
+/// before capture is applied (an address removed, say).
+pub fn differential_pinned(
+    prepare: &dyn Fn(&Pod),
+    flags: &str,
+    cases: &[Case],
+    every: &[(&str, Expect)],
+) -> Vec<Outcome> {
+    for case in cases {
+        assert!(
+            every.iter().any(|(name, _)| *name == case.name),
+            "{flags}: case {:?} has no pinned outcome",
+            case.name
+        );
+    }
+    differential_in(prepare, flags, &[], POD_PORTS, cases, every)
+}
+
+fn differential_in<E: Copy + Into<Expect>>(
+    prepare: &dyn Fn(&Pod),
+    flags: &str,
+    env: &[(&str, &str)],
+    pod_ports: &[u16],
+    cases: &[Case],
+    expect: &[(&str, E)],
+) -> Vec<Outcome> {
+    let backends = [Backend::Iptables, Backend::Ebpf];
+    let outcomes: Vec<Vec<Outcome>> = backends
         .iter()
         .map(|&backend| {
-            let w = world(backend, flags, env, pod_ports);
+            let w = world(backend, prepare, flags, env, pod_ports);
             cases.iter().map(|c| run_case(&w, c)).collect()
         })
         .collect();
-    let mut mismatches = Vec::new();
+    let pin = |name: &str| expect.iter().find(|(n, _)| *n == name).map(|(_, e)| (*e).into());
+    let mut wrong = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let (ipt, bpf) = (&outcomes[0][i], &outcomes[1][i]);
-        if ipt != bpf {
-            mismatches.push(format!(
+        let differs_on_purpose = matches!(pin(case.name), Some(Expect::Differs { .. }));
+        if ipt != bpf && !differs_on_purpose {
+            wrong.push(format!(
                 "  {}: {} → {}\n    iptables: {ipt:?}\n    ebpf:     {bpf:?}",
                 case.name,
                 format_ids(case.ids),
                 case.dst
             ));
         }
+        if let Some(expected) = pin(case.name) {
+            for (b, backend) in backends.iter().enumerate() {
+                let want = expected.under(*backend);
+                let got = &outcomes[b][i];
+                if !want.matches(got) {
+                    wrong.push(format!(
+                        "  {}: {} → {}\n    {backend:?} gave {got:?}, expected {want:?}",
+                        case.name,
+                        format_ids(case.ids),
+                        case.dst
+                    ));
+                }
+            }
+        }
+    }
+    for (name, _) in expect {
+        assert!(cases.iter().any(|c| c.name == *name), "no case {name}");
     }
     assert!(
-        mismatches.is_empty(),
-        "flags {flags} {env:?}: {} of {} cases differ:\n{}",
-        mismatches.len(),
+        wrong.is_empty(),
+        "flags {flags} {env:?}: {} findings in {} cases:\n{}",
+        wrong.len(),
         cases.len(),
-        mismatches.join("\n")
+        wrong.join("\n")
     );
-    for (name, port) in expect {
-        let i = cases
-            .iter()
-            .position(|c| c.name == *name)
-            .unwrap_or_else(|| panic!("no case {name}"));
-        let got = &outcomes[0][i];
-        let listener = match got {
-            Outcome::Accepted { port, .. } | Outcome::Datagram { port, .. } => Some(*port),
-            _ => None,
-        };
-        assert_eq!(
-            listener,
-            Some(*port),
-            "{name}: expected listener {port}, both backends gave {got:?}"
-        );
-    }
-    eprintln!("{flags}: {} cases, identical under both backends", cases.len());
+    eprintln!(
+        "{flags}: {} cases, as pinned and identical under both backends",
+        cases.len()
+    );
     outcomes.into_iter().next().expect("two backends")
 }
 
