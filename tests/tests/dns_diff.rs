@@ -54,11 +54,18 @@ fn dns_to_the_listed_server() {
         &[],
         &cases,
         &[
-            ("app sendto the server", 15053),
             ("app connected UDP to the server", 15053),
+            ("app sendto the server", 15053),
             ("app sendto another server", 53),
+            ("app sendto the server, not port 53", 9999),
+            ("app sendto the server mapped", 15053),
             ("app TCP DNS to the server", 15053),
+            // Not a listed server: DNS capture passes it on, and -i * captures TCP.
+            ("app TCP DNS to another server", 15001),
             ("proxy sendto the server", 53),
+            ("proxy TCP DNS to the server", 53),
+            // Local, but c2's DNS form lets port 53 go on down the chain: -i * captures it.
+            ("app TCP DNS to its own pod IP", 15001),
         ],
     );
 }
@@ -75,7 +82,11 @@ fn dns_capture_all_and_exclusions() {
         &format!("{INJECTOR} --redirect-dns --capture-all-dns {}", resolv.flag()),
         &[],
         &all,
-        &[("any server", 15053)],
+        &[
+            ("any server", 15053),
+            ("any server connected", 15053),
+            ("any server over TCP", 15053),
+        ],
     );
     let excluded = [
         sendto("-o 53 wins", APP, sa(REMOTE_V4, 53)),
@@ -85,7 +96,7 @@ fn dns_capture_all_and_exclusions() {
         &format!("{INJECTOR} -o 53 --redirect-dns --capture-all-dns {}", resolv.flag()),
         &[],
         &excluded,
-        &[("-o 53 wins", 53)],
+        &[("-o 53 wins", 53), ("-o 53 wins over TCP", 53)],
     );
     let off = [sendto("no server, no capture-all", APP, sa(REMOTE_V4, 53))];
     differential(
@@ -114,6 +125,12 @@ fn dns_over_ipv6() {
         &format!("{INJECTOR} --dual-stack --redirect-dns {}", resolv.flag()),
         &[],
         &cases,
-        &[("app sendto the IPv6 server", 15053)],
+        &[
+            ("app sendto the IPv6 server", 15053),
+            ("app connected UDP to the IPv6 server", 15053),
+            ("app TCP DNS to the IPv6 server", 15053),
+            ("app sendto the IPv4 server", 15053),
+            ("app sendto another IPv6 server", 53),
+        ],
     );
 }
