@@ -10,5 +10,6 @@ pub mod ebpf;
 pub mod flags;
 pub mod iptables;
 pub mod namespace;
+pub mod rtnl;
 pub mod sockopt;
 pub mod validation;

@@ -10,12 +10,13 @@ use ipnet::IpNet;
 use crate::{
     config::{Config, Environment, Nameserver},
     ebpf::entries::Facts,
+    rtnl,
 };
 
 /// `SO_NETNS_COOKIE` (asm-generic/socket.h): a namespace's cookie, as BPF programs see it.
 const SO_NETNS_COOKIE: libc::c_int = 71;
-/// The proxy's IPv6 inbound-passthrough source address, which istio adds to lo when IPv6 is on.
-const PASSTHROUGH_V6: &str = "::6/128";
+/// The proxy's IPv6 inbound-passthrough source address (`::6`), which istio adds to lo when IPv6 is on.
+const PASSTHROUGH_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// Moves this process (this thread, before any other thread exists) into the network namespace at `path`.
 pub fn enter(path: &Path) -> Result<()> {
@@ -125,19 +126,12 @@ fn interface_matches(pattern: &str, name: &str) -> bool {
 }
 
 /// Adds `::6` to lo when IPv6 is on, as istio does: the proxy binds it as its inbound passthrough source.
+/// Already there (a second apply, a restarted init container, a re-registration) is success.
 pub fn add_passthrough_v6(env: &Environment) -> Result<()> {
     if !env.ipv6 {
         return Ok(());
     }
-    let out = std::process::Command::new("ip")
-        .args(["-6", "addr", "add", PASSTHROUGH_V6, "dev", "lo"])
-        .output()
-        .context("run ip (iproute2)")?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && !stderr.contains("File exists") {
-        anyhow::bail!("ip -6 addr add {PASSTHROUGH_V6} dev lo failed: {}", stderr.trim());
-    }
-    Ok(())
+    rtnl::add_loopback_address(IpNet::from(IpAddr::V6(PASSTHROUGH_V6)))
 }
 
 /// Every address of every interface in the current network namespace, in the kernel's order.

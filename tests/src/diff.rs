@@ -189,15 +189,51 @@ struct World {
     pod: Pod,
 }
 
-fn world(backend: Backend, prepare: &dyn Fn(&Pod), flags: &str, env: &[(&str, &str)], pod_ports: &[u16]) -> World {
+/// A pod before its capture is applied, for a test to set the scene: addresses, routes, earlier applies of
+/// capture under the same backend.
+pub struct Scene<'a> {
+    /// The pod and its remote.
+    pub pod: &'a Pod,
+    /// `--backend …` and, for the eBPF backend, this world's cgroup and pin directory.
+    backend: &'a [String],
+    env: &'a [(&'a str, &'a str)],
+}
+
+impl Scene<'_> {
+    /// Runs `capture [SUBCOMMAND] <backend> <flags>` in the pod; asserts that it exits 0.
+    pub fn capture(&self, subcommand: Option<&str>, flags: &str) {
+        let args: Vec<String> = subcommand
+            .map(str::to_owned)
+            .into_iter()
+            .chain(self.backend.iter().cloned())
+            .chain(flag_words(flags))
+            .collect();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = capture_with_env(&self.pod.pod, &argv, self.env);
+        assert!(
+            out.status.success(),
+            "capture {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A flags line as words; `''` stands for an empty value.
+fn flag_words(flags: &str) -> impl Iterator<Item = String> + '_ {
+    flags
+        .split_whitespace()
+        .map(|w| if w == "''" { String::new() } else { w.to_owned() })
+}
+
+fn world(backend: Backend, prepare: &dyn Fn(&Scene), flags: &str, env: &[(&str, &str)], pod_ports: &[u16]) -> World {
     let pod = Pod::new("diff");
     pod.remote.ip(&["addr", "add", "192.0.2.3/24", "dev", "eth0"]);
     pod.remote
         .ip(&["addr", "add", "2001:db8::3/64", "dev", "eth0", "nodad"]);
-    prepare(&pod);
     let cgroup = Cgroup::new("diff");
     let pins = BpfPins::new("diff");
-    let mut args: Vec<String> = match backend {
+    let backend_args: Vec<String> = match backend {
         Backend::Iptables => vec!["--backend".into(), "iptables".into()],
         Backend::Ebpf => vec![
             "--backend".into(),
@@ -208,18 +244,13 @@ fn world(backend: Backend, prepare: &dyn Fn(&Pod), flags: &str, env: &[(&str, &s
             pins.path().display().to_string(),
         ],
     };
-    args.extend(
-        flags
-            .split_whitespace()
-            .map(|w| if w == "''" { String::new() } else { w.to_owned() }),
-    );
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = capture_with_env(&pod.pod, &argv, env);
-    assert!(
-        out.status.success(),
-        "{backend:?} capture {flags}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let scene = Scene {
+        pod: &pod,
+        backend: &backend_args,
+        env,
+    };
+    prepare(&scene);
+    scene.capture(None, flags);
     // Listeners start after capture, as the proxy starts after istio-init: the eBPF backend learns the
     // proxy's listening sockets when they start listening.
     let any = |p: u16| sa(Ipv6Addr::UNSPECIFIED, p);
@@ -384,10 +415,10 @@ pub fn differential_with<E: Copy + Into<Expect>>(
     differential_in(&|_| {}, flags, env, pod_ports, cases, expect)
 }
 
-/// As [`differential`], with `every` case pinned (a missing pin fails), in a pod that `prepare` has changed
-/// before capture is applied (an address removed, say).
+/// As [`differential`], with `every` case pinned (a missing pin fails), in a pod whose scene `prepare` has
+/// set before capture is applied (an address removed, an earlier apply, say).
 pub fn differential_pinned(
-    prepare: &dyn Fn(&Pod),
+    prepare: &dyn Fn(&Scene),
     flags: &str,
     cases: &[Case],
     every: &[(&str, Expect)],
@@ -403,7 +434,7 @@ pub fn differential_pinned(
 }
 
 fn differential_in<E: Copy + Into<Expect>>(
-    prepare: &dyn Fn(&Pod),
+    prepare: &dyn Fn(&Scene),
     flags: &str,
     env: &[(&str, &str)],
     pod_ports: &[u16],

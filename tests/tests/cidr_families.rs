@@ -7,8 +7,8 @@
 use std::io::ErrorKind;
 
 use tests::{
-    POD_V4, Pod, REMOTE_V4, REMOTE_V6,
-    diff::{APP, Expect, Pin, differential_pinned, mapped, tcp},
+    POD_V4, REMOTE_V4, REMOTE_V6,
+    diff::{APP, Expect, Pin, Scene, differential_pinned, mapped, tcp},
     sa,
 };
 
@@ -98,9 +98,12 @@ enum Stack {
 }
 
 fn run(stack: Stack) {
-    let prepare = |pod: &Pod| {
+    let prepare = |scene: &Scene| {
         if let Stack::Ipv6Only = stack {
-            pod.pod.ip(&["addr", "del", &format!("{POD_V4}/24"), "dev", "eth0"]);
+            scene
+                .pod
+                .pod
+                .ip(&["addr", "del", &format!("{POD_V4}/24"), "dev", "eth0"]);
         }
     };
     for row in ROWS {
