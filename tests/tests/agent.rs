@@ -234,6 +234,79 @@ fn pods_added_through_the_socket_are_captured_and_removed_ones_released() {
     assert_eq!(agent.list(), "");
 }
 
+/// CIDR lists are split by family through the agent as through the command: an annotation's `-x ::/0`
+/// ("no IPv6") leaves IPv4 captured, and `-i ::/0` captures no IPv4, plain or IPv4-mapped.
+#[test]
+fn an_ipv6_cidr_registered_through_the_agent_never_decides_for_ipv4() {
+    let pod = Pod::new("agent-fam");
+    let cgroup = Cgroup::new("agent-fam");
+    let pins = BpfPins::new("agent-fam");
+    let agent = Agent::start("fam", &pins, &cgroup);
+    let any = |port| sa(std::net::Ipv6Addr::UNSPECIFIED, port);
+    let remote = Listeners::start(&pod.remote, None, None, &[any(8080)]);
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[any(15001)]);
+    let v4 = sa(REMOTE_V4, 8080);
+    let mapped = sa(REMOTE_V4.to_ipv6_mapped(), 8080);
+    let v6 = sa(tests::REMOTE_V6, 8080);
+    let lands = |dst: SocketAddr| {
+        connect_as(&pod.pod, Some(&cgroup), APP, dst).unwrap_or_else(|e| panic!("connect {dst}: {e}"));
+        // The proxy reads the original destination as the kernel sends it: IPv4 for a mapped one.
+        let seen = match dst.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(dst, |v4| sa(v4, dst.port())),
+            std::net::IpAddr::V4(_) => dst,
+        };
+        accepted_by(seen, ("sidecar", &sidecar), ("remote", &remote))
+    };
+    let flags = |cidrs: &'static [&'static str]| {
+        let mut f = vec![
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-b",
+            "*",
+            "--dual-stack",
+        ];
+        f.extend_from_slice(cidrs);
+        f
+    };
+    ok(
+        agent.add("default/fam", &pod.pod.path(), &flags(&["-i", "*", "-x", "::/0"])),
+        "add -x ::/0",
+    );
+    assert_eq!(
+        [lands(v4), lands(mapped), lands(v6)],
+        ["sidecar", "sidecar", "remote"],
+        "-i * -x ::/0"
+    );
+    ok(
+        agent.add("default/fam", &pod.pod.path(), &flags(&["-i", "::/0"])),
+        "update to -i ::/0",
+    );
+    assert_eq!(
+        [lands(v4), lands(mapped), lands(v6)],
+        ["remote", "remote", "sidecar"],
+        "-i ::/0"
+    );
+    ok(
+        agent.add(
+            "default/fam",
+            &pod.pod.path(),
+            &flags(&["-i", "*", "-x", "::ffff:0:0/96"]),
+        ),
+        "update to -x ::ffff:0:0/96",
+    );
+    assert_eq!(
+        [lands(v4), lands(mapped), lands(v6)],
+        ["sidecar", "sidecar", "sidecar"],
+        "-i * -x ::ffff:0:0/96"
+    );
+}
+
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
 struct InboundPod {
     pod: Pod,
