@@ -265,14 +265,31 @@ fn probe_command(ns: &Netns, cgroup: Option<&Cgroup>, ids: Option<(u32, u32)>) -
 
 /// Makes `cmd` run as `(uid, gid)` with no supplementary groups. Not `CommandExt::{uid, gid}`: std drops
 /// credentials before it runs `pre_exec` closures, and joining a namespace or cgroup needs root. Closures
-/// run in the order they were added, so call this after [`Netns::command`] and [`Cgroup::enter`]. Panics at
-/// once if the program is a path that user could not reach (see [`runnable`]), rather than failing at spawn.
+/// run in the order they were added, so call this after [`Netns::command`] and [`Cgroup::enter`]. The
+/// command starts in `/` unless it was given a directory: the test's own (the checkout) may be closed to
+/// that user, and some programs (HAProxy) refuse to start where they cannot return to. Panics at once if
+/// the program or the directory is a path that user could not reach (see [`runnable`]), rather than failing
+/// at spawn.
 pub fn run_as(cmd: &mut Command, (uid, gid): (u32, u32)) {
     let program = Path::new(cmd.get_program());
     if program.components().count() > 1
         && let Some(why) = runnable::unreachable_by_others(program)
     {
         panic!("cannot run {} as uid {uid}: {why}", program.display());
+    }
+    match cmd.get_current_dir() {
+        None => {
+            cmd.current_dir("/");
+        }
+        Some(dir) => {
+            if let Some(why) = runnable::unreachable_by_others(dir) {
+                panic!(
+                    "cannot run {} as uid {uid} in {}: {why}",
+                    program.display(),
+                    dir.display()
+                );
+            }
+        }
     }
     // SAFETY: setgroups/setgid/setuid are async-signal-safe; the closure makes only those calls.
     unsafe {

@@ -13,23 +13,25 @@ use std::{
 /// The permission bit "others may search this directory / execute this file".
 const OTHER_X: u32 = 0o001;
 
-/// Why a user who is neither `path`'s owner nor in its group cannot execute it, if they cannot: the first
-/// directory on the way (as given and after resolving links) that others may not search, or the file itself.
+/// Why a user who is neither `path`'s owner nor in its group cannot execute it (a file) or enter it (a
+/// directory), if they cannot: the first directory on the way (as given and after resolving links) that
+/// others may not search, or the file itself.
 pub fn unreachable_by_others(path: &Path) -> Option<String> {
     let given = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     let real = std::fs::canonicalize(path).unwrap_or_else(|_| given.clone());
     for chain in [&given, &real] {
         // Outermost first, so the message names the directory that actually blocks the way.
         for p in chain.ancestors().collect::<Vec<_>>().into_iter().rev() {
-            let mode = match std::fs::metadata(p) {
-                Ok(m) => m.permissions().mode(),
+            let meta = match std::fs::metadata(p) {
+                Ok(m) => m,
                 Err(e) => return Some(format!("{}: {e}", p.display())),
             };
+            let mode = meta.permissions().mode();
             if mode & OTHER_X == 0 {
-                let what = if p == chain.as_path() {
-                    "not executable"
-                } else {
+                let what = if meta.is_dir() {
                     "not searchable"
+                } else {
+                    "not executable"
                 };
                 return Some(format!(
                     "{} (mode {:o}) is {what} by other users",
@@ -109,13 +111,13 @@ mod tests {
     use super::{runnable_by_all, unreachable_by_others};
 
     /// A checkout in a 0700 folder (root's home, `mktemp -d`): the binary is shared, and another user can
-    /// run the shared one — as root, actually runs it as `nobody`.
+    /// run the shared one — as root, actually runs it as `nobody`, which starts in `/` (see `run_as`).
     #[test]
     fn a_binary_in_a_private_folder_is_shared_with_other_users() {
         let private = std::env::temp_dir().join(format!("capture-private-{}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&private).unwrap();
-        let bin = private.join("true");
-        std::fs::copy("/bin/true", &bin).unwrap();
+        let bin = private.join("pwd");
+        std::fs::copy("/bin/pwd", &bin).unwrap();
         let why = unreachable_by_others(&bin).expect("a 0700 folder blocks other users");
         assert!(why.starts_with(&format!("{} (mode 700)", private.display())), "{why}");
 
@@ -131,7 +133,9 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             let mut cmd = Command::new(&shared);
             crate::run_as(&mut cmd, (65534, 65534));
-            assert!(cmd.status().expect("run the shared binary as nobody").success());
+            let out = cmd.output().expect("run the shared binary as nobody");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "/\n");
         }
         std::fs::remove_dir_all(&private).unwrap();
     }
