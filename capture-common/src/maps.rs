@@ -17,6 +17,8 @@ pub mod names {
     pub const ORIG_BY_ADDR: &str = "ORIG_BY_ADDR";
     /// Per-namespace counters.
     pub const NETNS_COUNTERS: &str = "NETNS_COUNTERS";
+    /// The last configuration id handed out.
+    pub const CONFIG_IDS: &str = "CONFIG_IDS";
     /// The flags each namespace was registered with (for `capture status`).
     pub const FLAGS_TEXT: &str = "FLAGS_TEXT";
     /// The proxy's listening sockets, for inbound capture.

@@ -74,6 +74,13 @@ pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDING_C
 #[map]
 pub static NETNS_COUNTERS: PerCpuHashMap<u64, NetnsCounters> = PerCpuHashMap::pinned(MAX_NAMESPACES, 0);
 
+/// The last configuration id handed out ([`PodConfig::id`]): ids only ever go up, so a new configuration
+/// never takes an id whose set or CIDR entries an interrupted unregistration left behind.
+/// - key: 0 (`u32`); value: the last id (`u32`), 0 before the first
+/// - written and read by: the loader only, under the pin-directory lock; the programs never touch it.
+#[map]
+pub static CONFIG_IDS: Array<u32> = Array::pinned(1, 0);
+
 /// The command line each namespace was registered with.
 /// - key: network-namespace cookie; value: [`FlagsText`]
 /// - written and read by: the loader only (`capture status`); the programs never touch it.

@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap, LpmTrie, Map, MapData};
+use capture_common::maps::{CidrKeyData, PodConfig, SetKey, names};
 use tests::{
     BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, capture_bin,
     connect_as, connect_with, run_as, sa,
@@ -305,6 +307,69 @@ fn an_ipv6_cidr_registered_through_the_agent_never_decides_for_ipv4() {
         ["sidecar", "sidecar", "sidecar"],
         "-i * -x ::ffff:0:0/96"
     );
+}
+
+/// The configuration id of each registered namespace, and every id the set and CIDR entries carry.
+fn config_ids(pins: &BpfPins) -> (Vec<(u64, u32)>, Vec<u32>) {
+    let open = |name: &str| {
+        let data = MapData::from_pin(pins.path().join(name)).unwrap_or_else(|e| panic!("open {name}: {e}"));
+        Map::from_map_data(data).unwrap()
+    };
+    let config: HashMap<_, u64, PodConfig> = open(names::CONFIG).try_into().unwrap();
+    let sets: HashMap<_, SetKey, u8> = open(names::SETS).try_into().unwrap();
+    let cidrs: LpmTrie<_, CidrKeyData, u8> = open(names::CIDRS).try_into().unwrap();
+    let registered = config.iter().map(|r| r.map(|(k, c)| (k, c.id)).unwrap()).collect();
+    let mut entry_ids: Vec<u32> = sets.keys().map(|k| k.unwrap().id).collect();
+    entry_ids.extend(cidrs.keys().map(|k| u32::from_be_bytes(k.unwrap().data().id)));
+    entry_ids.sort_unstable();
+    entry_ids.dedup();
+    (registered, entry_ids)
+}
+
+/// An unregistration killed between removing a namespace's `CONFIG` value and its set and CIDR entries
+/// leaves those entries behind. A later registration must never inherit them (configuration ids are never
+/// reused), and the next agent to start sweeps them.
+#[test]
+fn a_new_pod_never_inherits_entries_an_interrupted_unregistration_left() {
+    let cgroup = Cgroup::new("agent-inherit");
+    let pins = BpfPins::new("agent-inherit");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let ebpf = ["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
+    let gone = Pod::new("agent-inh-a");
+    let mut args = ebpf.to_vec();
+    args.extend(["-u", "1337", "-i", "*", "-x", "192.0.2.0/24", "-o", "8080"]);
+    ok(tests::capture(&gone.pod, &args), "capture in the pod that goes");
+    let (registered, _) = config_ids(&pins);
+    let [(gone_cookie, gone_id)] = registered[..] else {
+        panic!("{registered:?}")
+    };
+    // Killed half-way: the CONFIG value went, its entries did not.
+    let data = MapData::from_pin(pins.path().join(names::CONFIG)).unwrap();
+    let mut config: HashMap<_, u64, PodConfig> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    config.remove(&gone_cookie).unwrap();
+    assert_eq!(config_ids(&pins).1, [gone_id], "the leftovers");
+
+    let pod = Pod::new("agent-inh-b");
+    let mut args = ebpf.to_vec();
+    args.extend(["-u", "1337", "-i", "*"]);
+    ok(tests::capture(&pod.pod, &args), "capture in the new pod");
+    let (registered, _) = config_ids(&pins);
+    let [(_, id)] = registered[..] else {
+        panic!("{registered:?}")
+    };
+    assert_ne!(id, gone_id, "the new pod took the id whose entries were left");
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    assert_eq!(
+        lands(&pod, &cgroup, &sidecar, &remote),
+        "sidecar",
+        "the new pod is captured by its own flags, not by the -o 8080 and -x left behind"
+    );
+
+    // The next agent sweeps what no configuration owns.
+    let agent = Agent::start("inherit", &pins, &cgroup);
+    assert_eq!(config_ids(&pins).1, [id], "after the agent's sweep: {}", agent.log());
+    assert!(agent.log().contains("swept"), "{}", agent.log());
 }
 
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.

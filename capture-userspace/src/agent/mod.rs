@@ -141,7 +141,13 @@ pub fn run(opts: Options) -> Result<()> {
 async fn serve(opts: Options) -> Result<()> {
     let settings = opts.settings.clone();
     let started = Instant::now();
-    ebpf::attach(&settings.pin_dir, Some(&settings.cgroup), LogLevel::Off)?;
+    let swept = ebpf::attach(&settings.pin_dir, Some(&settings.cgroup), LogLevel::Off)?;
+    if swept > 0 {
+        tracing::warn!(
+            entries = swept,
+            "swept set and CIDR entries no registered configuration owns"
+        );
+    }
     let spares = ebpf::Spares::start(&settings.pin_dir);
     let mut registry = Registry::load(settings, spares)?;
     let reconciled = registry

@@ -1,6 +1,6 @@
 //! The pinned maps, opened by path: registering and unregistering a namespace, and reading them back.
 
-use std::path::Path;
+use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash, lpm_trie::Key};
@@ -27,6 +27,17 @@ pub struct Maps {
     flags: HashMap<MapData, u64, FlagsText>,
     listeners: SockHash<MapData, ListenerKey>,
     slot_netns: Array<MapData, u64>,
+    config_ids: Array<MapData, u32>,
+}
+
+/// A registration whose entries are written but whose `CONFIG` value is not: no connection can see any of
+/// it until [`Maps::commit`]; [`Maps::abort`] takes it back.
+#[must_use = "a staged registration is committed or aborted"]
+pub struct Staged {
+    netns: u64,
+    config: PodConfig,
+    /// The configuration it replaces, if the namespace is registered already.
+    old: Option<PodConfig>,
 }
 
 /// One registered namespace, as `capture status` shows it.
@@ -61,19 +72,61 @@ impl Maps {
             flags: open(dir, names::FLAGS_TEXT)?,
             listeners: open(dir, names::LISTENERS)?,
             slot_netns: open(dir, names::SLOT_NETNS)?,
+            config_ids: open(dir, names::CONFIG_IDS)?,
         })
     }
 
-    /// A configuration id no registered namespace uses.
-    fn fresh_id(&self) -> Result<u32> {
-        let used: Vec<u32> = self
+    /// The configuration ids registered namespaces use.
+    fn ids_in_use(&self) -> Result<HashSet<u32>> {
+        Ok(self
             .config
             .iter()
             .map(|r| r.map(|(_, c)| c.id))
-            .collect::<Result<_, _>>()?;
-        Ok((1..=u32::MAX)
-            .find(|id| !used.contains(id))
-            .expect("fewer namespaces than ids"))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// A configuration id never handed out before (until the 32-bit counter wraps, and then none a
+    /// registered namespace uses): entries an interrupted unregistration left under an old id can never
+    /// become part of a new configuration. The caller holds the pin-directory lock.
+    fn fresh_id(&mut self) -> Result<u32> {
+        let used = self.ids_in_use()?;
+        let mut id = self.config_ids.get(&0, 0).context("CONFIG_IDS")?;
+        // At most MAX_NAMESPACES ids are in use, so this ends within that many steps.
+        loop {
+            id = id.wrapping_add(1);
+            if id != 0 && !used.contains(&id) {
+                break;
+            }
+        }
+        self.config_ids.set(0, id, 0).context("CONFIG_IDS")?;
+        Ok(id)
+    }
+
+    /// Removes the set and CIDR entries of every configuration id no registered namespace uses: what a
+    /// registration or unregistration that was killed half-way left. Returns how many went. The caller
+    /// holds the pin-directory lock, so no registration is half-written meanwhile.
+    pub fn sweep(&mut self) -> Result<usize> {
+        let used = self.ids_in_use()?;
+        let sets: Vec<SetKey> = self
+            .sets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !used.contains(&k.id))
+            .collect();
+        let cidrs: Vec<Key<CidrKeyData>> = self
+            .cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !used.contains(&u32::from_be_bytes(k.data().id)))
+            .collect();
+        let swept = sets.len() + cidrs.len();
+        for key in sets {
+            self.sets.remove(&key).context("SETS")?;
+        }
+        for key in cidrs {
+            self.cidrs.remove(&key).context("CIDRS")?;
+        }
+        Ok(swept)
     }
 
     /// The sk_lookup slots registered namespaces hold.
@@ -99,10 +152,17 @@ impl Maps {
         self.slot_netns.set(slot, netns, 0).context("SLOT_NETNS")
     }
 
-    /// Registers (or re-registers) namespace `netns`, whose inbound capture is sk_lookup slot `slot`. The
-    /// new entries go in under a fresh id and the `CONFIG` value switches to it in one update, so a
-    /// connection sees the old configuration or the new one, never a mix; the old entries go after. On
-    /// failure the new entries are removed again.
+    /// Frees sk_lookup slot `slot` if it is still namespace `netns`'s.
+    pub fn release_slot(&mut self, slot: u32, netns: u64) -> Result<()> {
+        if slot != NO_SLOT && self.slot_netns.get(&slot, 0).is_ok_and(|n| n == netns) {
+            self.bind_slot(slot, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Registers (or re-registers) namespace `netns`, whose inbound capture is sk_lookup slot `slot`:
+    /// [`Maps::stage`], then [`Maps::commit`].
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
         netns: u64,
@@ -112,10 +172,23 @@ impl Maps {
         facts: &Facts,
         flags: &str,
     ) -> Result<()> {
+        let staged = self.stage(netns, slot, cfg, env, facts)?;
+        self.commit(staged, flags)
+    }
+
+    /// Writes everything of a registration of namespace `netns` but its `CONFIG` value: the set and CIDR
+    /// entries under a fresh id, and the namespace's counters. Nothing a connection looks at changes: the
+    /// programs find a namespace's entries through its `CONFIG` value only. On failure nothing stays.
+    pub fn stage(&mut self, netns: u64, slot: u32, cfg: &Config, env: &Environment, facts: &Facts) -> Result<Staged> {
         let old = self.config.get(&netns, 0).ok();
         let id = self.fresh_id()?;
         let mut e = entries::entries(cfg, env, facts, id)?;
         e.config.slot = slot;
+        let staged = Staged {
+            netns,
+            config: e.config,
+            old,
+        };
         let written = self.write(&e).and_then(|()| {
             if self.counters.get(&netns, 0).is_err() {
                 let zero = PerCpuValues::try_from(vec![
@@ -124,21 +197,44 @@ impl Maps {
                 ])?;
                 self.counters.insert(netns, zero, 0)?;
             }
-            let mut text = [0u8; FLAGS_TEXT_LEN];
-            let n = flags.len().min(FLAGS_TEXT_LEN);
-            text[..n].copy_from_slice(&flags.as_bytes()[..n]);
-            self.flags.insert(netns, FlagsText(text), 0)?;
-            self.config.insert(netns, e.config, 0)?;
             Ok(())
         });
-        if let Err(err) = written {
-            self.remove_entries(id)?;
-            return Err(err).context("register the namespace");
+        match written {
+            Ok(()) => Ok(staged),
+            Err(err) => {
+                self.abort(staged)?;
+                Err(err).context("register the namespace")
+            }
         }
-        if let Some(old) = old {
+    }
+
+    /// Makes a staged registration the namespace's: one `CONFIG` update, after which new connections see
+    /// the new configuration and never a mix of two; then the replaced configuration's entries go. `flags`
+    /// is the command line, for `capture status`.
+    pub fn commit(&mut self, staged: Staged, flags: &str) -> Result<()> {
+        if let Err(err) = self.config.insert(staged.netns, staged.config, 0) {
+            self.abort(staged)?;
+            return Err(err).context("CONFIG");
+        }
+        if let Some(old) = staged.old {
             self.remove_entries(old.id)?;
         }
-        Ok(())
+        let mut text = [0u8; FLAGS_TEXT_LEN];
+        let n = flags.len().min(FLAGS_TEXT_LEN);
+        text[..n].copy_from_slice(&flags.as_bytes()[..n]);
+        // Only `capture status` reads it.
+        self.flags
+            .insert(staged.netns, FlagsText(text), 0)
+            .context("FLAGS_TEXT")
+    }
+
+    /// Takes a staged registration back: its entries go, and the namespace keeps what it had (a namespace
+    /// new to capture loses its counters too).
+    pub fn abort(&mut self, staged: Staged) -> Result<()> {
+        if staged.old.is_none() {
+            let _ = self.counters.remove(&staged.netns);
+        }
+        self.remove_entries(staged.config.id)
     }
 
     fn write(&mut self, e: &entries::Entries) -> Result<()> {
@@ -190,9 +286,7 @@ impl Maps {
         };
         self.config.remove(&netns)?;
         // Only if the slot is still this namespace's, which it is unless its sk_lookup copy failed to attach.
-        if cfg.slot != NO_SLOT && self.slot_netns.get(&cfg.slot, 0).is_ok_and(|n| n == netns) {
-            self.bind_slot(cfg.slot, 0)?;
-        }
+        self.release_slot(cfg.slot, netns)?;
         self.remove_entries(cfg.id)?;
         let _ = self.counters.remove(&netns);
         let _ = self.flags.remove(&netns);

@@ -255,13 +255,16 @@ fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Resu
 }
 
 /// Loads and attaches the programs without registering a namespace: what `capture agent` does when it
-/// starts. Like an apply, it switches programs that are already attached to the new ones in place.
-pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<()> {
+/// starts. Like an apply, it switches programs that are already attached to the new ones in place; then it
+/// sweeps the set and CIDR entries that no registered configuration owns (left by a registration or
+/// unregistration that was killed half-way). Returns how many were swept.
+pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<usize> {
     probe()?;
     let _lock = lock(dir, true)?;
     // No sk_lookup copy comes from this object: slot 0 is as good as any.
     let mut ebpf = Loader::new(dir, level).load(0)?;
-    attach_hooks(&mut ebpf, dir, cgroup)
+    attach_hooks(&mut ebpf, dir, cgroup)?;
+    Maps::open(dir)?.sweep().context("sweep entries no configuration owns")
 }
 
 /// Registers the network namespace the calling thread is in with `inv`'s configuration, on programs
@@ -449,8 +452,10 @@ fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<()
 }
 
 /// Registers the current namespace (cookie `netns`) in `maps`: its entries, the proxy's listeners that
-/// already exist, and `copy`, its sk_lookup copy (`None`: the namespace keeps the one it has). A
-/// namespace new to capture that fails half-way is unregistered again.
+/// already exist, and `copy`, its sk_lookup copy (`None`: the namespace keeps the one it has). The
+/// namespace's `CONFIG` value is written last: until then no connection sees any of it, so a registration
+/// that fails at any step leaves the namespace as it was (a namespace new to capture, unregistered), and
+/// what a failure could not remove is swept.
 fn register_namespace(
     mut maps: Maps,
     inv: &Invocation,
@@ -466,22 +471,42 @@ fn register_namespace(
         (None, Some(slot)) => slot,
         (None, None) => bail!("namespace {netns} has no sk_lookup copy"),
     };
-    maps.register(netns, slot, &inv.config, env, facts, &flags_text())?;
-    let rest = (|| {
-        // Listeners that existed before this registration (sockops only sees new ones).
-        let ports = [inv.config.inbound_capture_port, inv.config.proxy_port];
-        for (listening, fd) in listeners::existing(&ports).context("find the proxy's listening sockets")? {
-            maps.add_listener(netns, listening.port, listening.family, &fd)?;
+    let staged = maps.stage(netns, slot, &inv.config, env, facts)?;
+    let ports = [inv.config.inbound_capture_port, inv.config.proxy_port];
+    let before_commit = hand_over_listeners(&mut maps, netns, &ports).and_then(|()| match copy {
+        Some(copy) => copy.attach(&mut maps, netns, &sk_lookup_pin(dir, netns)),
+        None => Ok(()),
+    });
+    let result = match before_commit {
+        Err(e) => {
+            let _ = maps.abort(staged);
+            Err(e)
         }
-        match copy {
-            Some(copy) => copy.attach(&mut maps, netns, &sk_lookup_pin(dir, netns)),
-            None => Ok(()),
-        }
-    })();
-    if rest.is_err() && known.is_none() {
+        // A listener that started between the dump and the commit: sockops only hands over the listeners
+        // of registered namespaces.
+        Ok(()) => maps
+            .commit(staged, &flags_text())
+            .and_then(|()| hand_over_listeners(&mut maps, netns, &ports)),
+    };
+    let Err(err) = result else {
+        return Ok(());
+    };
+    if known.is_none() {
+        let _ = maps.release_slot(slot, netns);
         let _ = unregister_locked(dir, netns);
     }
-    rest
+    if let Err(e) = maps.sweep() {
+        tracing::warn!(error = %format!("{e:#}"), "could not sweep after a failed registration");
+    }
+    Err(err)
+}
+
+/// Hands the proxy's listening sockets on `ports` that exist now to inbound capture.
+fn hand_over_listeners(maps: &mut Maps, netns: u64, ports: &[u16]) -> Result<()> {
+    for (listening, fd) in listeners::existing(ports).context("find the proxy's listening sockets")? {
+        maps.add_listener(netns, listening.port, listening.family, &fd)?;
+    }
+    Ok(())
 }
 
 /// Forwards the kernel programs' log records to stderr until Ctrl-C (or SIGTERM).
