@@ -484,19 +484,23 @@ struct Raw {
 }
 
 impl Raw {
+    /// Where the value came from, as errors name it: `-u/--proxy-uid`, or `env PROXY_UID (-u/--proxy-uid)`.
+    fn origin_name(&self) -> String {
+        match self.origin {
+            Origin::Env(var) if var == self.name => format!("env {var}"),
+            Origin::Env(var) => format!("env {var} ({})", self.name),
+            Origin::Cli | Origin::Default => self.name.clone(),
+        }
+    }
+
     fn error(&self, reason: impl Into<String>) -> FlagError {
         self.error_for(&self.value, reason)
     }
 
     /// An error about one token of a list value.
     fn error_for(&self, token: &str, reason: impl Into<String>) -> FlagError {
-        let origin = match self.origin {
-            Origin::Env(var) if var == self.name => format!("env {var}"),
-            Origin::Env(var) => format!("env {var} ({})", self.name),
-            Origin::Cli | Origin::Default => self.name.clone(),
-        };
         FlagError {
-            origin,
+            origin: self.origin_name(),
             value: token.to_owned(),
             reason: reason.into(),
         }
@@ -615,12 +619,25 @@ pub struct Invocation {
     pub options: Options,
 }
 
-/// Parses argv (including the program name) and the environment.
+/// Parses argv (including the program name) and the environment. Pure: it reads only its arguments (and
+/// the user database, for `-u`/`-g` names) and applies nothing.
 pub fn parse<I, T>(args: I, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, ParseError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    // Checked here rather than by clap, whose error for a value that is not UTF-8 names no argument.
+    let args = args
+        .into_iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            arg.into().into_string().map_err(|bad| FlagError {
+                origin: format!("command-line argument {i}"),
+                value: bad.to_string_lossy().into_owned(),
+                reason: NOT_UTF8.into(),
+            })
+        })
+        .collect::<Result<Vec<String>, FlagError>>()?;
     let matches = command().try_get_matches_from(args)?;
     let (action, sub) = match matches.subcommand() {
         Some(("clean", sub)) => (Action::Clean, sub),
@@ -630,15 +647,77 @@ where
     Ok(resolve(action, sub, env)?)
 }
 
-/// Why parsing failed: clap's own errors (unknown flag, missing value, --help) or a bad value.
+/// Why parsing failed: clap's own errors (unknown flag, missing value, --help) or a bad value. Displayed
+/// as one line naming the argument, as `capture` prints it and the agent answers it.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
     /// clap rejected the command line, or the user asked for help or the version.
-    #[error(transparent)]
+    #[error("{}", clap_line(.0))]
     Clap(#[from] clap::Error),
     /// A flag or env var had a bad value.
     #[error(transparent)]
     Flag(#[from] FlagError),
+}
+
+/// One line for a clap error: what is wrong and the argument (and value) it is about, quoted and escaped.
+/// Not clap's rendering, which goes on with usage and tips, and quotes an argument unescaped (an argument
+/// with a newline would break the line).
+fn clap_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        return "-h/--help or -V/--version: asks for text, applies nothing".into();
+    }
+    let quoted = [
+        ContextKind::InvalidArg,
+        ContextKind::InvalidValue,
+        ContextKind::InvalidSubcommand,
+    ]
+    .into_iter()
+    .filter_map(|kind| match e.get(kind)? {
+        ContextValue::String(s) => Some(format!("{s:?}")),
+        ContextValue::Strings(v) => Some(format!("{:?}", v.join(" "))),
+        _ => None,
+    })
+    .collect::<Vec<_>>();
+    if quoted.is_empty() {
+        // Kinds without context: clap's own first line (our arguments are already UTF-8 by then).
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or_default();
+        return first.trim_start_matches("error: ").to_owned();
+    }
+    format!("{}: {}", e.kind(), quoted.join(" "))
+}
+
+/// The reason given for input that is not UTF-8.
+const NOT_UTF8: &str = "not valid UTF-8";
+
+/// Every env var the parser reads: each flag's, and the env-only inputs.
+pub fn env_names() -> impl Iterator<Item = &'static str> {
+    ISTIO_FLAGS.iter().flat_map(|s| [s.env, s.extra_env]).flatten().chain([
+        ENV_OWNER_GROUPS,
+        ENV_OWNER_GROUPS_EXCLUDE,
+        ENV_LOOPBACK_CIDR,
+        ENV_ENVOY_USER,
+        ENV_DRY_RUN_FILE,
+    ])
+}
+
+/// The env vars [`parse`] reads, taken from `lookup` (`std::env::var_os` for the process's own). A value
+/// that is not UTF-8 is an error naming the variable: treating it as unset would silently apply the default.
+pub fn environment(
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<std::collections::HashMap<&'static str, String>, FlagError> {
+    env_names()
+        .filter_map(|name| Some((name, lookup(name)?)))
+        .map(|(name, value)| {
+            let value = value.into_string().map_err(|bad| FlagError {
+                origin: format!("env {name}"),
+                value: bad.to_string_lossy().into_owned(),
+                reason: NOT_UTF8.into(),
+            })?;
+            Ok((name, value))
+        })
+        .collect()
 }
 
 /// Looks up one istio flag: command line, then the additional env var, then the primary one, then the
@@ -700,21 +779,23 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         });
     }
 
-    let proxy_uids = match get("proxy-uid") {
+    let uid_raw = get("proxy-uid");
+    let proxy_uids = match &uid_raw {
         r if r.value.is_empty() && r.origin == Origin::Default => {
             vec![default_proxy_user(env)]
         }
-        r => owners(&r, Ids::User)?,
+        r => owners(r, Ids::User)?,
     };
     let proxy_gids = match get("proxy-gid") {
         r if r.value.is_empty() && r.origin == Origin::Default => {
-            // istio: "same string as the final ProxyUID", read as group ids.
+            // istio: "same string as the final ProxyUID", read as group ids; an error names both flags.
             let uids = proxy_uids
                 .iter()
                 .map(|o| o.token.as_str())
                 .collect::<Vec<_>>()
                 .join(",");
-            owners(&Raw { value: uids, ..r }, Ids::Group)?
+            let name = format!("{} (its default, the list of {})", r.name, uid_raw.origin_name());
+            owners(&Raw { value: uids, name, ..r }, Ids::Group)?
         }
         r => owners(&r, Ids::Group)?,
     };
@@ -868,15 +949,17 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
     };
 
-    let native_nftables = boolean_value(&get("native-nftables"))?;
-    if native_nftables && backend != Backend::Ebpf {
-        return Err(FlagError {
-            origin: "--native-nftables".into(),
-            value: "true".into(),
-            reason: "the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf"
-                .into(),
-        });
-    }
+    let native_nftables = {
+        let r = get("native-nftables");
+        let on = boolean_value(&r)?;
+        if on && backend != Backend::Ebpf {
+            // The raw value, so that the error names the env var when that is where it came from.
+            return Err(r.error(
+                "the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf",
+            ));
+        }
+        on
+    };
 
     let options = Options {
         action: if cleanup_only { Action::Clean } else { action },

@@ -13,21 +13,22 @@ fn main() -> ExitCode {
     if matches!(std::env::args().nth(1).as_deref(), Some("agent" | "pod")) {
         return capture::agent::cli::main(std::env::args_os().collect());
     }
-    let env = |name: &str| std::env::var(name).ok();
-    let invocation = match flags::parse(std::env::args_os(), &env) {
+    let env = match flags::environment(|name| std::env::var_os(name)) {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("capture: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let invocation = match flags::parse(std::env::args_os(), &|name| env.get(name).cloned()) {
         Ok(inv) => inv,
         Err(ParseError::Clap(e)) if !e.use_stderr() => {
             // --help or --version.
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(ParseError::Clap(e)) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            eprintln!("capture: {}", first.trim_start_matches("error: "));
-            return ExitCode::from(EXIT_BAD_INPUT);
-        }
-        Err(ParseError::Flag(e)) => {
+        Err(e) => {
+            // One line naming the argument (see `ParseError`).
             eprintln!("capture: {e}");
             return ExitCode::from(EXIT_BAD_INPUT);
         }

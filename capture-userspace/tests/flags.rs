@@ -465,6 +465,88 @@ fn bad_input_names_the_flag_and_the_value() {
     assert!(msg.contains("at most 64"), "{msg}");
 }
 
+// Regressions the fuzz test (`tests/fuzz.rs`) found, pinned.
+
+/// clap's own errors were shown as clap renders them: usage and tips on more lines (in the agent's answer
+/// too), and an argument with a newline broke even the first line.
+#[test]
+fn clap_errors_are_one_line_naming_the_argument() {
+    for (args, needle) in [
+        (&["--no-such-flag"][..], "\"--no-such-flag\""),
+        (&["stray\nline"], "\"stray\\nline\""),
+        (&["-p"], "--envoy-port"),
+        (&["--redirect-dns", "yes"], "\"yes\""),
+    ] {
+        let msg = error(args, &[]);
+        assert!(!msg.contains('\n'), "{args:?}: not one line: {msg:?}");
+        assert!(msg.contains(needle), "{args:?}: {msg:?} does not name {needle:?}");
+    }
+}
+
+/// An argument that is not UTF-8 got clap's "invalid UTF-8 was detected", naming no argument.
+#[test]
+fn an_argument_that_is_not_utf8_is_named() {
+    use std::{ffi::OsString, os::unix::ffi::OsStringExt as _};
+    let argv = [
+        OsString::from("capture"),
+        "-b".into(),
+        OsString::from_vec(b"80\xff".to_vec()),
+    ];
+    let msg = flags::parse(argv, &|_| None).unwrap_err().to_string();
+    assert_eq!(
+        msg,
+        "invalid value \"80\u{fffd}\" for command-line argument 2: not valid UTF-8"
+    );
+}
+
+/// `capture` read its env with `std::env::var(..).ok()`: a value that is not UTF-8 counted as unset, so the
+/// default applied silently.
+#[test]
+fn an_env_value_that_is_not_utf8_is_named_not_ignored() {
+    use std::{ffi::OsString, os::unix::ffi::OsStringExt as _};
+    let env = |name: &str| (name == "REDIRECT_DNS").then(|| OsString::from_vec(b"tr\xffe".to_vec()));
+    let err = flags::environment(env).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "invalid value \"tr\u{fffd}e\" for env REDIRECT_DNS: not valid UTF-8"
+    );
+    let env = |name: &str| (name == "REDIRECT_DNS").then(|| OsString::from("true"));
+    assert_eq!(
+        flags::environment(env).unwrap().get("REDIRECT_DNS").map(String::as_str),
+        Some("true")
+    );
+}
+
+/// `--native-nftables` set through its env var was reported as the flag, which was not given.
+#[test]
+fn native_nftables_from_env_names_the_env_var() {
+    let msg = error(&["--backend", "iptables"], &[("NATIVE_NFTABLES", "1")]);
+    assert!(
+        msg.starts_with("invalid value \"1\" for env NATIVE_NFTABLES (--native-nftables): "),
+        "{msg}"
+    );
+}
+
+/// `-g` defaults to the `-u` list read as groups; a user name with no group of that name was reported as a
+/// bad `-g`, which was not given.
+#[test]
+fn a_proxy_gid_defaulted_from_the_uids_names_where_they_came_from() {
+    let Some(user) = ["nobody", "_apt", "daemon", "bin"].into_iter().find(|name| {
+        nix::unistd::User::from_name(name).ok().flatten().is_some()
+            && nix::unistd::Group::from_name(name).ok().flatten().is_none()
+    }) else {
+        eprintln!("skipped: no user here lacks a group of the same name");
+        return;
+    };
+    let msg = error(&["-u", user], &[]);
+    assert!(
+        msg.contains("-g/--proxy-gid (its default, the list of -u/--proxy-uid)"),
+        "{msg}"
+    );
+    let msg = error(&[], &[("PROXY_UID", user)]);
+    assert!(msg.contains("the list of env PROXY_UID (-u/--proxy-uid)"), "{msg}");
+}
+
 #[test]
 fn the_readme_flag_table_is_the_flag_table() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
