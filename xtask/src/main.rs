@@ -3,6 +3,7 @@
 //! - `cargo xtask run` — a self-contained demo in throwaway namespaces; `cargo xtask run -- <flags>` runs
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
+//! - `cargo xtask fuzz [--seconds N]` — the input fuzz tests (flags, env, control socket), N seconds each.
 //! - `cargo xtask bench [--quick] [--proxy haproxy]` — eBPF vs iptables vs no capture, side by side;
 //!   report and plots in target/bench/.
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
@@ -58,6 +59,13 @@ enum Cmd {
         /// Only the integration test file `tests/tests/<FILTER>.rs` if there is one (e.g. `iptables_backend`),
         /// else only tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Fuzz the inputs for longer than `cargo xtask test`'s smoke run: the flag parser (argv and env) and
+    /// the control socket's requests, mutated from Istio's golden flag sets and at random.
+    Fuzz {
+        /// How long each property runs (they run two at a time).
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
     },
     /// Boot another kernel in QEMU (virtme-ng, no KVM needed) and run the tests in it; prints their result
     /// and exits with their status. Installs QEMU, virtme-ng and the kernel on first use.
@@ -238,6 +246,15 @@ fn main() -> Result<()> {
                 kernel.as_deref(),
                 filter.as_deref(),
                 Duration::from_secs(timeout_min * 60),
+            )
+        }
+        Cmd::Fuzz { seconds } => {
+            // The fuzz test reads its budget from this variable (capture-userspace/tests/fuzz.rs).
+            setup::ensure()?;
+            run_tests(
+                cargo()
+                    .args(["test", "--package", "capture-userspace", "--test", "fuzz"])
+                    .env("CAPTURE_FUZZ_SECONDS", seconds.to_string()),
             )
         }
         Cmd::Test { filter } => {
