@@ -372,6 +372,108 @@ fn a_new_pod_never_inherits_entries_an_interrupted_unregistration_left() {
     assert!(agent.log().contains("swept"), "{}", agent.log());
 }
 
+/// A sandbox process (`sleep`) in `ns`, killed on drop; with `pid`, only with exactly that PID (set up
+/// through `ns_last_pid`; None if other processes kept taking it).
+struct Sandbox(Child);
+
+impl Sandbox {
+    fn start(ns: &Netns) -> Sandbox {
+        Sandbox(ns.command("sleep").arg("600").spawn().expect("start a sandbox process"))
+    }
+
+    fn with_pid(ns: &Netns, pid: u32) -> Option<Sandbox> {
+        /// Tries before giving up: other processes of the machine fork too.
+        const TRIES: usize = 50;
+        for _ in 0..TRIES {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).expect("write ns_last_pid");
+            let sandbox = Sandbox::start(ns);
+            if sandbox.0.id() == pid {
+                return Some(sandbox);
+            }
+        }
+        None
+    }
+
+    fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.0.id()))
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A pod known by `/proc/PID/ns/net` goes while the agent is down, and its PID is reused by a process in
+/// another namespace. The restarted agent must release the record (by its cookie), never register the
+/// other namespace with the gone pod's flags.
+#[test]
+fn a_reused_pid_never_gets_a_gone_pods_capture() {
+    let cgroup = Cgroup::new("agent-pid");
+    let pins = BpfPins::new("agent-pid");
+    let mut agent = Agent::start("pid", &pins, &cgroup);
+    let gone = Pod::new("agent-pid-a");
+    let sandbox = Sandbox::start(&gone.pod);
+    let pid = sandbox.0.id();
+    ok(
+        agent.add("default/gone", &sandbox.netns(), INJECTOR_DEFAULT_FLAGS),
+        "pod add",
+    );
+    assert_eq!(config_ids(&pins).0.len(), 1);
+
+    agent.kill();
+    drop(sandbox);
+    let other = Pod::new("agent-pid-b");
+    let reused = Sandbox::with_pid(&other.pod, pid).expect("the PID could not be had again");
+    assert_eq!(reused.netns(), PathBuf::from(format!("/proc/{pid}/ns/net")));
+    agent.restart();
+
+    assert_eq!(agent.list(), "", "the record must be released: {}", agent.log());
+    assert_eq!(config_ids(&pins).0, [], "nothing may stay registered: {}", agent.log());
+    let remote = Listeners::start(&other.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&other.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    assert_eq!(
+        lands(&other, &cgroup, &sidecar, &remote),
+        "remote",
+        "the other namespace got the gone pod's capture"
+    );
+}
+
+/// Records of another boot are released, never trusted: cookies and inodes start over with each boot.
+#[test]
+fn a_record_from_another_boot_is_released() {
+    let cgroup = Cgroup::new("agent-boot");
+    let pins = BpfPins::new("agent-boot");
+    let mut agent = Agent::start("boot", &pins, &cgroup);
+    let pod = Pod::new("agent-boot");
+    let sandbox = Sandbox::start(&pod.pod);
+    ok(
+        agent.add("default/boot", &sandbox.netns(), INJECTOR_DEFAULT_FLAGS),
+        "pod add",
+    );
+    // Another pod cannot claim the same namespace.
+    let twin = agent.add("default/twin", &sandbox.netns(), INJECTOR_DEFAULT_FLAGS);
+    let err = String::from_utf8_lossy(&twin.stderr);
+    assert!(!twin.status.success(), "{err}");
+    assert!(err.contains("already captured for pod default/boot"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    agent.kill();
+    let state = agent.dir.join("state/pods.json");
+    let text = std::fs::read_to_string(&state).expect("the records");
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert!(text.contains(boot.trim()), "{text}");
+    std::fs::write(
+        &state,
+        text.replace(boot.trim(), "00000000-0000-4000-8000-000000000000"),
+    )
+    .unwrap();
+    agent.restart();
+    assert_eq!(agent.list(), "", "{}", agent.log());
+    assert_eq!(config_ids(&pins).0, [], "{}", agent.log());
+}
+
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
 struct InboundPod {
     pod: Pod,

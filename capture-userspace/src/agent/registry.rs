@@ -49,6 +49,22 @@ pub struct PodRecord {
     pub source: Source,
     /// The cookie of the namespace it was registered under.
     pub cookie: u64,
+    /// Which namespace that was, beyond its path: a path such as `/proc/PID/ns/net` can lead to another
+    /// namespace once the PID is reused, so a record is only ever trusted for the namespace it names.
+    #[serde(default)]
+    pub identity: NetnsIdentity,
+}
+
+/// What identifies a network namespace across an agent restart: the boot (cookies and inodes start over
+/// with each), the nsfs device and inode of its file, and its cookie (never reused within a boot).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsIdentity {
+    /// `/proc/sys/kernel/random/boot_id` when the record was made.
+    pub boot_id: String,
+    /// `st_dev` of the namespace's file.
+    pub dev: u64,
+    /// `st_ino` of the namespace's file.
+    pub ino: u64,
 }
 
 /// Where the programs are and where the agent keeps its records.
@@ -113,10 +129,12 @@ impl Registry {
         self.pods.values().find(|r| r.cookie == cookie)
     }
 
-    /// Makes the kernel's registrations match the records after a start: a pod whose namespace still
-    /// exists (same cookie) and is still registered is left alone, so its connections never notice the
-    /// restart; one whose registration went missing is registered again; one whose namespace is gone is
-    /// unregistered and forgotten.
+    /// Makes the kernel's registrations match the records after a start: a pod whose namespace is still
+    /// the one recorded (same boot, same nsfs inode, same cookie) and still registered is left alone, so
+    /// its connections never notice the restart; one whose registration went missing is registered again.
+    /// A record whose path is gone or now leads to another namespace (the PID was reused while the agent
+    /// was down), or that was made before a reboot, is released by its cookie and forgotten: its flags are
+    /// never applied to a namespace it did not name.
     pub fn reconcile(&mut self) -> Result<Reconciled> {
         let registered: Vec<u64> = ebpf::registered(&self.settings.pin_dir)?
             .iter()
@@ -125,26 +143,38 @@ impl Registry {
         let mut out = Reconciled::default();
         let records: Vec<PodRecord> = self.pods.values().cloned().collect();
         for record in records {
-            match netns_cookie(&record.spec.netns) {
-                Ok(cookie) if cookie == record.cookie && registered.contains(&cookie) => out.kept += 1,
-                Ok(_) => {
-                    if record.cookie != 0 {
-                        ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
-                    }
-                    // One pod that cannot be registered again must not keep the agent from starting.
-                    let id = record.spec.id.clone();
-                    match self.register(record.spec, record.source) {
-                        Ok(_) => out.restored += 1,
-                        Err(e) => {
-                            tracing::warn!(pod = %id, error = %format!("{e:#}"), "could not register again; released");
-                            self.pods.remove(&id);
-                            out.released += 1;
-                        }
-                    }
-                }
-                Err(_) => {
+            // The identity as it is now (this boot's id included), if the path still leads to a namespace.
+            let now = identify(&record.spec.netns).ok();
+            // A record written before identities were kept: its cookie alone tells (the records live on
+            // tmpfs, so it is of this boot), and it gets its identity now.
+            let legacy = record.identity == NetnsIdentity::default();
+            let same = now
+                .as_ref()
+                .is_some_and(|(cookie, id)| *cookie == record.cookie && (legacy || *id == record.identity));
+            if let (true, true, Some((_, id))) = (same, legacy, &now)
+                && let Some(r) = self.pods.get_mut(&record.spec.id)
+            {
+                r.identity = id.clone();
+            }
+            if same && registered.contains(&record.cookie) {
+                out.kept += 1;
+                continue;
+            }
+            if !same {
+                tracing::warn!(pod = %record.spec.id, netns = %record.spec.netns.display(), "the recorded namespace is gone; released");
+                ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
+                self.pods.remove(&record.spec.id);
+                out.released += 1;
+                continue;
+            }
+            // One pod that cannot be registered again must not keep the agent from starting.
+            let id = record.spec.id.clone();
+            match self.register(record.spec, record.source) {
+                Ok(_) => out.restored += 1,
+                Err(e) => {
+                    tracing::warn!(pod = %id, error = %format!("{e:#}"), "could not register again; released");
                     ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
-                    self.pods.remove(&record.spec.id);
+                    self.pods.remove(&id);
                     out.released += 1;
                 }
             }
@@ -194,23 +224,47 @@ impl Registry {
         Ok(gone.len())
     }
 
-    /// Registers `spec` in its namespace and records it; returns the namespace's cookie.
+    /// Registers `spec` in its namespace and records it; returns the namespace's cookie. Refuses the
+    /// agent's own namespace (the host's) and a namespace another pod's record holds.
     fn register(&mut self, spec: PodSpec, source: Source) -> Result<u64> {
         let inv = invocation(&spec, &self.settings)?;
         let netns = File::open(&spec.netns).with_context(|| format!("open {}", spec.netns.display()))?;
+        let identity = identity_of(&netns, boot_id()?)?;
         let resolv_conf = inv.options.resolv_conf.clone();
         let pin_dir = self.settings.pin_dir.clone();
         let spares = self.spares.clone();
+        let own = namespace::cookie().context("the agent's own namespace")?;
+        let held: Vec<(u64, String)> = self
+            .pods
+            .values()
+            .filter(|r| r.spec.id != spec.id)
+            .map(|r| (r.cookie, r.spec.id.clone()))
+            .collect();
         // setns changes only the calling thread's network namespace: a thread of its own enters the pod's.
         let cookie = std::thread::spawn(move || -> Result<u64> {
             nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("enter the pod's namespace")?;
+            let cookie = namespace::cookie()?;
+            if cookie == own {
+                bail!("its namespace is the agent's own (the host's): never captured");
+            }
+            if let Some((_, other)) = held.iter().find(|(c, _)| *c == cookie) {
+                bail!("its namespace is already captured for pod {other}");
+            }
             let env = namespace::detect(&inv.config, &resolv_conf)?;
             ebpf::register_here(&inv, &env, &pin_dir, &spares)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the registration thread panicked"))?
         .with_context(|| format!("register pod {}", spec.id))?;
-        self.pods.insert(spec.id.clone(), PodRecord { spec, source, cookie });
+        self.pods.insert(
+            spec.id.clone(),
+            PodRecord {
+                spec,
+                source,
+                cookie,
+                identity,
+            },
+        );
         Ok(cookie)
     }
 
@@ -270,15 +324,36 @@ fn proc_pid(netns: &Path) -> Option<u32> {
     (parts.as_path() == Path::new("ns/net")).then_some(pid)
 }
 
-/// The cookie of the namespace at `path` (from a thread that enters it).
-pub fn netns_cookie(path: &Path) -> Result<u64> {
+/// This boot's id: cookies and nsfs inodes start over with each boot.
+fn boot_id() -> Result<String> {
+    const PATH: &str = "/proc/sys/kernel/random/boot_id";
+    Ok(std::fs::read_to_string(PATH)
+        .with_context(|| format!("read {PATH}"))?
+        .trim()
+        .to_owned())
+}
+
+/// The identity of the namespace `netns` is a file of, in boot `boot_id`.
+fn identity_of(netns: &File, boot_id: String) -> Result<NetnsIdentity> {
+    let stat = nix::sys::stat::fstat(netns).context("stat the namespace")?;
+    Ok(NetnsIdentity {
+        boot_id,
+        dev: stat.st_dev,
+        ino: stat.st_ino,
+    })
+}
+
+/// The cookie and identity of the namespace at `path` now (the cookie from a thread that enters it).
+fn identify(path: &Path) -> Result<(u64, NetnsIdentity)> {
     let netns = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    std::thread::spawn(move || -> Result<u64> {
+    let identity = identity_of(&netns, boot_id()?)?;
+    let cookie = std::thread::spawn(move || -> Result<u64> {
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("enter the namespace")?;
         namespace::cookie()
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("the cookie thread panicked"))?
+    .map_err(|_| anyhow::anyhow!("the cookie thread panicked"))??;
+    Ok((cookie, identity))
 }
 
 #[cfg(test)]
