@@ -13,23 +13,24 @@ use crate::{
 /// istio-iptables' exit code when `--run-validation` fails.
 pub const EXIT_VALIDATION_FAILED: u8 = 126;
 
-/// The backend to use: `auto` becomes eBPF if the kernel has every feature it needs, else iptables, and
-/// says which and why in one line on stderr. The same kernel always gives the same answer, so `clean` and
+/// The backend to use: `auto` becomes eBPF if the kernel has every feature it needs and capture's state
+/// would outlive this process where it runs (see [`ebpf::placement`]), else iptables, and says which and
+/// why in one line on stderr. The same kernel and place always give the same answer, so `clean` and
 /// `status` find what `apply` chose.
-fn chosen_backend(requested: Backend) -> Backend {
+fn chosen_backend(requested: Backend, pin_dir: &std::path::Path) -> Backend {
     if requested != Backend::Auto {
         return requested;
     }
-    match ebpf::features::check() {
-        Ok(()) => {
-            eprintln!("capture: --backend auto: ebpf (the kernel has every feature it needs)");
-            Backend::Ebpf
-        }
-        Err(missing) => {
-            eprintln!("capture: --backend auto: iptables ({missing})");
-            Backend::Iptables
-        }
+    if let Err(missing) = ebpf::features::check() {
+        eprintln!("capture: --backend auto: iptables ({missing})");
+        return Backend::Iptables;
     }
+    if let Some(why) = ebpf::placement::vanishing(pin_dir) {
+        eprintln!("capture: --backend auto: iptables ({why})");
+        return Backend::Iptables;
+    }
+    eprintln!("capture: --backend auto: ebpf (the kernel has every feature it needs)");
+    Backend::Ebpf
 }
 
 /// Runs `inv` and says how the process should exit.
@@ -45,7 +46,7 @@ pub fn run(inv: &Invocation) -> Result<ExitCode> {
             opts.resolv_conf.display()
         );
     }
-    let output = match chosen_backend(opts.backend) {
+    let output = match chosen_backend(opts.backend, &opts.pin_dir) {
         Backend::Iptables => iptables::run(inv, &env)?,
         Backend::Ebpf | Backend::Auto => ebpf::run(inv, &env)?,
     };

@@ -12,6 +12,7 @@ pub mod sk_lookup;
 // Public for the benchmark, which registers hundreds of throwaway namespaces without loading the programs
 // again for each.
 pub mod maps;
+pub mod placement;
 mod sys;
 
 pub use maps::Registered;
@@ -158,7 +159,11 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
             if opts.skip_rule_apply {
                 return Ok(String::new());
             }
-            // Before anything is touched: a kernel that lacks a feature gets one line and no change.
+            // Before anything is touched: a kernel that lacks a feature, or a place where capture would go
+            // with this process's container, gets one line and no change.
+            if let Some(why) = placement::vanishing(&opts.pin_dir) {
+                bail!("{why}; nothing was applied");
+            }
             probe()?;
             // ::6 first, so that it counts among the namespace's own addresses: the proxy's passthrough
             // from ::6 is local traffic, never inbound.
@@ -197,13 +202,21 @@ fn probe() -> Result<()> {
         .map_err(|missing| anyhow::anyhow!("{missing}; nothing was applied (use --backend iptables or auto)"))
 }
 
+fn on_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Whether making pin directory `dir` takes mounting a bpffs at /sys/fs/bpf first: the nearest existing
+/// ancestor, which tells the filesystem the directory will be created on, is not on one.
+fn needs_bpffs_mount(dir: &Path) -> bool {
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    !on_bpffs(existing)
+}
+
 /// Makes sure `dir` is on a bpffs (mounting one at /sys/fs/bpf if that is where it belongs) and exists.
 fn ensure_pin_dir(dir: &Path) -> Result<()> {
-    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     let mount = Path::new(BPFFS_MOUNT);
-    // The nearest existing ancestor tells which filesystem the directory will be created on.
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    if !on_bpffs(existing) {
+    if needs_bpffs_mount(dir) {
         if !dir.starts_with(mount) || on_bpffs(mount) {
             bail!("--pin-dir {}: not on a bpffs", dir.display());
         }
