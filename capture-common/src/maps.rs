@@ -35,6 +35,17 @@ pub mod names {
 /// number of sk_lookup slots.
 pub const MAX_NAMESPACES: u32 = 4096;
 
+/// Port, group and interface set members (`SETS`), over all namespaces.
+pub const MAX_SET_ENTRIES: u32 = 65536;
+/// CIDR set members (`CIDRS`: `-i`, `-x`, local addresses, nameservers, `-c` subnets), over all namespaces.
+pub const MAX_CIDR_ENTRIES: u32 = 65536;
+/// The set members one namespace may have: a sixty-fourth of the node's, so that no pod, whatever its
+/// annotations say, can fill the map and make another pod's registration fail.
+pub const MAX_SET_ENTRIES_PER_POD: u32 = MAX_SET_ENTRIES / 64;
+/// The CIDR set members one namespace may have: an eighth of the node's, for the same reason (room for
+/// the largest exclusion lists operators write, and the benchmark's 4096).
+pub const MAX_CIDR_ENTRIES_PER_POD: u32 = MAX_CIDR_ENTRIES / 8;
+
 /// At most this many proxy uids, and as many gids (`-u`, `-g`); istio's injector passes one.
 pub const MAX_PROXY_IDS: usize = 8;
 

@@ -7,13 +7,12 @@ use aya_ebpf::{
 };
 use capture_common::{
     counters::{Counter, NetnsCounters},
-    maps::{CidrKeyData, ConnKey, FlagsText, ListenerKey, MAX_NAMESPACES, OrigDst, PeerKey, PodConfig, SetKey},
+    maps::{
+        CidrKeyData, ConnKey, FlagsText, ListenerKey, MAX_CIDR_ENTRIES, MAX_NAMESPACES, MAX_SET_ENTRIES, OrigDst,
+        PeerKey, PodConfig, SetKey,
+    },
 };
 
-/// Port and group set members, over all namespaces.
-const MAX_SET_ENTRIES: u32 = 65536;
-/// CIDR set members (`-i`, `-x`, local addresses, nameservers, `-c` subnets), over all namespaces.
-const MAX_CIDR_ENTRIES: u32 = 65536;
 /// Connections between connect() and their proxy's accept, over all namespaces; LRU as a backstop for
 /// connections that are never accepted.
 const MAX_PENDING_CONNECTIONS: u32 = 65536;

@@ -474,3 +474,41 @@ fn a_mapped_loopback_include_removes_the_local_pass_rules() {
     let plain = pod("-i ::ffff:10.0.0.0/104");
     assert_eq!(plain.tcp(POD_IP, 8080, APP), Pass(LocalNotProxyUid));
 }
+
+/// One pod may take an eighth of the node's CIDR map and a sixty-fourth of its set map, whatever its
+/// annotations say: more is refused in one line naming the flags, so no pod can fill the maps for others.
+#[test]
+fn a_pod_may_not_take_more_than_its_share_of_the_node_wide_maps() {
+    use capture_common::maps::{MAX_CIDR_ENTRIES_PER_POD, MAX_SET_ENTRIES_PER_POD};
+    let facts = Facts {
+        local: vec![POD_IP.parse().unwrap()],
+        ..Facts::default()
+    };
+    let env = Environment::default();
+    let parse = |line: &str| {
+        let args = std::iter::once("capture".to_owned()).chain(line.split_whitespace().map(str::to_owned));
+        flags::parse(args, &|_| None).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let cidrs = |n: u32| {
+        (0..n)
+            .map(|i| format!("10.{}.{}.0/27", i / 256, i % 256))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // The pod's own address takes one entry: the last -x CIDR that fits is the limit less one.
+    let fits = parse(&format!("-u 1337 -i * -x {}", cidrs(MAX_CIDR_ENTRIES_PER_POD - 1)));
+    assert!(entries(&fits.config, &env, &facts, 1).is_ok());
+    let over = parse(&format!("-u 1337 -i * -x {}", cidrs(MAX_CIDR_ENTRIES_PER_POD)));
+    let err = entries(&over.config, &env, &facts, 1).unwrap_err().to_string();
+    let (n, max) = (MAX_CIDR_ENTRIES_PER_POD + 1, MAX_CIDR_ENTRIES_PER_POD);
+    assert!(err.starts_with(&format!("-i/-x: {n} CIDRs")), "{err}");
+    assert!(err.contains(&format!("at most {max} per pod")), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let ports = |n: u32| (1..=n).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let fits = parse(&format!("-u 1337 -b {}", ports(MAX_SET_ENTRIES_PER_POD)));
+    assert!(entries(&fits.config, &env, &facts, 1).is_ok());
+    let over = parse(&format!("-u 1337 -b {}", ports(MAX_SET_ENTRIES_PER_POD + 1)));
+    let err = entries(&over.config, &env, &facts, 1).unwrap_err().to_string();
+    assert!(err.contains("1025 ports and groups") && err.contains("at most 1024 per pod"), "{err}");
+}

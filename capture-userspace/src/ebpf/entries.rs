@@ -6,7 +6,10 @@ use std::{collections::HashSet, net::IpAddr};
 use anyhow::{Result, bail};
 use capture_common::{
     addr::{self, Addr},
-    maps::{CIDR_KEY_HEADER_BITS, CidrKeyData, CidrKind, Family, MAX_PROXY_IDS, PodConfig, SetKey, SetKind, flag},
+    maps::{
+        CIDR_KEY_HEADER_BITS, CidrKeyData, CidrKind, Family, MAX_CIDR_ENTRIES_PER_POD, MAX_PROXY_IDS,
+        MAX_SET_ENTRIES_PER_POD, PodConfig, SetKey, SetKind, flag,
+    },
     model::Lookups,
 };
 use ipnet::IpNet;
@@ -143,7 +146,7 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
     let groups = match &cfg.owner_groups {
         OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => g,
     };
-    let sets = cfg
+    let sets: Vec<SetKey> = cfg
         .outbound_exclude_ports
         .iter()
         .map(|&p| set(SetKind::OutboundExcludePort, u32::from(p)))
@@ -182,7 +185,28 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
         .excluded_subnets
         .iter()
         .for_each(|n| add(CidrKind::ExcludedInterface, n));
+    within_pod_limits(&sets, &cidrs)?;
     Ok(Entries { config, sets, cidrs })
+}
+
+/// Fails with one line if a namespace's entries exceed what one pod may take of the node-wide maps
+/// ([`MAX_SET_ENTRIES_PER_POD`], [`MAX_CIDR_ENTRIES_PER_POD`]).
+fn within_pod_limits(sets: &[SetKey], cidrs: &[CidrEntry]) -> Result<()> {
+    if sets.len() > MAX_SET_ENTRIES_PER_POD as usize {
+        bail!(
+            "-b/-d/-o/-q and owner groups: {} ports and groups; the eBPF backend takes at most \
+             {MAX_SET_ENTRIES_PER_POD} per pod",
+            sets.len()
+        );
+    }
+    if cidrs.len() > MAX_CIDR_ENTRIES_PER_POD as usize {
+        bail!(
+            "-i/-x: {} CIDRs (with the pod's own addresses, nameservers and -c subnets); the eBPF backend \
+             takes at most {MAX_CIDR_ENTRIES_PER_POD} per pod",
+            cidrs.len()
+        );
+    }
+    Ok(())
 }
 
 /// The model's lookups over a set of entries, as the kernel sees them in its maps.
