@@ -474,6 +474,26 @@ fn a_record_from_another_boot_is_released() {
     assert_eq!(config_ids(&pins).0, [], "{}", agent.log());
 }
 
+/// A second agent on the same state directory and socket refuses at once, with one line, and the first
+/// goes on serving.
+#[test]
+fn a_second_agent_on_the_same_state_refuses() {
+    let cgroup = Cgroup::new("agent-twice");
+    let pins = BpfPins::new("agent-twice");
+    let agent = Agent::start("twice", &pins, &cgroup);
+    let mut second = Command::new(capture_bin());
+    second.args(&agent.args).stdin(Stdio::null());
+    let out = second.output().expect("run a second agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second agent ran: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--state-dir") && stderr.contains("another capture agent is running"),
+        "{stderr}"
+    );
+    assert_eq!(agent.list(), "", "the first agent no longer answers");
+}
+
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
 struct InboundPod {
     pod: Pod,

@@ -140,6 +140,10 @@ pub fn run(opts: Options) -> Result<()> {
 
 async fn serve(opts: Options) -> Result<()> {
     let settings = opts.settings.clone();
+    // Two agents on one state directory or socket would interleave their records and steal each other's
+    // socket: the second refuses before it touches anything.
+    let _state_lock = hold(&settings.state_dir.join(LOCK_FILE), "--state-dir", &settings.state_dir)?;
+    let _socket_lock = hold(&lock_beside(&opts.socket), "--socket", &opts.socket)?;
     let started = Instant::now();
     let swept = ebpf::attach(&settings.pin_dir, Some(&settings.cgroup), LogLevel::Off)?;
     if swept > 0 {
@@ -187,6 +191,38 @@ async fn serve(opts: Options) -> Result<()> {
         _ = term.recv() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
+}
+
+/// The lock file in the state directory.
+const LOCK_FILE: &str = "agent.lock";
+
+/// The lock file beside the control socket `socket`.
+fn lock_beside(socket: &std::path::Path) -> PathBuf {
+    let mut name = socket.file_name().unwrap_or_default().to_owned();
+    name.push(".lock");
+    socket.with_file_name(name)
+}
+
+/// Holds an exclusive lock on `path` (made if missing) for as long as the returned value lives; fails at once,
+/// naming `flag` and `value`, if another process holds it.
+fn hold(path: &std::path::Path, flag: &str, value: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        nix::errno::Errno::EWOULDBLOCK => anyhow::anyhow!(
+            "{flag} {}: another capture agent is running with it (it holds {})",
+            value.display(),
+            path.display()
+        ),
+        e => anyhow::Error::from(e).context(format!("lock {}", path.display())),
+    })
 }
 
 /// Applies the Kubernetes watch's events, one at a time, in order.
