@@ -3,7 +3,7 @@
 
 use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _};
 
-use tests::{INJECTOR_DEFAULT_FLAGS, Netns, capture_bin, capture_with_env};
+use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_bin, capture_with_env};
 
 /// Extra arguments, env vars, and the texts the error must contain.
 type BadCase = (
@@ -54,10 +54,20 @@ fn bad_input_exits_2_with_one_line_and_applies_nothing() {
     let ns = Netns::new("bad");
     let rules_before = ns.iptables_rules();
     let pins_before = pins();
+    // A safety net: were a case accepted, the eBPF backend would attach to this child cgroup and pin in a
+    // private bpffs, not to the machine's root cgroup.
+    let (cgroup, private) = (Cgroup::new("bad"), BpfPins::new("bad"));
+    let place = [
+        "--cgroup".to_owned(),
+        cgroup.path().display().to_string(),
+        "--pin-dir".to_owned(),
+        private.path().display().to_string(),
+    ];
     for backend in ["iptables", "ebpf"] {
         for (extra, env, needles) in cases {
             // The injector's flags first, the bad one last: a valid prefix must not be half-applied.
             let mut args = vec!["--backend", backend];
+            args.extend(place.iter().map(String::as_str));
             args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
             args.extend_from_slice(extra);
             if extra.first() == Some(&"--backend") {
@@ -88,6 +98,7 @@ fn bad_input_exits_2_with_one_line_and_applies_nothing() {
                 "{backend} {extra:?}: rules were applied"
             );
             assert_eq!(pins(), pins_before, "{backend} {extra:?}: BPF objects were pinned");
+            assert!(!private.path().exists(), "{backend} {extra:?}: BPF objects were pinned");
         }
     }
 }
