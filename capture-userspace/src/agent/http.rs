@@ -83,6 +83,15 @@ fn render(agent: &Agent) -> Result<String> {
     let errors = Counter::<u64>::default();
     errors.inc_by(stats.errors);
     registry.register("agent_errors", "Requests from pod sources that failed", errors);
+    let failures = Family::<Labels, Counter>::default();
+    for (pod, n) in &stats.failures {
+        failures.get_or_create(&vec![("pod", pod.clone())]).inc_by(*n);
+    }
+    registry.register(
+        "pod_registration_failures",
+        "Per pod: registrations that failed (the Kubernetes source tries again with backoff)",
+        failures,
+    );
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)

@@ -63,15 +63,19 @@ pub struct Stats {
     pub last_registration: Duration,
     /// Requests from sources that failed.
     pub errors: u64,
+    /// Failed registrations, by pod.
+    pub failures: std::collections::BTreeMap<String, u64>,
 }
 
 impl Agent {
     /// Applies one event of `source`; returns whether anything changed.
     pub fn apply(&self, event: SourceEvent, source: Source) -> Result<bool> {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed_pod = None;
         let result = match event {
             SourceEvent::Upsert(spec) => {
                 let id = spec.id.clone();
+                failed_pod = Some(id.clone());
                 registry.upsert(spec, source).map(|took| {
                     if !took.is_zero() {
                         tracing::info!(pod = %id, micros = took.as_micros() as u64, "registered");
@@ -89,7 +93,11 @@ impl Agent {
         };
         if let Err(e) = &result {
             tracing::warn!(error = %format!("{e:#}"), "request failed");
-            self.stats().errors += 1;
+            let mut stats = self.stats();
+            stats.errors += 1;
+            if let Some(pod) = failed_pod {
+                *stats.failures.entry(pod).or_default() += 1;
+            }
         }
         result
     }
@@ -225,16 +233,154 @@ fn hold(path: &std::path::Path, flag: &str, value: &std::path::Path) -> Result<n
     })
 }
 
-/// Applies the Kubernetes watch's events, one at a time, in order.
+/// Applies the Kubernetes watch's events, one at a time, in order. A registration that fails is tried
+/// again with backoff (1 s, doubling, at most a minute apart) until it succeeds or the pod changes or goes.
 async fn follow_kubernetes(source: kube::KubeSource, agent: Arc<Agent>) -> Result<()> {
     /// Events the watch may queue while a registration runs.
     const QUEUE: usize = 256;
     let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
     let watch = tokio::spawn(kube::watch(source, tx));
-    while let Some(event) = rx.recv().await {
+    let mut retries = Retries::default();
+    loop {
+        let due = retries.earliest();
+        let event = tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => {
+                    retries.superseded_by(&event);
+                    event
+                }
+                None => break,
+            },
+            () = sleep_until(due) => match retries.take_due(Instant::now()) {
+                Some(spec) => SourceEvent::Upsert(spec),
+                None => continue,
+            },
+        };
+        let upsert = match &event {
+            SourceEvent::Upsert(spec) => Some(spec.clone()),
+            _ => None,
+        };
         let agent = agent.clone();
         // A failed event is counted and logged by `apply`; the watch goes on.
-        let _ = tokio::task::spawn_blocking(move || agent.apply(event, Source::Kubernetes)).await;
+        let ok = tokio::task::spawn_blocking(move || agent.apply(event, Source::Kubernetes).is_ok())
+            .await
+            .unwrap_or(false);
+        if let (false, Some(spec)) = (ok, upsert) {
+            retries.failed(spec, Instant::now());
+        }
     }
     watch.await.context("the Kubernetes watch")?
+}
+
+/// Sleeps until `due`; never returns for `None`.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Registrations to try again, by pod id.
+#[derive(Debug, Default)]
+struct Retries(std::collections::BTreeMap<String, Retry>);
+
+#[derive(Debug)]
+struct Retry {
+    spec: PodSpec,
+    /// Failures so far.
+    failures: u32,
+    due: Instant,
+}
+
+impl Retries {
+    /// The first wait after a failure.
+    const FIRST: Duration = Duration::from_secs(1);
+    /// The longest wait.
+    const LONGEST: Duration = Duration::from_secs(60);
+
+    /// Records a failed registration of `spec` at `now`: it is due again after a backoff that doubles with
+    /// each failure of the same pod.
+    fn failed(&mut self, spec: PodSpec, now: Instant) {
+        let failures = self.0.get(&spec.id).map_or(0, |r| r.failures) + 1;
+        let wait = Self::FIRST
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(Self::LONGEST);
+        let id = spec.id.clone();
+        self.0.insert(
+            id,
+            Retry {
+                spec,
+                failures,
+                due: now + wait,
+            },
+        );
+    }
+
+    /// A new event about a pod replaces its retry: an update brings its own attempt, a removal or a
+    /// re-list without it ends the matter.
+    fn superseded_by(&mut self, event: &SourceEvent) {
+        match event {
+            SourceEvent::Upsert(spec) => {
+                // Keep the count, so a pod that keeps failing keeps its backoff; the new spec is tried now.
+                if let Some(r) = self.0.get_mut(&spec.id) {
+                    r.spec = spec.clone();
+                    r.due = Instant::now() + Self::LONGEST;
+                }
+            }
+            SourceEvent::Remove(id) => {
+                self.0.remove(id);
+            }
+            SourceEvent::Synced(present) => self.0.retain(|id, _| present.contains(id)),
+        }
+    }
+
+    /// When the next retry is due.
+    fn earliest(&self) -> Option<Instant> {
+        self.0.values().map(|r| r.due).min()
+    }
+
+    /// A pod whose retry is due at `now`, taken off the list (it comes back if it fails again).
+    fn take_due(&mut self, now: Instant) -> Option<PodSpec> {
+        let id = self.0.iter().find(|(_, r)| r.due <= now).map(|(id, _)| id.clone())?;
+        let retry = self.0.get_mut(&id)?;
+        // Leave the count behind for the next failure's backoff; not due until then.
+        retry.due = now + Self::LONGEST * 1000;
+        Some(retry.spec.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> PodSpec {
+        PodSpec {
+            id: id.into(),
+            netns: "/proc/1/ns/net".into(),
+            flags: vec![],
+        }
+    }
+
+    #[test]
+    fn failed_registrations_come_back_with_doubling_backoff_until_the_pod_changes_or_goes() {
+        let t0 = Instant::now();
+        let mut r = Retries::default();
+        assert_eq!(r.earliest(), None);
+        r.failed(spec("a"), t0);
+        assert_eq!(r.earliest(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(r.take_due(t0), None, "not due yet");
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(r.take_due(t1).map(|s| s.id), Some("a".into()));
+        assert_eq!(r.take_due(t1), None, "taken");
+        r.failed(spec("a"), t1);
+        assert_eq!(r.earliest(), Some(t1 + Duration::from_secs(2)));
+        for _ in 0..10 {
+            r.failed(spec("a"), t1);
+        }
+        assert_eq!(r.earliest(), Some(t1 + Retries::LONGEST), "capped");
+        r.failed(spec("b"), t1);
+        r.superseded_by(&SourceEvent::Remove("a".into()));
+        r.superseded_by(&SourceEvent::Synced(vec!["c".into()]));
+        assert_eq!(r.earliest(), None, "removed, and not listed any more");
+    }
 }
