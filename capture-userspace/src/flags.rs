@@ -102,7 +102,7 @@ pub const ISTIO_FLAGS: &[FlagSpec] = &[
         Some('e'),
         Some("INBOUND_TUNNEL_PORT"),
         "15008",
-        "HBONE tunnel port: never captured inbound, not redirected for the proxy",
+        "HBONE tunnel port: not captured inbound in REDIRECT mode (TPROXY mode captures it, as Istio's mangle rules do: their RETURN for it is in nat only), not redirected for the proxy",
     ),
     value(
         "proxy-uid",

@@ -224,14 +224,7 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn settings() -> Settings {
-        Settings {
-            pin_dir: "/run/pins".into(),
-            cgroup: "/sys/fs/cgroup/x".into(),
-            state_dir: "/run/state".into(),
-        }
-    }
+    use crate::agent::registry::test_settings as settings;
 
     fn refused(line: &str) -> String {
         let message = parse_request(line, &settings()).expect_err(line);

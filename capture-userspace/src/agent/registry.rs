@@ -356,17 +356,19 @@ fn identify(path: &Path) -> Result<(u64, NetnsIdentity)> {
     Ok((cookie, identity))
 }
 
+/// Settings for unit tests: paths only, nothing is opened.
+#[cfg(test)]
+pub(crate) fn test_settings() -> Settings {
+    Settings {
+        pin_dir: "/run/pins".into(),
+        cgroup: "/sys/fs/cgroup/x".into(),
+        state_dir: "/run/state".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn settings() -> Settings {
-        Settings {
-            pin_dir: "/run/pins".into(),
-            cgroup: "/sys/fs/cgroup/x".into(),
-            state_dir: "/run/state".into(),
-        }
-    }
+    use super::{test_settings as settings, *};
 
     fn spec(netns: &str, flags: &[&str]) -> PodSpec {
         PodSpec {
