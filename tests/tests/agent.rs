@@ -494,6 +494,39 @@ fn a_second_agent_on_the_same_state_refuses() {
     assert_eq!(agent.list(), "", "the first agent no longer answers");
 }
 
+/// A record file that cannot be read is set aside, and the records are rebuilt from what the kernel holds
+/// beside each registration: the pod keeps its id, flags and capture, and can be removed as before.
+#[test]
+fn a_corrupt_record_file_is_set_aside_and_the_records_rebuilt_from_the_kernel() {
+    let cgroup = Cgroup::new("agent-corrupt");
+    let pins = BpfPins::new("agent-corrupt");
+    let mut agent = Agent::start("corrupt", &pins, &cgroup);
+    let pod = Pod::new("agent-corrupt");
+    let sandbox = Sandbox::start(&pod.pod);
+    ok(
+        agent.add("default/corrupt", &sandbox.netns(), INJECTOR_DEFAULT_FLAGS),
+        "pod add",
+    );
+    let listed = agent.list();
+    agent.kill();
+    let state = agent.dir.join("state/pods.json");
+    std::fs::write(&state, "[{\"spec\": tru").unwrap();
+    agent.restart();
+
+    assert!(agent.dir.join("state/pods.json.corrupt").exists(), "set aside");
+    assert_eq!(agent.list(), listed, "the records rebuilt: {}", agent.log());
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "sidecar", "still captured");
+    let again = agent.add("default/corrupt", &sandbox.netns(), INJECTOR_DEFAULT_FLAGS);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "capture: nothing to change"
+    );
+    ok(agent.pod(&["remove", "default/corrupt"]), "pod remove");
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "remote", "released");
+}
+
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
 struct InboundPod {
     pod: Pod,

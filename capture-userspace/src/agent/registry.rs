@@ -84,6 +84,42 @@ pub struct Registry {
     pods: BTreeMap<String, PodRecord>,
     /// sk_lookup copies loaded ahead, so that registering a pod only hands one over.
     spares: Arc<ebpf::Spares>,
+    /// The record file could not be read: rebuild the records from the kernel's registrations.
+    rebuild: bool,
+}
+
+/// What the agent keeps in the kernel beside each pod's registration (`FLAGS_TEXT`, which `capture status`
+/// shows): enough to rebuild the pod's record if the record file is lost or corrupt.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Label {
+    pod: String,
+    source: Source,
+    netns: PathBuf,
+    flags: Vec<String>,
+}
+
+/// How a label starts, telling the agent's registrations from those `capture` made itself.
+const LABEL_PREFIX: &str = "agent pod ";
+
+impl Label {
+    fn text(spec: &PodSpec, source: Source) -> String {
+        let label = Label {
+            pod: spec.id.clone(),
+            source,
+            netns: spec.netns.clone(),
+            flags: spec.flags.clone(),
+        };
+        format!(
+            "{LABEL_PREFIX}{}",
+            serde_json::to_string(&label).expect("labels serialize")
+        )
+    }
+
+    /// The label in a registration's text; None for `capture`'s own registrations, or a label cut short by
+    /// the kernel's 1 KiB.
+    fn parse(text: &str) -> Option<Label> {
+        serde_json::from_str(text.strip_prefix(LABEL_PREFIX)?).ok()
+    }
 }
 
 /// What a reconcile at start found.
@@ -102,16 +138,29 @@ impl Registry {
     /// sk_lookup copies from `spares`.
     pub fn load(settings: Settings, spares: Arc<ebpf::Spares>) -> Result<Registry> {
         let path = state_file(&settings.state_dir);
+        let mut rebuild = false;
         let pods = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let list: Vec<PodRecord> =
-                    serde_json::from_slice(&bytes).with_context(|| format!("read {}", path.display()))?;
-                list.into_iter().map(|r| (r.spec.id.clone(), r)).collect()
-            }
+            Ok(bytes) => match serde_json::from_slice::<Vec<PodRecord>>(&bytes) {
+                Ok(list) => list.into_iter().map(|r| (r.spec.id.clone(), r)).collect(),
+                Err(e) => {
+                    // Set aside for a post-mortem; the kernel's registrations say what was captured.
+                    let aside = path.with_extension("json.corrupt");
+                    std::fs::rename(&path, &aside)
+                        .with_context(|| format!("set {} aside as {}", path.display(), aside.display()))?;
+                    tracing::warn!(file = %aside.display(), error = %e, "the records are corrupt; set aside, rebuilding them from the kernel");
+                    rebuild = true;
+                    BTreeMap::new()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
-        Ok(Registry { settings, pods, spares })
+        Ok(Registry {
+            settings,
+            pods,
+            spares,
+            rebuild,
+        })
     }
 
     /// Where the programs and records are.
@@ -136,11 +185,12 @@ impl Registry {
     /// was down), or that was made before a reboot, is released by its cookie and forgotten: its flags are
     /// never applied to a namespace it did not name.
     pub fn reconcile(&mut self) -> Result<Reconciled> {
-        let registered: Vec<u64> = ebpf::registered(&self.settings.pin_dir)?
-            .iter()
-            .map(|r| r.netns)
-            .collect();
+        let kernel = ebpf::registered(&self.settings.pin_dir)?;
         let mut out = Reconciled::default();
+        if std::mem::take(&mut self.rebuild) {
+            out.released += self.rebuild_records(&kernel)?;
+        }
+        let registered: Vec<u64> = kernel.iter().map(|r| r.netns).collect();
         let records: Vec<PodRecord> = self.pods.values().cloned().collect();
         for record in records {
             // The identity as it is now (this boot's id included), if the path still leads to a namespace.
@@ -181,6 +231,48 @@ impl Registry {
         }
         self.save()?;
         Ok(out)
+    }
+
+    /// Makes records again for the agent's registrations in the kernel (those with a [`Label`]), after the
+    /// record file was lost: each under its pod's id, source and flags, in the namespace that has its
+    /// cookie. One whose namespace is nowhere to be found any more is released. `capture`'s own
+    /// registrations are not the agent's and are left alone. Returns how many were released.
+    fn rebuild_records(&mut self, kernel: &[ebpf::Registered]) -> Result<usize> {
+        let mut released = 0;
+        for registration in kernel {
+            let Some(label) = Label::parse(&registration.flags) else {
+                continue;
+            };
+            let cookie = registration.netns;
+            let found = std::iter::once(label.netns.clone())
+                .chain(namespace_files())
+                .find_map(|path| {
+                    identify(&path)
+                        .ok()
+                        .filter(|(c, _)| *c == cookie)
+                        .map(|(_, id)| (path, id))
+                });
+            let Some((netns, identity)) = found else {
+                tracing::warn!(pod = %label.pod, cookie, "no namespace has the recorded cookie any more; released");
+                ebpf::unregister(&self.settings.pin_dir, cookie)?;
+                released += 1;
+                continue;
+            };
+            tracing::info!(pod = %label.pod, netns = %netns.display(), "record rebuilt from the kernel");
+            let spec = PodSpec {
+                id: label.pod,
+                netns,
+                flags: label.flags,
+            };
+            let record = PodRecord {
+                spec,
+                source: label.source,
+                cookie,
+                identity,
+            };
+            self.pods.insert(record.spec.id.clone(), record);
+        }
+        Ok(released)
     }
 
     /// Captures `spec` for `source` (or updates it). Adding the same pod twice changes nothing. Returns how
@@ -228,6 +320,7 @@ impl Registry {
     /// agent's own namespace (the host's) and a namespace another pod's record holds.
     fn register(&mut self, spec: PodSpec, source: Source) -> Result<u64> {
         let inv = invocation(&spec, &self.settings)?;
+        let label = Label::text(&spec, source);
         let netns = File::open(&spec.netns).with_context(|| format!("open {}", spec.netns.display()))?;
         let identity = identity_of(&netns, boot_id()?)?;
         let resolv_conf = inv.options.resolv_conf.clone();
@@ -251,7 +344,7 @@ impl Registry {
                 bail!("its namespace is already captured for pod {other}");
             }
             let env = namespace::detect(&inv.config, &resolv_conf)?;
-            ebpf::register_here(&inv, &env, &pin_dir, &spares)
+            ebpf::register_here(&inv, &env, &pin_dir, &spares, &label)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the registration thread panicked"))?
@@ -322,6 +415,33 @@ fn proc_pid(netns: &Path) -> Option<u32> {
     let mut parts = netns.strip_prefix("/proc").ok()?.components();
     let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;
     (parts.as_path() == Path::new("ns/net")).then_some(pid)
+}
+
+/// Every file that names a network namespace: `/run/netns/*` and each process's `/proc/PID/ns/net`, one
+/// path per namespace.
+fn namespace_files() -> impl Iterator<Item = PathBuf> {
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    let processes = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path().join("ns/net"));
+    let mut seen = std::collections::HashSet::new();
+    named.chain(processes).filter(move |path| {
+        std::fs::metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            seen.insert((m.dev(), m.ino()))
+        })
+    })
 }
 
 /// This boot's id: cookies and nsfs inodes start over with each boot.

@@ -258,7 +258,7 @@ fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Resu
         let mut ebpf = Loader::new(dir, inv.options.log_level).load(slot)?;
         attach_hooks(&mut ebpf, dir, inv.options.cgroup.as_deref())?;
         let copy = sk_lookup::Loaded::from_object(&mut ebpf, slot)?;
-        register_namespace(Maps::open(dir)?, inv, env, facts, dir, netns, Some(copy))?;
+        register_namespace(Maps::open(dir)?, inv, env, facts, dir, netns, Some(copy), &flags_text())?;
         Ok(ebpf)
     })();
     if result.is_err() && fresh {
@@ -283,8 +283,9 @@ pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<usiz
 /// Registers the network namespace the calling thread is in with `inv`'s configuration, on programs
 /// [`attach`] attached: the agent's step for one pod (from a thread that entered the pod's namespace). A
 /// namespace new to capture gets its sk_lookup copy from `spares`; one registered again keeps its copy.
-/// Returns the namespace's cookie.
-pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path, spares: &Spares) -> Result<u64> {
+/// `label` is kept beside the registration, for `capture status` (the agent's records can be rebuilt from
+/// it). Returns the namespace's cookie.
+pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path, spares: &Spares, label: &str) -> Result<u64> {
     let facts = namespace::facts(&inv.config)?;
     // Built first: a configuration the kernel cannot take fails before anything is touched.
     entries::entries(&inv.config, env, &facts, 0)?;
@@ -297,7 +298,7 @@ pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path, spares: &S
         true => None,
         false => Some(spares.take(&maps.slots_in_use()?)?),
     };
-    register_namespace(maps, inv, env, &facts, dir, netns, copy)?;
+    register_namespace(maps, inv, env, &facts, dir, netns, copy, label)?;
     Ok(netns)
 }
 
@@ -465,10 +466,12 @@ fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<()
 }
 
 /// Registers the current namespace (cookie `netns`) in `maps`: its entries, the proxy's listeners that
-/// already exist, and `copy`, its sk_lookup copy (`None`: the namespace keeps the one it has). The
+/// already exist, and `copy`, its sk_lookup copy (`None`: the namespace keeps the one it has), with
+/// `label` for `capture status`. The
 /// namespace's `CONFIG` value is written last: until then no connection sees any of it, so a registration
 /// that fails at any step leaves the namespace as it was (a namespace new to capture, unregistered), and
 /// what a failure could not remove is swept.
+#[allow(clippy::too_many_arguments)]
 fn register_namespace(
     mut maps: Maps,
     inv: &Invocation,
@@ -477,6 +480,7 @@ fn register_namespace(
     dir: &Path,
     netns: u64,
     copy: Option<sk_lookup::Loaded>,
+    label: &str,
 ) -> Result<()> {
     let known = maps.slot_of(netns);
     let slot = match (&copy, known) {
@@ -498,7 +502,7 @@ fn register_namespace(
         // A listener that started between the dump and the commit: sockops only hands over the listeners
         // of registered namespaces.
         Ok(()) => maps
-            .commit(staged, &flags_text())
+            .commit(staged, label)
             .and_then(|()| hand_over_listeners(&mut maps, netns, &ports)),
     };
     let Err(err) = result else {
@@ -543,7 +547,7 @@ fn forward_logs(ebpf: &mut Ebpf, level: LogLevel) -> Result<()> {
     Ok(())
 }
 
-/// The command line, for `capture status`.
+/// The command line, the label of a namespace `capture` registers (for `capture status`).
 fn flags_text() -> String {
     std::env::args()
         .skip(1)
