@@ -510,5 +510,8 @@ fn a_pod_may_not_take_more_than_its_share_of_the_node_wide_maps() {
     assert!(entries(&fits.config, &env, &facts, 1).is_ok());
     let over = parse(&format!("-u 1337 -b {}", ports(MAX_SET_ENTRIES_PER_POD + 1)));
     let err = entries(&over.config, &env, &facts, 1).unwrap_err().to_string();
-    assert!(err.contains("1025 ports and groups") && err.contains("at most 1024 per pod"), "{err}");
+    assert!(
+        err.contains("1025 ports and groups") && err.contains("at most 1024 per pod"),
+        "{err}"
+    );
 }
