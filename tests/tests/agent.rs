@@ -259,54 +259,27 @@ fn an_ipv6_cidr_registered_through_the_agent_never_decides_for_ipv4() {
         };
         accepted_by(seen, ("sidecar", &sidecar), ("remote", &remote))
     };
-    let flags = |cidrs: &'static [&'static str]| {
-        let mut f = vec![
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-b",
-            "*",
-            "--dual-stack",
-        ];
-        f.extend_from_slice(cidrs);
-        f
+    let flags = |cidrs: &str| -> Vec<String> {
+        format!("-p 15001 -z 15006 -u 1337 -m REDIRECT -b * --dual-stack {cidrs}")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
     };
-    ok(
-        agent.add("default/fam", &pod.pod.path(), &flags(&["-i", "*", "-x", "::/0"])),
-        "add -x ::/0",
-    );
-    assert_eq!(
-        [lands(v4), lands(mapped), lands(v6)],
-        ["sidecar", "sidecar", "remote"],
-        "-i * -x ::/0"
-    );
-    ok(
-        agent.add("default/fam", &pod.pod.path(), &flags(&["-i", "::/0"])),
-        "update to -i ::/0",
-    );
-    assert_eq!(
-        [lands(v4), lands(mapped), lands(v6)],
-        ["remote", "remote", "sidecar"],
-        "-i ::/0"
-    );
-    ok(
-        agent.add(
-            "default/fam",
-            &pod.pod.path(),
-            &flags(&["-i", "*", "-x", "::ffff:0:0/96"]),
-        ),
-        "update to -x ::ffff:0:0/96",
-    );
-    assert_eq!(
-        [lands(v4), lands(mapped), lands(v6)],
-        ["sidecar", "sidecar", "sidecar"],
-        "-i * -x ::ffff:0:0/96"
-    );
+    let add = |cidrs: &str| {
+        let flags = flags(cidrs);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ok(agent.add("default/fam", &pod.pod.path(), &flags), cidrs);
+    };
+    // (flags, where an IPv4, an IPv4-mapped and an IPv6 connection land), each applied over the last.
+    let cases = [
+        ("-i * -x ::/0", ["sidecar", "sidecar", "remote"]),
+        ("-i ::/0", ["remote", "remote", "sidecar"]),
+        ("-i * -x ::ffff:0:0/96", ["sidecar", "sidecar", "sidecar"]),
+    ];
+    for (cidrs, expected) in cases {
+        add(cidrs);
+        assert_eq!([lands(v4), lands(mapped), lands(v6)], expected, "{cidrs}");
+    }
 }
 
 /// The configuration id of each registered namespace, and every id the set and CIDR entries carry.
