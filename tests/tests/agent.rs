@@ -500,6 +500,35 @@ fn a_corrupt_record_file_is_set_aside_and_the_records_rebuilt_from_the_kernel() 
     assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "remote", "released");
 }
 
+/// A registration that fails after its entries are written (here: its sk_lookup copy cannot be pinned,
+/// because something else already sits at the pin's name) leaves nothing behind: no `CONFIG` value, no
+/// set or CIDR entries, no slot; the error is one line; once the obstacle is gone the pod registers.
+#[test]
+fn a_registration_that_fails_half_way_leaves_nothing_behind() {
+    let cgroup = Cgroup::new("agent-half");
+    let pins = BpfPins::new("agent-half");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
+    args.extend(["-u", "1337", "-i", "*", "-x", "192.0.2.0/24", "-o", "8080"]);
+    let first = Pod::new("agent-half-a");
+    ok(tests::capture(&first.pod, &args), "capture in the first pod");
+    let before = config_ids(&pins);
+
+    let pod = Pod::new("agent-half-b");
+    let cookie = pod.pod.spawn(None, capture::namespace::cookie).join().unwrap().unwrap();
+    let obstacle = pins.path().join(format!("link_sk_lookup_{cookie}"));
+    std::fs::create_dir(&obstacle).expect("a directory where the pod's sk_lookup link would be pinned");
+    let out = tests::capture(&pod.pod, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the registration succeeded: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(config_ids(&pins), before, "the failed registration left entries");
+
+    std::fs::remove_dir(&obstacle).unwrap();
+    ok(tests::capture(&pod.pod, &args), "capture once the obstacle is gone");
+    assert_eq!(config_ids(&pins).0.len(), 2);
+}
+
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
 struct InboundPod {
     pod: Pod,
