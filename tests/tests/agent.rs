@@ -529,6 +529,56 @@ fn a_registration_that_fails_half_way_leaves_nothing_behind() {
     assert_eq!(config_ids(&pins).0.len(), 2);
 }
 
+/// The agent never captures its own network namespace (on a node, the host's): asked to, it refuses in
+/// one line and registers nothing. The agent runs in a throwaway namespace here, which stands for the host's.
+#[test]
+fn the_agent_refuses_its_own_namespace() {
+    let cgroup = Cgroup::new("agent-own");
+    let pins = BpfPins::new("agent-own");
+    let host = Netns::new("agent-own");
+    let dir = std::env::temp_dir().join(format!("capture-agent-own-{}", std::process::id()));
+    let socket = dir.join("agent.sock");
+    let (pin, cg, state, sock) = (
+        pins.path().display().to_string(),
+        cgroup.path().display().to_string(),
+        dir.join("state").display().to_string(),
+        socket.display().to_string(),
+    );
+    let mut child = host
+        .command(capture_bin())
+        .args(["agent", "--socket", &sock, "--pin-dir", &pin, "--cgroup", &cg])
+        .args(["--state-dir", &state, "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start capture agent");
+    let pod = |args: &[&str]| {
+        Command::new(capture_bin())
+            .args(["pod", "--socket", &sock])
+            .args(args)
+            .output()
+            .expect("run capture pod")
+    };
+    let deadline = Instant::now() + tests::patient(READY_TIMEOUT);
+    while !pod(&["list"]).status.success() {
+        assert!(Instant::now() < deadline, "the agent did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let netns = host.path().display().to_string();
+    let mut args = vec!["add", "host", &netns, "--"];
+    args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let out = pod(&args);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent registered its own namespace");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("the agent's own"), "{err}");
+    assert_eq!(config_ids(&pins).0, [], "something was registered");
+}
+
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
 struct InboundPod {
     pod: Pod,
