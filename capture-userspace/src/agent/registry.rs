@@ -193,28 +193,25 @@ impl Registry {
         let registered: Vec<u64> = kernel.iter().map(|r| r.netns).collect();
         let records: Vec<PodRecord> = self.pods.values().cloned().collect();
         for record in records {
-            // The identity as it is now (this boot's id included), if the path still leads to a namespace.
-            let now = identify(&record.spec.netns).ok();
             // A record written before identities were kept: its cookie alone tells (the records live on
             // tmpfs, so it is of this boot), and it gets its identity now.
             let legacy = record.identity == NetnsIdentity::default();
-            let same = now
-                .as_ref()
-                .is_some_and(|(cookie, id)| *cookie == record.cookie && (legacy || *id == record.identity));
-            if let (true, true, Some((_, id))) = (same, legacy, &now)
-                && let Some(r) = self.pods.get_mut(&record.spec.id)
-            {
-                r.identity = id.clone();
-            }
-            if same && registered.contains(&record.cookie) {
-                out.kept += 1;
-                continue;
-            }
-            if !same {
+            // The namespace the path leads to now (this boot's id included), if it is still the recorded one.
+            let still = identify(&record.spec.netns)
+                .ok()
+                .filter(|(cookie, id)| *cookie == record.cookie && (legacy || *id == record.identity));
+            let Some((_, identity)) = still else {
                 tracing::warn!(pod = %record.spec.id, netns = %record.spec.netns.display(), "the recorded namespace is gone; released");
                 ebpf::unregister(&self.settings.pin_dir, record.cookie)?;
                 self.pods.remove(&record.spec.id);
                 out.released += 1;
+                continue;
+            };
+            if let Some(r) = self.pods.get_mut(&record.spec.id) {
+                r.identity = identity;
+            }
+            if registered.contains(&record.cookie) {
+                out.kept += 1;
                 continue;
             }
             // One pod that cannot be registered again must not keep the agent from starting.
