@@ -27,7 +27,9 @@ pub struct Maps {
     flags: HashMap<MapData, u64, FlagsText>,
     listeners: SockHash<MapData, ListenerKey>,
     slot_netns: Array<MapData, u64>,
-    config_ids: Array<MapData, u32>,
+    /// Missing where the pins were made by a release before it, until the next load pins it: only a new
+    /// registration needs it.
+    config_ids: Option<Array<MapData, u32>>,
 }
 
 /// A registration whose entries are written but whose `CONFIG` value is not: no connection can see any of
@@ -72,7 +74,7 @@ impl Maps {
             flags: open(dir, names::FLAGS_TEXT)?,
             listeners: open(dir, names::LISTENERS)?,
             slot_netns: open(dir, names::SLOT_NETNS)?,
-            config_ids: open(dir, names::CONFIG_IDS)?,
+            config_ids: open(dir, names::CONFIG_IDS).ok(),
         })
     }
 
@@ -90,7 +92,11 @@ impl Maps {
     /// become part of a new configuration. The caller holds the pin-directory lock.
     fn fresh_id(&mut self) -> Result<u32> {
         let used = self.ids_in_use()?;
-        let mut id = self.config_ids.get(&0, 0).context("CONFIG_IDS")?;
+        let ids = self
+            .config_ids
+            .as_mut()
+            .context("the pinned CONFIG_IDS map is missing (pins of an older capture, not loaded again)")?;
+        let mut id = ids.get(&0, 0).context("CONFIG_IDS")?;
         // At most MAX_NAMESPACES ids are in use, so this ends within that many steps.
         loop {
             id = id.wrapping_add(1);
@@ -98,7 +104,7 @@ impl Maps {
                 break;
             }
         }
-        self.config_ids.set(0, id, 0).context("CONFIG_IDS")?;
+        ids.set(0, id, 0).context("CONFIG_IDS")?;
         Ok(id)
     }
 
@@ -162,7 +168,6 @@ impl Maps {
 
     /// Registers (or re-registers) namespace `netns`, whose inbound capture is sk_lookup slot `slot`:
     /// [`Maps::stage`], then [`Maps::commit`].
-    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
         netns: u64,
