@@ -90,10 +90,12 @@ fn listening(family: u8, ports: &[u16]) -> Result<Vec<Listening>> {
     }
 }
 
-/// The listening sockets on `ports` in the current network namespace, each with a descriptor of it.
-pub fn existing(ports: &[u16]) -> Result<Vec<(Listening, OwnedFd)>> {
+/// The listening sockets on `ports` in the current network namespace, each with a descriptor of it; those
+/// whose inode is in `known` are left out (and their owners not searched for).
+pub fn existing(ports: &[u16], known: &[u64]) -> Result<Vec<(Listening, OwnedFd)>> {
     let mut wanted = listening(AF_INET, ports)?;
     wanted.extend(listening(AF_INET6, ports)?);
+    wanted.retain(|l| !known.contains(&l.inode));
     let mut found = Vec::new();
     if wanted.is_empty() {
         return Ok(found);

@@ -490,9 +490,11 @@ fn register_namespace(
     };
     let staged = maps.stage(netns, slot, &inv.config, env, facts)?;
     let ports = [inv.config.inbound_capture_port, inv.config.proxy_port];
-    let before_commit = hand_over_listeners(&mut maps, netns, &ports).and_then(|()| match copy {
-        Some(copy) => copy.attach(&mut maps, netns, &sk_lookup_pin(dir, netns)),
-        None => Ok(()),
+    let before_commit = hand_over_listeners(&mut maps, netns, &ports, &[]).and_then(|known| match copy {
+        Some(copy) => copy
+            .attach(&mut maps, netns, &sk_lookup_pin(dir, netns))
+            .map(|()| known),
+        None => Ok(known),
     });
     let result = match before_commit {
         Err(e) => {
@@ -500,10 +502,10 @@ fn register_namespace(
             Err(e)
         }
         // A listener that started between the dump and the commit: sockops only hands over the listeners
-        // of registered namespaces.
-        Ok(()) => maps
+        // of registered namespaces. Those already handed over are not searched for again.
+        Ok(known) => maps
             .commit(staged, label)
-            .and_then(|()| hand_over_listeners(&mut maps, netns, &ports)),
+            .and_then(|()| hand_over_listeners(&mut maps, netns, &ports, &known).map(drop)),
     };
     let Err(err) = result else {
         return Ok(());
@@ -518,12 +520,15 @@ fn register_namespace(
     Err(err)
 }
 
-/// Hands the proxy's listening sockets on `ports` that exist now to inbound capture.
-fn hand_over_listeners(maps: &mut Maps, netns: u64, ports: &[u16]) -> Result<()> {
-    for (listening, fd) in listeners::existing(ports).context("find the proxy's listening sockets")? {
+/// Hands the proxy's listening sockets on `ports` that exist now, but for those whose inode is in `known`,
+/// to inbound capture; returns the inodes of all handed over so far.
+fn hand_over_listeners(maps: &mut Maps, netns: u64, ports: &[u16], known: &[u64]) -> Result<Vec<u64>> {
+    let mut handed = known.to_vec();
+    for (listening, fd) in listeners::existing(ports, known).context("find the proxy's listening sockets")? {
         maps.add_listener(netns, listening.port, listening.family, &fd)?;
+        handed.push(listening.inode);
     }
-    Ok(())
+    Ok(handed)
 }
 
 /// Forwards the kernel programs' log records to stderr until Ctrl-C (or SIGTERM).
