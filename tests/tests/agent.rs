@@ -579,6 +579,59 @@ fn the_agent_refuses_its_own_namespace() {
     assert_eq!(config_ids(&pins).0, [], "something was registered");
 }
 
+/// Pins left by a release before the family was part of the CIDR key hold entries in the old layout,
+/// which the new programs never match: a pod would lose its `-x` exclusions and its local addresses until
+/// registered again. The next load (here the agent's start) rewrites them in the new layout before it
+/// switches the programs, and removes the old ones after.
+#[test]
+fn cidr_entries_of_an_older_release_are_upgraded_when_the_programs_are_switched() {
+    let cgroup = Cgroup::new("agent-upgrade");
+    let pins = BpfPins::new("agent-upgrade");
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
+    args.extend(["-u", "1337", "-i", "*", "-x", "192.0.2.0/24"]);
+    let pod = Pod::new("agent-upgrade");
+    ok(tests::capture(&pod.pod, &args), "capture");
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "remote", "excluded by -x");
+
+    // The old layout: the kind big-endian in bytes 4 to 7, no family.
+    let data = MapData::from_pin(pins.path().join(names::CIDRS)).unwrap();
+    let mut cidrs: LpmTrie<_, CidrKeyData, u8> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    let keys: Vec<_> = cidrs.keys().map(Result::unwrap).collect();
+    for key in keys {
+        let data = key.data();
+        let old = CidrKeyData {
+            kind: 0,
+            family: 0,
+            _zero: [0, data.kind],
+            ..data
+        };
+        cidrs.remove(&key).unwrap();
+        cidrs
+            .insert(&aya::maps::lpm_trie::Key::new(key.prefix_len(), old), 1, 0)
+            .unwrap();
+    }
+    assert_eq!(
+        lands(&pod, &cgroup, &sidecar, &remote),
+        "sidecar",
+        "old keys are not matched"
+    );
+
+    let agent = Agent::start("upgrade", &pins, &cgroup);
+    assert!(
+        cidrs.keys().map(Result::unwrap).all(|k| k.data().kind != 0),
+        "old keys left: {}",
+        agent.log()
+    );
+    assert_eq!(
+        lands(&pod, &cgroup, &sidecar, &remote),
+        "remote",
+        "excluded by -x again"
+    );
+}
+
 /// One pod for the inbound test: its namespaces, its proxy's inbound listener (once started) and its app.
 struct InboundPod {
     pod: Pod,

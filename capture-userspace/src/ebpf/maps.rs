@@ -6,8 +6,12 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash, lpm_trie::Key};
 pub use capture_common::maps::names;
 use capture_common::{
+    addr,
     counters::{Counter, NetnsCounters},
-    maps::{CidrKeyData, ConnKey, FLAGS_TEXT_LEN, FlagsText, ListenerKey, MAX_NAMESPACES, OrigDst, PodConfig, SetKey},
+    maps::{
+        CIDR_KEY_HEADER_BITS, CidrKeyData, ConnKey, FLAGS_TEXT_LEN, Family, FlagsText, ListenerKey, MAX_NAMESPACES,
+        OrigDst, PodConfig, SetKey,
+    },
 };
 
 use super::entries::{self, Facts};
@@ -133,6 +137,48 @@ impl Maps {
             self.cidrs.remove(&key).context("CIDRS")?;
         }
         Ok(swept)
+    }
+
+    /// Writes every `CIDRS` entry that is still in the layout of releases before the family was part of
+    /// the key (the kind in the key's eighth byte, no family) again in the current layout, and returns the
+    /// old keys, for [`Maps::remove_cidr_keys`] once the new programs are attached: until then the old
+    /// programs keep finding the old keys, and after it the new ones find the new. The family is the
+    /// entry's address's (an IPv4-mapped one is IPv4), which is how the old programs matched it; a pod
+    /// registered again gets its entries in the family it wrote them in.
+    pub fn upgrade_cidr_keys(&mut self) -> Result<Vec<Key<CidrKeyData>>> {
+        let old: Vec<Key<CidrKeyData>> = self
+            .cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().kind == 0)
+            .collect();
+        for key in &old {
+            let data = key.data();
+            let bits = key.prefix_len();
+            let address_bits = bits.saturating_sub(CIDR_KEY_HEADER_BITS);
+            let family = if addr::is_v4(&data.addr) && address_bits >= addr::V4_MAPPED_PREFIX_BITS {
+                Family::V4
+            } else {
+                Family::V6
+            };
+            let kind = data._zero[1];
+            let new = CidrKeyData {
+                kind,
+                family: family as u8,
+                _zero: [0; 2],
+                ..data
+            };
+            self.cidrs.insert(&Key::new(bits, new), 1, 0).context("CIDRS")?;
+        }
+        Ok(old)
+    }
+
+    /// Removes `keys` from `CIDRS`.
+    pub fn remove_cidr_keys(&mut self, keys: Vec<Key<CidrKeyData>>) -> Result<()> {
+        for key in keys {
+            self.cidrs.remove(&key).context("CIDRS")?;
+        }
+        Ok(())
     }
 
     /// The sk_lookup slots registered namespaces hold.

@@ -438,6 +438,11 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
 /// unattached.
 fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<()> {
     let attached = links_pinned(dir);
+    // Entries an older release wrote, in the key layout the new programs read, before they are attached.
+    let mut maps = Maps::open(dir)?;
+    let outdated = maps
+        .upgrade_cidr_keys()
+        .context("upgrade the CIDR entries of an older release")?;
     let cgroup = match cgroup {
         Some(c) => c.to_owned(),
         None => cgroup::cgroup2_root()?,
@@ -462,7 +467,9 @@ fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<()
     let pin = dir.join(SK_MSG.link);
     let peers = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
     sys::map_attach(prog.as_fd(), peers.as_fd(), SK_MSG.attach)
-        .with_context(|| format!("attach {} to {} ({})", SK_MSG.program, SK_MSG.link, SK_MSG.needs))
+        .with_context(|| format!("attach {} to {} ({})", SK_MSG.program, SK_MSG.link, SK_MSG.needs))?;
+    maps.remove_cidr_keys(outdated)
+        .context("remove the CIDR entries of an older release")
 }
 
 /// Registers the current namespace (cookie `netns`) in `maps`: its entries, the proxy's listeners that
