@@ -618,6 +618,8 @@ fn cidr_entries_of_an_older_release_are_upgraded_when_the_programs_are_switched(
         "sidecar",
         "old keys are not matched"
     );
+    // Nor did an older release pin the id counter: that is how a load knows it upgrades.
+    std::fs::remove_file(pins.path().join(names::CONFIG_IDS)).unwrap();
 
     let agent = Agent::start("upgrade", &pins, &cgroup);
     assert!(

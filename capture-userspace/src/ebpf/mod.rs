@@ -255,8 +255,9 @@ fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Resu
             }
             false => 0,
         };
+        let upgrade = from_older_release(dir);
         let mut ebpf = Loader::new(dir, inv.options.log_level).load(slot)?;
-        attach_hooks(&mut ebpf, dir, inv.options.cgroup.as_deref())?;
+        attach_hooks(&mut ebpf, dir, inv.options.cgroup.as_deref(), upgrade)?;
         let copy = sk_lookup::Loaded::from_object(&mut ebpf, slot)?;
         register_namespace(Maps::open(dir)?, inv, env, facts, dir, netns, Some(copy), &flags_text())?;
         Ok(ebpf)
@@ -275,8 +276,9 @@ pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<usiz
     probe()?;
     let _lock = lock(dir, true)?;
     // No sk_lookup copy comes from this object: slot 0 is as good as any.
+    let upgrade = from_older_release(dir);
     let mut ebpf = Loader::new(dir, level).load(0)?;
-    attach_hooks(&mut ebpf, dir, cgroup)?;
+    attach_hooks(&mut ebpf, dir, cgroup, upgrade)?;
     Maps::open(dir)?.sweep().context("sweep entries no configuration owns")
 }
 
@@ -433,16 +435,26 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::OwnedFd> {
         .with_context(|| format!("duplicate the fd of {}", hook.program))
 }
 
+/// Whether the pins in `dir` were made by a release before the CIDR key carried the family: maps there, but
+/// no `CONFIG_IDS` (which came with that key). Asked before a load, which pins `CONFIG_IDS`; only then are
+/// the CIDR entries walked (a node's can be 65,536).
+fn from_older_release(dir: &Path) -> bool {
+    dir.join(maps::names::CIDRS).exists() && !dir.join(maps::names::CONFIG_IDS).exists()
+}
+
 /// Loads the programs and attaches them: new links the first time, or the pinned links switched to the new
 /// programs, atomically each, so a newer `capture` or another log level takes over with no moment
 /// unattached.
-fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>) -> Result<()> {
+fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>, upgrade: bool) -> Result<()> {
     let attached = links_pinned(dir);
     // Entries an older release wrote, in the key layout the new programs read, before they are attached.
     let mut maps = Maps::open(dir)?;
-    let outdated = maps
-        .upgrade_cidr_keys()
-        .context("upgrade the CIDR entries of an older release")?;
+    let outdated = match upgrade {
+        true => maps
+            .upgrade_cidr_keys()
+            .context("upgrade the CIDR entries of an older release")?,
+        false => Vec::new(),
+    };
     let cgroup = match cgroup {
         Some(c) => c.to_owned(),
         None => cgroup::cgroup2_root()?,
