@@ -265,8 +265,10 @@ async fn follow_kubernetes(source: kube::KubeSource, agent: Arc<Agent>) -> Resul
         let ok = tokio::task::spawn_blocking(move || agent.apply(event, Source::Kubernetes).is_ok())
             .await
             .unwrap_or(false);
-        if let (false, Some(spec)) = (ok, upsert) {
-            retries.failed(spec, Instant::now());
+        match (ok, upsert) {
+            (false, Some(spec)) => retries.failed(spec, Instant::now()),
+            (true, Some(spec)) => retries.succeeded(&spec.id),
+            _ => {}
         }
     }
     watch.await.context("the Kubernetes watch")?
@@ -339,6 +341,11 @@ impl Retries {
         self.0.values().map(|r| r.due).min()
     }
 
+    /// Pod `id` registered: nothing more to try, and its backoff starts over.
+    fn succeeded(&mut self, id: &str) {
+        self.0.remove(id);
+    }
+
     /// A pod whose retry is due at `now`, taken off the list (it comes back if it fails again).
     fn take_due(&mut self, now: Instant) -> Option<PodSpec> {
         let id = self.0.iter().find(|(_, r)| r.due <= now).map(|(id, _)| id.clone())?;
@@ -379,6 +386,9 @@ mod tests {
         }
         assert_eq!(r.earliest(), Some(t1 + Retries::LONGEST), "capped");
         r.failed(spec("b"), t1);
+        r.succeeded("b");
+        r.failed(spec("b"), t1);
+        assert!(r.0["b"].failures == 1, "a success starts the backoff over");
         r.superseded_by(&SourceEvent::Remove("a".into()));
         r.superseded_by(&SourceEvent::Synced(vec!["c".into()]));
         assert_eq!(r.earliest(), None, "removed, and not listed any more");
