@@ -454,11 +454,29 @@ fn a_second_agent_on_the_same_state_refuses() {
     let cgroup = Cgroup::new("agent-twice");
     let pins = BpfPins::new("agent-twice");
     let agent = Agent::start("twice", &pins, &cgroup);
-    let mut second = Command::new(capture_bin());
-    second.args(&agent.args).stdin(Stdio::null());
-    let out = second.output().expect("run a second agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the second agent ran: {stderr}");
+    let mut second = Command::new(capture_bin())
+        .args(&agent.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run a second agent");
+    // It must give up at once; one still running after the wait is an agent that did not refuse.
+    let deadline = Instant::now() + tests::patient(READY_TIMEOUT);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait for the second agent") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second agent is running beside the first");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    second.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!status.success(), "the second agent ran: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("--state-dir") && stderr.contains("another capture agent is running"),
