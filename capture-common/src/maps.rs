@@ -11,10 +11,13 @@ pub mod names {
     pub const SETS: &str = "SETS";
     /// CIDR sets.
     pub const CIDRS: &str = "CIDRS";
-    /// Original destination by the redirected socket's cookie.
-    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
-    /// Original destination by the redirected connection's client address.
+    /// Original destination kept with each socket.
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// Original destination of a connection in its handshake, by the connection as the proxy sees it.
     pub const ORIG_BY_ADDR: &str = "ORIG_BY_ADDR";
+    /// Maps of older releases that no program uses any more; their pins are removed once the current
+    /// programs are attached.
+    pub const RETIRED: &[&str] = &["ORIG_BY_COOKIE", "DNS_ORIG"];
     /// Per-namespace counters.
     pub const NETNS_COUNTERS: &str = "NETNS_COUNTERS";
     /// The last configuration id handed out.
@@ -248,7 +251,7 @@ impl CidrKeyData {
     }
 }
 
-/// Where a captured connection was going. Value of `ORIG_BY_COOKIE` and `ORIG_BY_ADDR`.
+/// Where a captured connection was going. Value of `ORIG_DST` (per socket) and `ORIG_BY_ADDR`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigDst {
@@ -264,7 +267,8 @@ pub struct OrigDst {
     pub v6_socket: u32,
 }
 
-/// Key of `ORIG_BY_ADDR`: the redirected connection as the proxy sees it from its accepted socket.
+/// Key of `ORIG_BY_ADDR`: a redirected connection in its handshake, as the proxy will see it from its
+/// accepted socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnKey {

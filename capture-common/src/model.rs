@@ -329,6 +329,27 @@ pub fn accelerate<L: Lookups>(cfg: &PodConfig, peer: &Addr, quiet: bool, lookups
     has(cfg, flag::LOOPBACK_ACCEL) && quiet && is_local(peer, addr::is_v4(peer), lookups)
 }
 
+/// What `SO_ORIGINAL_DST` answers on a TCP socket of a registered namespace that has no original
+/// destination kept with it, at local address `local` and port `local_port`: that address. It is where the
+/// peer connected to, which is conntrack's answer for a connection that was not rewritten and the original
+/// destination of an inbound connection sk_lookup handed to the proxy (no rewrite, so nothing was kept).
+/// Except on the outbound capture port (`-p`) at a loopback address, where every redirected connection
+/// lands: a socket there without a kept destination lost it, and 127.0.0.1:15001 would send the proxy to
+/// itself. It gets no answer, and the proxy closes the connection (fails closed).
+#[inline(always)]
+pub fn unkept_original_dst(cfg: &PodConfig, local: &Addr, local_port: u16) -> Option<(Addr, u16)> {
+    let loopback = if addr::is_v4(local) {
+        addr::in_prefix(local, &LOOPBACK_NET_V4, LOOPBACK_NET_V4_BITS)
+    } else {
+        *local == LOOPBACK_V6
+    };
+    if loopback && local_port == cfg.proxy_port {
+        None
+    } else {
+        Some((*local, local_port))
+    }
+}
+
 /// istio's inbound decision (`ISTIO_INBOUND` in REDIRECT mode, REFERENCE §3.5) for a new TCP connection.
 #[inline(always)]
 pub fn inbound<L: Lookups>(cfg: &PodConfig, conn: &InConn, lookups: &L) -> Verdict {

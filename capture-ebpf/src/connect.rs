@@ -6,7 +6,8 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    bindings::bpf_sock,
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
@@ -20,7 +21,7 @@ use capture_common::{
 use crate::{
     fields::words,
     lookups::MapLookups,
-    maps::{CONFIG, DNS_ORIG, ORIG_BY_COOKIE, bump},
+    maps::{CONFIG, ORIG_DST, bump},
 };
 
 /// Lets the connect proceed (a cgroup sock_addr program that returns 0 fails it with EPERM).
@@ -37,7 +38,7 @@ const LOCALHOST_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 /// The decision for the connect in `ctx` to `dst` from the socket bound to `src`: `None` when the
 /// namespace is not registered or the protocol is neither TCP nor UDP (never touched).
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, Proto, u16)> {
+fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, u16)> {
     // SAFETY: the context pointer is the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read only for the duration of this call.
@@ -71,7 +72,7 @@ fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, 
         },
     };
     log_decision(ctx, &record);
-    Some((netns, verdict, proto, dport))
+    Some((netns, verdict, dport))
 }
 
 /// What [`log_decision`] logs.
@@ -95,12 +96,19 @@ fn log_decision(ctx: &SockAddrContext, d: &Decision) {
     );
 }
 
-/// Records where a redirected connection was going: TCP for sockops to pick up once it has a port, UDP
-/// (DNS) for recvmsg to restore the reply's source.
+/// The socket the program runs for.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, netns: u64, proto: Proto, dst: Addr, dport: u16, proxy_port: u16, v6: bool) {
-    // SAFETY: the context pointer is the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+fn socket(ctx: &SockAddrContext) -> *mut bpf_sock {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
+}
+
+/// Keeps where a redirected connection was going with its socket: a TCP socket for sockops to hand to the
+/// proxy's socket, a UDP socket (DNS) for recvmsg to restore the replies' source. If the kernel cannot
+/// allocate it the connection is still redirected: the proxy then finds no original destination and closes
+/// it, which fails closed.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, netns: u64, dst: Addr, dport: u16, proxy_port: u16, v6: bool) {
     let orig = OrigDst {
         netns,
         addr: dst,
@@ -108,11 +116,9 @@ fn remember(ctx: &SockAddrContext, netns: u64, proto: Proto, dst: Addr, dport: u
         proxy_port,
         v6_socket: u32::from(v6),
     };
-    // A full map evicts its oldest entry (LRU): the insert itself does not fail for lack of room.
-    let _ = match proto {
-        Proto::Tcp => ORIG_BY_COOKIE.insert(cookie, orig, 0),
-        Proto::Udp => DNS_ORIG.insert(cookie, orig, 0),
-    };
+    if !ORIG_DST.set(socket(ctx), orig) {
+        bump(netns, Counter::OrigDstMisses);
+    }
 }
 
 /// The DNS proxy's address as a redirected socket sees it reply: 127.0.0.1, ::1 or ::ffff:127.0.0.1.
@@ -125,10 +131,7 @@ fn is_dns_proxy(src: &Addr, port: u16) -> bool {
 /// the server the application asked.
 #[inline(always)]
 pub fn recvmsg4(ctx: &SockAddrContext) {
-    // SAFETY: the context pointer is the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = ORIG_DST.get(socket(ctx)) else {
         return;
     };
     // SAFETY: the kernel's context; user_ip4 and user_port are readable and writable in recvmsg4.
@@ -145,10 +148,7 @@ pub fn recvmsg4(ctx: &SockAddrContext) {
 /// recvmsg6: as [`recvmsg4`], for IPv6 sockets (IPv4-mapped servers included).
 #[inline(always)]
 pub fn recvmsg6(ctx: &SockAddrContext) {
-    // SAFETY: the context pointer is the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = ORIG_DST.get(socket(ctx)) else {
         return;
     };
     // SAFETY: the kernel's context; user_ip6 (word by word) and user_port are writable in recvmsg6.
@@ -180,12 +180,12 @@ pub fn connect4(ctx: &SockAddrContext) {
     } else {
         addr::from_v4_word(src)
     };
-    let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
+    let Some((netns, verdict, dport)) = decide(ctx, dst, src) else {
         return;
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
-            remember(ctx, netns, proto, dst, dport, port, false);
+            remember(ctx, netns, dst, dport, port, false);
             // SAFETY: user_ip4 and user_port are writable in connect4.
             unsafe {
                 (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(LOCALHOST_V4);
@@ -212,12 +212,12 @@ pub fn connect6(ctx: &SockAddrContext) {
             addr::from_words(words(&(*sk).src_ip6)),
         )
     };
-    let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
+    let Some((netns, verdict, dport)) = decide(ctx, dst, src) else {
         return;
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
-            remember(ctx, netns, proto, dst, dport, port, true);
+            remember(ctx, netns, dst, dport, port, true);
             let target = if addr::is_v4(&dst) {
                 addr::from_v4(LOCALHOST_V4)
             } else {

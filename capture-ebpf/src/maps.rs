@@ -1,8 +1,12 @@
 //! Every map the kernel programs use: key, value, size, and who writes it. All are pinned by name under
 //! the loader's bpffs directory, so they outlive the loader and a later `capture` run finds them again.
 
+use core::{ffi::c_void, ptr};
+
 use aya_ebpf::{
-    macros::map,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock},
+    helpers::generated::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
 };
 use capture_common::{
@@ -13,9 +17,9 @@ use capture_common::{
     },
 };
 
-/// Connections between connect() and their proxy's accept, over all namespaces; LRU as a backstop for
-/// connections that are never accepted.
-const MAX_PENDING_CONNECTIONS: u32 = 65536;
+/// Connections in their handshake (between the application's SYN and the proxy's side established), over
+/// all namespaces; LRU as a backstop for handshakes whose end no program sees.
+const MAX_HANDSHAKES: u32 = 65536;
 
 /// Established sockets under loopback acceleration, over all namespaces (both ends of each pair).
 const MAX_PEERS: u32 = 65536;
@@ -47,25 +51,24 @@ pub static SETS: HashMap<SetKey, u8> = HashMap::pinned(MAX_SET_ENTRIES, 0);
 #[map]
 pub static CIDRS: LpmTrie<CidrKeyData, u8> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0);
 
-/// Original destinations of redirected TCP connections, from connect() until the socket has a local port.
-/// - key: socket cookie (`u64`); value: [`OrigDst`]
-/// - written by: connect4/connect6; moved to [`ORIG_BY_ADDR`] and deleted by sockops (TCP_CONNECT_CB).
-#[map]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+/// Where each captured connection was going, kept with the socket for as long as the socket lives: on the
+/// application's redirected TCP socket (from connect), on the proxy's accepted socket (from the end of the
+/// handshake, for `SO_ORIGINAL_DST`), and on a UDP socket whose DNS queries are redirected (for its replies).
+/// No size and nothing to delete: the kernel frees a socket's value with the socket.
+/// - key: the socket; value: [`OrigDst`]
+/// - written by: connect4/6 and sendmsg4/6 (the application's socket), sockops (PASSIVE_ESTABLISHED_CB, the
+///   proxy's socket); read by: sockops (TCP_CONNECT_CB, STATE_CB), getsockopt, recvmsg4/6.
+#[btf_map]
+pub static ORIG_DST: SocketStorage<OrigDst> = SocketStorage::new();
 
-/// Original destinations by the connection as the proxy sees it.
-/// - key: [`ConnKey`] (netns, client address and port, the proxy socket's local port); value: [`OrigDst`]
-/// - written by: sockops (TCP_CONNECT_CB of the application's socket), sk_lookup (inbound); read by: getsockopt
-///   (`SO_ORIGINAL_DST`); deleted by: sockops when the proxy's accepted socket closes.
+/// Original destinations of connections in their handshake, by the connection as the proxy will see it:
+/// the only moment neither socket can carry it (the proxy's socket does not exist yet).
+/// - key: [`ConnKey`] (netns, client address and port, the proxy's listening port); value: [`OrigDst`]
+/// - written by: sockops (TCP_CONNECT_CB of the application's socket); moved onto the proxy's socket and
+///   deleted by sockops (PASSIVE_ESTABLISHED_CB), or deleted when the application's handshake fails
+///   (STATE_CB from SYN_SENT). Entries of a namespace are deleted when it is unregistered.
 #[map]
-pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
-
-/// Where a UDP socket's captured DNS queries were going, so replies appear to come from there.
-/// - key: socket cookie (`u64`); value: [`OrigDst`] (the server the application asked)
-/// - written by: connect4/6 and sendmsg4/6 when they send DNS to the DNS proxy; read by: recvmsg4/6.
-///   LRU: a UDP socket has no close callback here, so the oldest entries make room.
-#[map]
-pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_HANDSHAKES, 0);
 
 /// Per-namespace counters, per CPU.
 /// - key: network-namespace cookie; value: [`NetnsCounters`]
@@ -115,5 +118,72 @@ pub fn bump(netns: u64, counter: Counter) {
     if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(netns) {
         // SAFETY: a live per-CPU value of this CPU; the index is a `Counter`, always in range.
         unsafe { (*counters).0[counter.index()] += 1 };
+    }
+}
+
+/// libbpf's `LIBBPF_PIN_BY_NAME`: the loader pins the map under its directory by the map's name.
+const PIN_BY_NAME: usize = 1;
+
+/// A socket-storage map (`BPF_MAP_TYPE_SK_STORAGE`): one `T` per socket, freed with the socket. Declared
+/// in BTF (the kernel requires it for this map type) with pinning by name, like every other map here;
+/// aya-ebpf's own `SkStorage` has no pinning and only takes a sock_addr context. The fields are the BTF
+/// map definition the loader reads (each a pointer to an array whose length is the value); never read.
+#[repr(C)]
+pub struct SocketStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+// SAFETY: a placeholder the loader replaces with the map; nothing reads or writes its fields.
+unsafe impl<T> Sync for SocketStorage<T> {}
+
+impl<T> SocketStorage<T> {
+    /// The definition the loader reads.
+    pub const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+            pinning: ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn storage(&self, sk: *mut bpf_sock, init: *mut T, flags: u64) -> Option<*mut T> {
+        let map = ptr::from_ref(self).cast_mut().cast::<c_void>();
+        // SAFETY: `sk` is a socket pointer the verifier knows as such (it rejects anything else).
+        let value = unsafe { bpf_sk_storage_get(map, sk.cast(), init.cast(), flags) }.cast::<T>();
+        (!value.is_null()).then_some(value)
+    }
+
+    /// The value kept with `sk`, if it has one.
+    #[inline(always)]
+    pub fn get(&self, sk: *mut bpf_sock) -> Option<T>
+    where
+        T: Copy,
+    {
+        // SAFETY: the kernel's value for this socket, valid for the program's run; copied out.
+        self.storage(sk, ptr::null_mut(), 0).map(|v| unsafe { *v })
+    }
+
+    /// Keeps `value` with `sk`, replacing what it had. Fails only when the kernel cannot allocate (the
+    /// socket's option memory, `net.core.optmem_max`, or memory itself).
+    #[inline(always)]
+    pub fn set(&self, sk: *mut bpf_sock, mut value: T) -> bool {
+        match self.storage(sk, &mut value, u64::from(BPF_SK_STORAGE_GET_F_CREATE)) {
+            Some(slot) => {
+                // SAFETY: the socket's own value, writable for the program's run. A value created just now
+                // already holds `value`; one that existed is overwritten.
+                unsafe { slot.write(value) };
+                true
+            }
+            None => false,
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! sk_lookup: istio's inbound capture without rewriting a packet. A new TCP connection that
 //! `ISTIO_INBOUND` would redirect is handed to the proxy's listening socket (`-z`, or `-p` for `-k`
 //! interfaces); the accepted socket keeps the original destination as its local address, and the
-//! getsockopt program answers `SO_ORIGINAL_DST` with it. If the proxy is not listening the connection is
+//! getsockopt program answers `SO_ORIGINAL_DST` with it: nothing is stored per connection. If the proxy is not listening the connection is
 //! dropped (fail closed): it must never reach the application uncaptured.
 //!
 //! sk_lookup cannot read the cookie of the namespace it is attached to, so each registered namespace gets
@@ -13,14 +13,14 @@ use aya_ebpf::{Global, bindings::sk_action, programs::SkLookupContext};
 use capture_common::{
     addr::{self, Addr},
     counters::Counter,
-    maps::{ListenerKey, OrigDst},
+    maps::ListenerKey,
     model::{self, InConn, Verdict},
 };
 
 use crate::{
     fields::words,
     lookups::MapLookups,
-    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, SLOT_NETNS, bump},
+    maps::{CONFIG, LISTENERS, SLOT_NETNS, bump},
 };
 
 /// The slot this copy serves (an index into [`SLOT_NETNS`]); set by the loader at load time.
@@ -84,20 +84,5 @@ pub fn lookup(ctx: &SkLookupContext) -> u32 {
         return sk_action::SK_DROP;
     }
     bump(netns, Counter::Inbound);
-    let key = capture_common::maps::ConnKey {
-        netns,
-        client: remote,
-        client_port: u16::from_be(l.remote_port),
-        proxy_port: local_port,
-        _pad: 0,
-    };
-    let orig = OrigDst {
-        netns,
-        addr: local,
-        port: local_port,
-        proxy_port: port,
-        v6_socket: u32::from(family == AF_INET6),
-    };
-    let _ = ORIG_BY_ADDR.insert(&key, &orig, 0);
     sk_action::SK_PASS
 }

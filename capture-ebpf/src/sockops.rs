@@ -1,35 +1,41 @@
-//! sockops: joins the application's redirected socket to the proxy's accepted one, so getsockopt can
-//! answer `SO_ORIGINAL_DST`, and forgets the connection when the proxy's socket closes.
+//! sockops: hands the original destination from the application's redirected socket to the proxy's
+//! accepted one, so getsockopt can answer `SO_ORIGINAL_DST` for as long as the proxy's socket lives.
 //!
-//! - TCP_CONNECT_CB (application side, just before the SYN; the local port is known): move the original
-//!   destination from `ORIG_BY_COOKIE` to `ORIG_BY_ADDR`, keyed by what the proxy will see as its peer.
-//! - PASSIVE_ESTABLISHED_CB (proxy side): if the connection is one of ours, ask for state callbacks.
-//! - STATE_CB to TCP_CLOSE (proxy side): delete the entry.
+//! - TCP_CONNECT_CB (application side, just before the SYN; the local port is known): the socket's
+//!   original destination (`ORIG_DST`) is written to `ORIG_BY_ADDR`, keyed by what the proxy will see as
+//!   its peer, and the socket asks for state callbacks.
+//! - PASSIVE_ESTABLISHED_CB (proxy side, when the handshake completes, before accept): the entry moves onto
+//!   the proxy's new socket (`ORIG_DST`) and is deleted.
+//! - STATE_CB leaving SYN_SENT (application side): a handshake that failed deletes its entry; either way the
+//!   socket stops asking for state callbacks.
 //! - ACTIVE/PASSIVE_ESTABLISHED_CB: loopback acceleration picks the socket up (see [`crate::accel`]).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::bpf_get_netns_cookie,
     programs::SockOpsContext,
 };
 use capture_common::{
     addr::{self, Addr},
-    maps::{ConnKey, ListenerKey},
+    counters::Counter,
+    maps::{ConnKey, ListenerKey, OrigDst},
 };
 
 use crate::{
     accel,
     fields::words,
-    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, ORIG_BY_COOKIE},
+    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, ORIG_DST, bump},
 };
 
 const AF_INET: u32 = 2;
-/// `TCP_CLOSE` in the kernel's TCP state numbering.
-const TCP_CLOSE: u32 = 7;
+/// `TCP_ESTABLISHED` in the kernel's TCP state numbering.
+const TCP_ESTABLISHED: u32 = 1;
+/// `TCP_SYN_SENT` in the kernel's TCP state numbering.
+const TCP_SYN_SENT: u32 = 2;
 
 // local_addr and remote_addr look alike on purpose: a shared helper taking the two field references
 // compiles to a pointer chosen at run time, which the verifier rejects for context loads.
@@ -94,38 +100,92 @@ fn remember_listener(ctx: &SockOpsContext) {
     let _ = LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
 }
 
+/// The socket of the callback: always a full socket in the callbacks handled here, but the verifier only
+/// knows it after the null check.
+#[inline(always)]
+fn socket(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
+    // SAFETY: the kernel's context, readable for the program's lifetime; one load at the field's offset.
+    let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    (!sk.is_null()).then_some(sk)
+}
+
+/// The handshake key of the application's socket whose original destination is `orig`: the connection as
+/// the proxy will see it.
+#[inline(always)]
+fn app_side_key(ctx: &SockOpsContext, orig: &OrigDst) -> ConnKey {
+    ConnKey {
+        netns: orig.netns,
+        client: local_addr(ctx),
+        client_port: ctx.local_port() as u16,
+        proxy_port: orig.proxy_port,
+        _pad: 0,
+    }
+}
+
+/// Sets or clears the state-callback flag of the callback's socket.
+#[inline(always)]
+fn state_callbacks(ctx: &SockOpsContext, on: bool) {
+    let flags = match on {
+        true => ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG,
+        false => ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG,
+    };
+    let _ = ctx.set_cb_flags(flags as i32);
+}
+
+/// TCP_CONNECT_CB of a redirected application socket: its original destination is put where the proxy's
+/// socket will find it at the end of the handshake.
+#[inline(always)]
+fn handshake_starts(ctx: &SockOpsContext) {
+    let Some(orig) = socket(ctx).and_then(|sk| ORIG_DST.get(sk)) else {
+        return;
+    };
+    // A full map evicts its least recently used entry (LRU): the insert itself does not fail for lack of room.
+    let _ = ORIG_BY_ADDR.insert(&app_side_key(ctx, &orig), &orig, 0);
+    state_callbacks(ctx, true);
+}
+
+/// PASSIVE_ESTABLISHED_CB: if the new socket is the proxy's end of a redirected connection, the original
+/// destination moves onto it.
+#[inline(always)]
+fn handshake_ends(ctx: &SockOpsContext) {
+    let key = proxy_side_key(ctx);
+    // SAFETY: copied out before the entry is removed.
+    let Some(orig) = (unsafe { ORIG_BY_ADDR.get(&key) }).copied() else {
+        return;
+    };
+    if !socket(ctx).is_some_and(|sk| ORIG_DST.set(sk, orig)) {
+        bump(orig.netns, Counter::OrigDstMisses);
+    }
+    let _ = ORIG_BY_ADDR.remove(&key);
+}
+
+/// STATE_CB of a redirected application socket, asked for at TCP_CONNECT_CB: leaving SYN_SENT other than
+/// to ESTABLISHED, the handshake failed (refused, timed out, closed) and its entry goes. Only this one
+/// change matters, so the callbacks stop here.
+#[inline(always)]
+fn state_changes(ctx: &SockOpsContext) {
+    if ctx.arg(0) != TCP_SYN_SENT {
+        return;
+    }
+    if ctx.arg(1) != TCP_ESTABLISHED {
+        if let Some(orig) = socket(ctx).and_then(|sk| ORIG_DST.get(sk)) {
+            let _ = ORIG_BY_ADDR.remove(&app_side_key(ctx, &orig));
+        }
+    }
+    state_callbacks(ctx, false);
+}
+
 /// Handles one sockops callback.
 #[inline(always)]
 pub fn handle(ctx: &SockOpsContext) {
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            // SAFETY: the context pointer is the program's own context.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            // SAFETY: the value is copied out before the entry is removed.
-            let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
-                return;
-            };
-            let key = ConnKey {
-                netns: orig.netns,
-                client: local_addr(ctx),
-                client_port: ctx.local_port() as u16,
-                proxy_port: orig.proxy_port,
-                _pad: 0,
-            };
-            let _ = ORIG_BY_ADDR.insert(&key, &orig, 0);
-            let _ = ORIG_BY_COOKIE.remove(&cookie);
-        }
+        BPF_SOCK_OPS_TCP_CONNECT_CB => handshake_starts(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => accel::join(ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let key = proxy_side_key(ctx);
-            if ORIG_BY_ADDR.get_ptr(&key).is_some() {
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            }
+            handshake_ends(ctx);
             accel::join(ctx);
         }
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            let _ = ORIG_BY_ADDR.remove(&proxy_side_key(ctx));
-        }
+        BPF_SOCK_OPS_STATE_CB => state_changes(ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => remember_listener(ctx),
         _ => {}
     }

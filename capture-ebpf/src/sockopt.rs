@@ -1,18 +1,25 @@
-//! cgroup getsockopt: answers `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) on the
-//! proxy's accepted socket from `ORIG_BY_ADDR`, as conntrack does under iptables. Every other option, and
-//! these for connections we did not redirect, keep the kernel's own answer untouched.
+//! cgroup getsockopt: answers `SO_ORIGINAL_DST` (SOL_IP) and `IP6T_SO_ORIGINAL_DST` (SOL_IPV6) on a TCP
+//! socket of a registered namespace, as conntrack does under iptables:
+//!
+//! - with the original destination kept with the socket (`ORIG_DST`): the proxy's end of a redirected
+//!   outbound connection (and the application's own redirected socket);
+//! - otherwise as [`model::unkept_original_dst`] says: the socket's own local address (an inbound connection
+//!   sk_lookup handed to the proxy, or one not rewritten at all), but nothing on the outbound capture port at
+//!   loopback.
+//!
+//! Every other option, and these on sockets of other namespaces or of other protocols, keep the kernel's
+//! own answer untouched.
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, programs::SockoptContext};
 use capture_common::{
     addr::{self, Addr},
     counters::Counter,
-    maps::{ConnKey, OrigDst},
-    model::SO_ORIGINAL_DST,
+    model::{self, SO_ORIGINAL_DST},
 };
 
 use crate::{
     fields::words,
-    maps::{ORIG_BY_ADDR, bump},
+    maps::{CONFIG, ORIG_DST, bump},
 };
 
 /// Lets the getsockopt complete with whatever answer it has (0 would fail it with EPERM).
@@ -22,6 +29,7 @@ const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u32 = 6;
 
 /// `struct sockaddr_in`.
 #[repr(C)]
@@ -73,39 +81,38 @@ pub fn getsockopt(ctx: &SockoptContext) {
         return;
     }
     // SAFETY: the socket the option is asked on, valid for the program's lifetime.
-    let (client, client_port, proxy_port) = unsafe {
+    let (protocol, local, local_port) = unsafe {
         let sk = &*sk;
-        let client = if sk.family == u32::from(AF_INET) {
-            addr::from_v4_word(sk.dst_ip4)
+        let local = if sk.family == u32::from(AF_INET) {
+            addr::from_v4_word(sk.src_ip4)
         } else {
-            addr::from_words(words(&sk.dst_ip6))
+            addr::from_words(words(&sk.src_ip6))
         };
-        (client, u16::from_be(sk.dst_port), sk.src_port as u16)
+        (sk.protocol, local, sk.src_port as u16)
     };
+    if protocol != IPPROTO_TCP {
+        return;
+    }
     // SAFETY: the context pointer is the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = ConnKey {
-        netns,
-        client,
-        client_port,
-        proxy_port,
-        _pad: 0,
+    // SAFETY: read only for the duration of this call.
+    let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
+        return;
     };
-    // SAFETY: copied out at once.
-    let Some(orig): Option<OrigDst> = (unsafe { ORIG_BY_ADDR.get(&key) }).copied() else {
+    let kept = ORIG_DST.get(sk).map(|orig| (orig.addr, orig.port));
+    let Some((addr, port)) = kept.or_else(|| model::unkept_original_dst(cfg, &local, local_port)) else {
         bump(netns, Counter::OrigDstMisses);
         return;
     };
-    let port = orig.port.to_be();
     let answered = if level == SOL_IP {
         // IPv4 only, like conntrack: an IPv6 connection has no IPv4 original destination.
-        addr::is_v4(&orig.addr)
+        addr::is_v4(&addr)
             && answer(
                 ctx,
                 SockaddrIn {
                     family: AF_INET,
-                    port,
-                    addr: addr::v4_octets(&orig.addr),
+                    port: port.to_be(),
+                    addr: addr::v4_octets(&addr),
                     zero: [0; 8],
                 },
             )
@@ -114,9 +121,9 @@ pub fn getsockopt(ctx: &SockoptContext) {
             ctx,
             SockaddrIn6 {
                 family: AF_INET6,
-                port,
+                port: port.to_be(),
                 flowinfo: 0,
-                addr: orig.addr,
+                addr,
                 scope_id: 0,
             },
         )

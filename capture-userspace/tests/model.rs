@@ -10,7 +10,7 @@ use capture::{
 };
 use capture_common::{
     addr::{self, Addr},
-    model::{Conn, Proto, Rule, Verdict, accelerate, outbound},
+    model::{Conn, Proto, Rule, Verdict, accelerate, outbound, unkept_original_dst},
 };
 
 const POD_IP: &str = "10.1.1.5";
@@ -387,6 +387,38 @@ fn loopback_acceleration_takes_quiet_local_pairs_only() {
     assert!(!accel(&on, "2001:db8::9", true));
     // Off unless asked for.
     assert!(!accel(&pod(INJECTOR), "127.0.0.1", true));
+}
+
+#[test]
+fn a_socket_without_a_kept_original_destination_reports_its_local_address_but_not_at_the_proxys_own_port() {
+    let p = pod(INJECTOR);
+    let answer = |local: &str, port: u16| unkept_original_dst(&p.entries.config, &ip(local), port);
+    // Inbound, handed over by sk_lookup: the local address is the original destination, whatever the port
+    // (a remote client may well connect to the pod's 15001).
+    for (local, port) in [
+        (POD_IP, 8080),
+        (POD_IP6, 8080),
+        (POD_IP, 15001),
+        ("::ffff:10.1.1.5", 15001),
+    ] {
+        assert_eq!(answer(local, port), Some((ip(local), port)), "{local} port {port}");
+    }
+    // Loopback but another port: a connection not rewritten, answered like conntrack.
+    assert_eq!(answer("127.0.0.1", 8080), Some((ip("127.0.0.1"), 8080)));
+    // The outbound capture port at loopback: a redirected connection whose destination was lost.
+    for local in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+        assert_eq!(answer(local, 15001), None, "{local}");
+    }
+    // Another -p moves that port.
+    let other = pod("-p 16001 -z 15006 -u 1337 -m REDIRECT -i *");
+    assert_eq!(
+        unkept_original_dst(&other.entries.config, &ip("127.0.0.1"), 15001),
+        Some((ip("127.0.0.1"), 15001))
+    );
+    assert_eq!(
+        unkept_original_dst(&other.entries.config, &ip("127.0.0.1"), 16001),
+        None
+    );
 }
 
 /// istio-iptables splits `-i` and `-x` by family: an IPv4 destination (an IPv4-mapped one on an IPv6 socket

@@ -23,6 +23,7 @@ use std::{
 
 pub mod diff;
 pub mod echo;
+pub mod hold;
 pub mod runnable;
 pub mod sidecar;
 

@@ -600,7 +600,8 @@ fn the_agent_refuses_its_own_namespace() {
 /// Pins left by a release before the family was part of the CIDR key hold entries in the old layout,
 /// which the new programs never match: a pod would lose its `-x` exclusions and its local addresses until
 /// registered again. The next load (here the agent's start) rewrites them in the new layout before it
-/// switches the programs, and removes the old ones after.
+/// switches the programs, and removes the old ones after; and it unpins the maps the new programs no longer
+/// use.
 #[test]
 fn cidr_entries_of_an_older_release_are_upgraded_when_the_programs_are_switched() {
     let cgroup = Cgroup::new("agent-upgrade");
@@ -638,6 +639,13 @@ fn cidr_entries_of_an_older_release_are_upgraded_when_the_programs_are_switched(
     );
     // Nor did an older release pin the id counter: that is how a load knows it upgrades.
     std::fs::remove_file(pins.path().join(names::CONFIG_IDS)).unwrap();
+    // It pinned maps the programs no longer use (stand-ins here: another map pinned under their names).
+    for name in names::RETIRED {
+        MapData::from_pin(pins.path().join(names::ORIG_BY_ADDR))
+            .unwrap()
+            .pin(pins.path().join(name))
+            .unwrap();
+    }
 
     let agent = Agent::start("upgrade", &pins, &cgroup);
     assert!(
@@ -645,6 +653,9 @@ fn cidr_entries_of_an_older_release_are_upgraded_when_the_programs_are_switched(
         "old keys left: {}",
         agent.log()
     );
+    for name in names::RETIRED {
+        assert!(!pins.path().join(name).exists(), "{name} still pinned");
+    }
     assert_eq!(
         lands(&pod, &cgroup, &sidecar, &remote),
         "remote",

@@ -103,8 +103,14 @@ pub const FEATURES: &[Feature] = &[
     feature(
         "lru_hash_map",
         "4.10",
-        "original destinations",
+        "original destinations during the handshake",
         Probe::Map(MapType::LruHash),
+    ),
+    feature(
+        "sk_storage_map",
+        "5.2",
+        "original destinations kept with each socket",
+        Probe::Map(MapType::SkStorage),
     ),
     feature("lpm_trie_map", "4.11", "CIDR sets", Probe::Map(MapType::LpmTrie)),
     feature(
@@ -138,16 +144,22 @@ pub const FEATURES: &[Feature] = &[
         Probe::Helper(ProgramType::CgroupSockopt, BpfHelper::BPF_FUNC_get_netns_cookie),
     ),
     feature(
-        "socket_cookie_sock_addr",
-        "4.19",
-        "remembering a redirected socket's destination",
-        Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_socket_cookie),
+        "sk_storage_sock_addr",
+        "5.3",
+        "keeping a redirected socket's original destination with it",
+        Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_get),
     ),
     feature(
-        "socket_cookie_sockops",
-        "4.19",
-        "finding a redirected socket's destination",
-        Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie),
+        "sk_storage_sockops",
+        "5.10",
+        "handing the original destination to the proxy's socket",
+        Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_storage_get),
+    ),
+    feature(
+        "sk_storage_sockopt",
+        "5.3",
+        "reading the proxy's socket's original destination",
+        Probe::Helper(ProgramType::CgroupSockopt, BpfHelper::BPF_FUNC_sk_storage_get),
     ),
     feature(
         "sock_hash_update",
@@ -170,7 +182,7 @@ pub const FEATURES: &[Feature] = &[
     feature(
         "sock_ops_cb_flags_set",
         "4.16",
-        "seeing the proxy's connections close",
+        "seeing a redirected connection's handshake fail",
         Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sock_ops_cb_flags_set),
     ),
     feature(

@@ -481,7 +481,20 @@ fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>, upgrade: boo
     sys::map_attach(prog.as_fd(), peers.as_fd(), SK_MSG.attach)
         .with_context(|| format!("attach {} to {} ({})", SK_MSG.program, SK_MSG.link, SK_MSG.needs))?;
     maps.remove_cidr_keys(outdated)
-        .context("remove the CIDR entries of an older release")
+        .context("remove the CIDR entries of an older release")?;
+    remove_retired_pins(dir)
+}
+
+/// Unpins the maps of an older release that the programs just attached no longer use (the programs they
+/// replaced held the last references).
+fn remove_retired_pins(dir: &Path) -> Result<()> {
+    for name in maps::names::RETIRED {
+        let pin = dir.join(name);
+        if pin.exists() {
+            std::fs::remove_file(&pin).with_context(|| format!("unpin {}", pin.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Registers the current namespace (cookie `netns`) in `maps`: its entries, the proxy's listeners that

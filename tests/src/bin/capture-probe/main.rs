@@ -7,6 +7,7 @@
 //! ```text
 //! capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] [--sendto] [--first <addr:port>] [--reuseport <port>] [--timeout-ms N] [--count N]
 //! capture-probe listen <addr:port>... [--udp <addr:port>]...
+//! capture-probe hold <sidecar addr:port> <first destination addr:port>
 //! ```
 //!
 //! `connect` prints `ok <local addr:port>` and exits 0, or prints `err <text>` and exits 1. Over TCP it
@@ -19,6 +20,10 @@
 //! `accepted <listener port> <peer> <original dst or ->` for each TCP connection (which then gets one byte
 //! and is closed) and `udp <listener port> <peer>` for each datagram (echoed back). It exits when its stdin
 //! reaches EOF, or after ten minutes at the latest.
+//!
+//! `hold` is app and sidecar at once, for many connections held open: see [`hold`].
+
+mod hold;
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -32,7 +37,7 @@ use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrLike as _, SockaddrStorage};
 
 const USAGE: &str = "usage: capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] \
-                     [--sendto] [--first <addr:port>] [--reuseport <port>] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]... [--transparent]";
+                     [--sendto] [--first <addr:port>] [--reuseport <port>] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]... [--transparent]\n       capture-probe hold <sidecar addr:port> <first destination addr:port>";
 /// `connect`'s default for each step (connect, then read).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `listen` never outlives this, even if nobody closes its stdin.
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("connect") => connect_args(&args[1..]).map(connect),
         Some("listen") => listen_args(&args[1..]).map(listen),
+        Some("hold") => hold::hold_args(&args[1..], USAGE).map(hold_within_limit),
         _ => Err(format!("bad command line\n{USAGE}")),
     };
     match result {
@@ -344,6 +350,15 @@ fn listen(ListenArgs { tcp, udp, transparent }: ListenArgs) -> Result<(), String
     // Until the parent closes our stdin (or dies).
     let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
     Ok(())
+}
+
+/// `hold`, ended after [`LISTEN_LIMIT`] at the latest like `listen`.
+fn hold_within_limit(args: hold::HoldArgs) -> Result<(), String> {
+    std::thread::spawn(|| {
+        std::thread::sleep(LISTEN_LIMIT);
+        std::process::exit(0);
+    });
+    hold::hold(args)
 }
 
 fn port_of(local: io::Result<SocketAddr>) -> u16 {
