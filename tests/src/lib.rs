@@ -681,9 +681,12 @@ pub const INJECTOR_DEFAULT_FLAGS: &[&str] = &[
     "15090,15021,15020",
 ];
 
-/// A child cgroup of the cgroup v2 root, made for one test and removed on drop (after its processes exit).
+/// A child cgroup of the cgroup v2 root, made for one test and removed on drop (after its processes exit);
+/// or a cgroup nested under such a one ([`Cgroup::child`]).
 pub struct Cgroup {
     path: PathBuf,
+    /// Directories made above `path` for it (a nested child's), innermost first: removed after it.
+    parents: Vec<PathBuf>,
 }
 
 impl Cgroup {
@@ -692,7 +695,37 @@ impl Cgroup {
         let root = capture::cgroup::cgroup2_root().expect("cgroup v2 root");
         let path = root.join(unique(tag));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        Cgroup { path }
+        Cgroup {
+            path,
+            parents: Vec::new(),
+        }
+    }
+
+    /// A cgroup nested under this one at the relative path `rel` (e.g. the kubelet's
+    /// `kubepods/besteffort/pod<UID>/<container>`), made with the directories it needs. Programs attached
+    /// to this cgroup apply inside it too. On drop its processes are killed and it is removed, then the
+    /// directories made for it (innermost first); drop it before this one.
+    pub fn child(&self, rel: impl AsRef<Path>) -> Cgroup {
+        let rel = rel.as_ref();
+        assert!(
+            rel.components().count() > 0 && rel.components().all(|c| matches!(c, std::path::Component::Normal(_))),
+            "not a relative path of plain names: {}",
+            rel.display()
+        );
+        let mut path = self.path.clone();
+        let mut made = Vec::new();
+        for part in rel.components() {
+            path.push(part);
+            match std::fs::create_dir(&path) {
+                Ok(()) => made.push(path.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => panic!("create {}: {e}", path.display()),
+            }
+        }
+        // The innermost is the cgroup itself; the rest, innermost first, go after it.
+        made.retain(|dir| *dir != path);
+        made.reverse();
+        Cgroup { path, parents: made }
     }
 
     /// Its directory.
@@ -754,9 +787,12 @@ impl Drop for Cgroup {
         // Processes started in it may take a moment to be reaped.
         for _ in 0..50 {
             if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        for dir in &self.parents {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }

@@ -7,7 +7,11 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -28,11 +32,35 @@ struct Agent {
     socket: PathBuf,
     http: SocketAddr,
     args: Vec<String>,
+    /// Environment variables the agent gets beside the test's own.
+    env: Vec<(String, String)>,
     dir: PathBuf,
 }
 
 impl Agent {
     fn start(tag: &str, pins: &BpfPins, cgroup: &Cgroup) -> Agent {
+        let mut agent = Agent::new(tag, pins, cgroup);
+        agent.restart();
+        agent
+    }
+
+    /// An agent with `--kubernetes`, watching node `node`'s pods on `api` (through a kubeconfig beside
+    /// its records that names `api`, without credentials).
+    fn start_kubernetes(tag: &str, pins: &BpfPins, cgroup: &Cgroup, node: &str, api: &FakeApi) -> Agent {
+        let mut agent = Agent::new(tag, pins, cgroup);
+        let kubeconfig = agent.dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).expect("write the kubeconfig");
+        agent.args.push("--kubernetes".into());
+        agent.env = vec![
+            ("NODE_NAME".into(), node.into()),
+            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+        ];
+        agent.restart();
+        agent
+    }
+
+    /// The agent's arguments and directory; not started yet.
+    fn new(tag: &str, pins: &BpfPins, cgroup: &Cgroup) -> Agent {
         let dir = std::env::temp_dir().join(format!("capture-agent-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("agent dir");
         let socket = dir.join("agent.sock");
@@ -53,15 +81,14 @@ impl Agent {
             "--listen".into(),
             http.to_string(),
         ];
-        let mut agent = Agent {
+        Agent {
             child: None,
             socket,
             http,
             args,
+            env: Vec::new(),
             dir,
-        };
-        agent.restart();
-        agent
+        }
     }
 
     /// Starts the agent process (again) and waits until it answers on its socket.
@@ -69,6 +96,7 @@ impl Agent {
         let log = std::fs::File::create(self.dir.join("agent.log")).expect("agent log");
         let child = Command::new(capture_bin())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -354,6 +382,13 @@ impl Sandbox {
         Sandbox(ns.command("sleep").arg("600").spawn().expect("start a sandbox process"))
     }
 
+    /// As [`Sandbox::start`], inside `cgroup`.
+    fn start_in(ns: &Netns, cgroup: &Cgroup) -> Sandbox {
+        let mut cmd = ns.command("sleep");
+        cgroup.enter(&mut cmd);
+        Sandbox(cmd.arg("600").spawn().expect("start a sandbox process"))
+    }
+
     fn with_pid(ns: &Netns, pid: u32) -> Option<Sandbox> {
         /// Tries before giving up: other processes of the machine fork too.
         const TRIES: usize = 50;
@@ -405,6 +440,246 @@ fn a_reused_pid_never_gets_a_gone_pods_capture() {
 
     assert_eq!(agent.list(), "", "the record must be released: {}", agent.log());
     assert_eq!(config_ids(&pins).0, [], "nothing may stay registered: {}", agent.log());
+    let remote = Listeners::start(&other.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&other.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    assert_eq!(
+        lands(&other, &cgroup, &sidecar, &remote),
+        "remote",
+        "the other namespace got the gone pod's capture"
+    );
+}
+
+/// A fake Kubernetes API server on 127.0.0.1 for the agent's `--kubernetes` source: one thread per
+/// connection, one request per connection (`Connection: close`). A list request (`GET /api/v1/pods?…`)
+/// gets the pods set now ([`FakeApi::set_pods`]) as a PodList; a watch request (`watch=true` or `watch=1`
+/// in the query) gets a stream that sends no event and ends after [`FakeApi::WATCH_HOLD`] (the client then
+/// watches again). Every request's target is kept. Stopped on drop.
+struct FakeApi {
+    addr: SocketAddr,
+    pods: Arc<Mutex<Vec<serde_json::Value>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl FakeApi {
+    /// How long a watch stays open without events.
+    const WATCH_HOLD: Duration = Duration::from_secs(30);
+
+    fn start(pods: Vec<serde_json::Value>) -> FakeApi {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the fake API server");
+        let addr = listener.local_addr().unwrap();
+        let pods = Arc::new(Mutex::new(pods));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (pods, requests, stop) = (pods.clone(), requests.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut connections = Vec::new();
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (pods, requests, stop) = (pods.clone(), requests.clone(), stop.clone());
+                    connections.push(std::thread::spawn(move || {
+                        FakeApi::answer(stream, &pods, &requests, &stop)
+                    }));
+                }
+                for c in connections {
+                    let _ = c.join();
+                }
+            })
+        };
+        FakeApi {
+            addr,
+            pods,
+            requests,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    /// Answers one request on `stream`; errors (the agent killed mid-request) just end it.
+    fn answer(
+        mut stream: TcpStream,
+        pods: &Mutex<Vec<serde_json::Value>>,
+        requests: &Mutex<Vec<String>>,
+        stop: &AtomicBool,
+    ) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // The request head (GETs have no body), at most 64 KiB.
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk) {
+                Ok(n) if n > 0 && head.len() < 64 * 1024 => head.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let target = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
+        requests.lock().unwrap().push(target.clone());
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        if query.split('&').any(|p| p == "watch=true" || p == "watch=1") {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            if stream.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let until = Instant::now() + FakeApi::WATCH_HOLD;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = stream.write_all(b"0\r\n\r\n");
+            return;
+        }
+        let items = pods.lock().unwrap().clone();
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PodList",
+            "metadata": {"resourceVersion": "1"},
+            "items": items,
+        })
+        .to_string();
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+
+    /// What list requests get from now on.
+    fn set_pods(&self, pods: Vec<serde_json::Value>) {
+        *self.pods.lock().unwrap() = pods;
+    }
+
+    /// The target (path and query) of every request so far.
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// How many list requests (not watches) came so far.
+    fn lists(&self) -> usize {
+        self.requests().iter().filter(|t| !t.contains("watch=")).count()
+    }
+
+    /// A kubeconfig naming this server, without credentials.
+    fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\n",
+            self.addr
+        )
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop, which then sees `stop`.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+/// One of the recorded pods of `capture-userspace/tests/data/pods` (as the API server returns it).
+fn recorded_pod(name: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../capture-userspace/tests/data/pods")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// Waits until `done` holds, at most `wait` (stretched by the time scale); panics naming `what` if not.
+fn wait_until(what: &str, wait: Duration, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {
+    let deadline = Instant::now() + tests::patient(wait);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {wait:?}: {}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The Kubernetes-source variant of [`a_reused_pid_never_gets_a_gone_pods_capture`]: a pod known through
+/// the watch (its namespace found by its UID in `/proc/PID/cgroup`, as `/proc/PID/ns/net`) is deleted while
+/// the agent is down, and its sandbox's PID is reused by a process in another namespace. The restarted
+/// agent must release the pod's record (by its cookie), never register the other namespace with the gone
+/// pod's flags.
+#[test]
+fn a_reused_pid_never_gets_a_deleted_kubernetes_pods_capture() {
+    let cgroup = Cgroup::new("agent-kpid");
+    let pins = BpfPins::new("agent-kpid");
+    let node = format!("node-{}", std::process::id());
+    let uid = format!("{:08x}-6b75-4be5-8000-000000000001", std::process::id());
+    let mut pod = recorded_pod("cni-native-sidecar");
+    pod["metadata"]["uid"] = uid.clone().into();
+    pod["spec"]["nodeName"] = node.clone().into();
+    let api = FakeApi::start(vec![pod]);
+    // The pod's sandbox, where the kubelet (cgroupfs driver) would put it.
+    let gone = Pod::new("agent-kpid-a");
+    let pod_cgroup = cgroup.child(format!("kubepods/besteffort/pod{uid}/sandbox"));
+    let sandbox = Sandbox::start_in(&gone.pod, &pod_cgroup);
+    let pid = sandbox.0.id();
+    let mut agent = Agent::start_kubernetes("kpid", &pins, &cgroup, &node, &api);
+    wait_until(
+        "the pod registered from Kubernetes",
+        Duration::from_secs(10),
+        || config_ids(&pins).0.len() == 1,
+        || agent.log(),
+    );
+    let listed = agent.list();
+    assert!(
+        listed.starts_with(&format!("shop/reviews\t/proc/{pid}/ns/net\t")) && listed.contains("source=kubernetes"),
+        "{listed}"
+    );
+    let selector = format!("fieldSelector=spec.nodeName%3D{node}");
+    assert!(
+        api.requests().iter().all(|t| t.contains(&selector)),
+        "{:?}",
+        api.requests()
+    );
+    let remote = Listeners::start(&gone.remote, None, None, &[sa(REMOTE_V4, 8080)]);
+    let sidecar = Listeners::start(&gone.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    assert_eq!(
+        lands(&gone, &cgroup, &sidecar, &remote),
+        "sidecar",
+        "the pod is captured"
+    );
+
+    // Deleted while the agent is down: gone from the API, its sandbox ended, its PID taken elsewhere.
+    agent.kill();
+    api.set_pods(Vec::new());
+    drop(sandbox);
+    let other = Pod::new("agent-kpid-b");
+    let reused = Sandbox::with_pid(&other.pod, pid).expect("the PID could not be had again");
+    assert_eq!(reused.netns(), PathBuf::from(format!("/proc/{pid}/ns/net")));
+    let lists = api.lists();
+    agent.restart();
+
+    // The restarted source lists (the pod is not there), then rescans: through all of it nothing may be
+    // registered.
+    wait_until(
+        "the restarted agent's Kubernetes list",
+        Duration::from_secs(10),
+        || api.lists() > lists,
+        || agent.log(),
+    );
+    let quiet = Instant::now() + tests::patient(Duration::from_secs(3));
+    while Instant::now() < quiet {
+        assert_eq!(config_ids(&pins).0, [], "nothing may stay registered: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(agent.list(), "", "the record must be released: {}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the recorded namespace is gone; released") && l.contains("pod=shop/reviews")),
+        "the record was not released by identity: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
     let remote = Listeners::start(&other.remote, None, None, &[sa(REMOTE_V4, 8080)]);
     let sidecar = Listeners::start(&other.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
     assert_eq!(
