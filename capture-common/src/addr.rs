@@ -8,6 +8,12 @@ pub type Addr = [u8; 16];
 /// The all-zero address (unbound source).
 pub const UNSPECIFIED: Addr = [0; 16];
 
+/// 127.0.0.1: where a redirected IPv4 connection goes (REDIRECT's address for locally generated traffic).
+pub const LOCALHOST_V4: [u8; 4] = [127, 0, 0, 1];
+
+/// ::1.
+pub const LOCALHOST_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
 const MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
 /// Bits an IPv4 prefix length is shifted by inside an IPv4-mapped address.

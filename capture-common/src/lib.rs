@@ -9,3 +9,4 @@ pub mod addr;
 pub mod counters;
 pub mod maps;
 pub mod model;
+pub mod sock;

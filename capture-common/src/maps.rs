@@ -284,6 +284,22 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
+impl ConnKey {
+    /// The key of a connection from the application's `client`:`client_port` to the proxy's `proxy_port`
+    /// in namespace `netns`. The application's side writes it from its own address and port, the proxy's
+    /// side looks it up from its peer's: both build it here, so they agree byte for byte.
+    #[inline(always)]
+    pub const fn new(netns: u64, client: Addr, client_port: u16, proxy_port: u16) -> Self {
+        Self {
+            netns,
+            client,
+            client_port,
+            proxy_port,
+            _pad: 0,
+        }
+    }
+}
+
 /// Key of the `LISTENERS` sockhash: the proxy's listening socket on `port` in a namespace, per family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -367,6 +383,41 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<PeerKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+    }
+
+    /// sockops writes the handshake key from the application's socket (its local address and host-order
+    /// local port) and reads it from the proxy's (its peer address and the peer port as `remote_port`
+    /// encodes it): decoded as the kernel programs decode them, the two must be the same bytes.
+    #[test]
+    fn the_handshake_key_is_the_same_from_both_sockets() {
+        use crate::addr::{from_v4_word, from_words, port_from_remote_field};
+        let (netns, app_port, proxy_port) = (0x1234_5678_9abc_def0, 40_000u16, 15_001u16);
+        // remote_port: the network-order port loaded, then shifted left by 16 on little-endian.
+        let remote_port_field = if cfg!(target_endian = "little") {
+            u32::from(app_port.to_be()) << 16
+        } else {
+            u32::from(app_port)
+        };
+        let v4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        let written = ConnKey::new(netns, from_v4_word(v4), u32::from(app_port) as u16, proxy_port);
+        let read = ConnKey::new(
+            netns,
+            from_v4_word(v4),
+            port_from_remote_field(remote_port_field),
+            proxy_port,
+        );
+        assert_eq!(written, read);
+        let v6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+        assert_eq!(
+            ConnKey::new(netns, from_words(v6), app_port, proxy_port),
+            ConnKey::new(
+                netns,
+                from_words(v6),
+                port_from_remote_field(remote_port_field),
+                proxy_port
+            )
+        );
+        assert_eq!(written._pad, 0);
     }
 
     #[test]

@@ -122,15 +122,6 @@ pub enum Verdict {
     Redirect(u16, Rule),
 }
 
-impl Verdict {
-    /// The rule that decided.
-    pub fn rule(self) -> Rule {
-        match self {
-            Verdict::Pass(r) | Verdict::Redirect(_, r) => r,
-        }
-    }
-}
-
 /// The set lookups the decision needs; backed by BPF maps in the kernel, by collections in tests.
 pub trait Lookups {
     /// Whether `value` is in set `kind` of the configuration.
@@ -141,7 +132,6 @@ pub trait Lookups {
 
 const PASSTHROUGH_V4: Addr = addr::from_v4([127, 0, 0, 6]);
 const PASSTHROUGH_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
-const LOOPBACK_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const LOOPBACK_NET_V4: Addr = addr::from_v4([127, 0, 0, 0]);
 const LOOPBACK_NET_V4_BITS: u32 = addr::V4_MAPPED_PREFIX_BITS + 8;
 
@@ -152,7 +142,7 @@ fn in_loopback_cidr(cfg: &PodConfig, dst: &Addr, v4: bool) -> bool {
         let net = addr::from_v4(cfg.loopback_v4);
         addr::in_prefix(dst, &net, addr::V4_MAPPED_PREFIX_BITS + u32::from(cfg.loopback_v4_len))
     } else {
-        *dst == LOOPBACK_V6
+        *dst == addr::LOCALHOST_V6
     }
 }
 
@@ -163,7 +153,7 @@ fn is_local<L: Lookups>(dst: &Addr, v4: bool, lookups: &L) -> bool {
     let loopback = if v4 {
         addr::in_prefix(dst, &LOOPBACK_NET_V4, LOOPBACK_NET_V4_BITS) || *dst == addr::from_v4([0; 4])
     } else {
-        *dst == LOOPBACK_V6 || *dst == addr::UNSPECIFIED
+        *dst == addr::LOCALHOST_V6 || *dst == addr::UNSPECIFIED
     };
     loopback || lookups.in_cidrs(CidrKind::Local, dst)
 }
@@ -341,7 +331,7 @@ pub fn unkept_original_dst(cfg: &PodConfig, local: &Addr, local_port: u16) -> Op
     let loopback = if addr::is_v4(local) {
         addr::in_prefix(local, &LOOPBACK_NET_V4, LOOPBACK_NET_V4_BITS)
     } else {
-        *local == LOOPBACK_V6
+        *local == addr::LOCALHOST_V6
     };
     if loopback && local_port == cfg.proxy_port {
         None

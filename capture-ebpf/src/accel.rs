@@ -19,16 +19,14 @@ use capture_common::{
     counters::Counter,
     maps::PeerKey,
     model,
+    sock::AF_INET,
 };
 
 use crate::{
-    fields::words,
+    fields::{local_addr, remote_addr, words},
     lookups::MapLookups,
     maps::{ACCEL_FALLBACK, CONFIG, PEERS, bump},
-    sockops::{local_addr, remote_addr},
 };
-
-const AF_INET: u32 = 2;
 
 /// Adds a socket that has just become established (either side) to `PEERS` if its namespace asks for
 /// acceleration and the connection qualifies.

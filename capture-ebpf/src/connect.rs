@@ -16,6 +16,7 @@ use capture_common::{
     counters::Counter,
     maps::OrigDst,
     model::{self, Conn, Proto, Rule, Verdict},
+    sock,
 };
 
 use crate::{
@@ -26,14 +27,6 @@ use crate::{
 
 /// Lets the connect proceed (a cgroup sock_addr program that returns 0 fails it with EPERM).
 pub const PROCEED: i32 = 1;
-
-const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
-
-/// Where a redirected IPv4 connection goes (REDIRECT's 127.0.0.1).
-const LOCALHOST_V4: [u8; 4] = [127, 0, 0, 1];
-/// Where a redirected IPv6 connection goes (REDIRECT's ::1).
-const LOCALHOST_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// The decision for the connect in `ctx` to `dst` from the socket bound to `src`: `None` when the
 /// namespace is not registered or the protocol is neither TCP nor UDP (never touched).
@@ -46,8 +39,8 @@ fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, 
     // SAFETY: the kernel's context, readable for the program's lifetime.
     let sa = unsafe { &*ctx.sock_addr };
     let proto = match sa.protocol {
-        IPPROTO_TCP => Proto::Tcp,
-        IPPROTO_UDP => Proto::Udp,
+        sock::IPPROTO_TCP => Proto::Tcp,
+        sock::IPPROTO_UDP => Proto::Udp,
         _ => return None,
     };
     let ids = bpf_get_current_uid_gid();
@@ -124,7 +117,7 @@ fn remember(ctx: &SockAddrContext, netns: u64, dst: Addr, dport: u16, proxy_port
 /// The DNS proxy's address as a redirected socket sees it reply: 127.0.0.1, ::1 or ::ffff:127.0.0.1.
 #[inline(always)]
 fn is_dns_proxy(src: &Addr, port: u16) -> bool {
-    port == model::DNS_PROXY_PORT && (*src == addr::from_v4(LOCALHOST_V4) || *src == LOCALHOST_V6)
+    port == model::DNS_PROXY_PORT && (*src == addr::from_v4(addr::LOCALHOST_V4) || *src == addr::LOCALHOST_V6)
 }
 
 /// recvmsg4: a reply from the DNS proxy to a socket whose query was redirected is reported as coming from
@@ -188,7 +181,7 @@ pub fn connect4(ctx: &SockAddrContext) {
             remember(ctx, netns, dst, dport, port, false);
             // SAFETY: user_ip4 and user_port are writable in connect4.
             unsafe {
-                (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(LOCALHOST_V4);
+                (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(addr::LOCALHOST_V4);
                 (*ctx.sock_addr).user_port = addr::port_to_be_field(port);
             }
             bump(netns, Counter::Redirected);
@@ -219,9 +212,9 @@ pub fn connect6(ctx: &SockAddrContext) {
         Verdict::Redirect(port, rule) => {
             remember(ctx, netns, dst, dport, port, true);
             let target = if addr::is_v4(&dst) {
-                addr::from_v4(LOCALHOST_V4)
+                addr::from_v4(addr::LOCALHOST_V4)
             } else {
-                LOCALHOST_V6
+                addr::LOCALHOST_V6
             };
             let words = addr::to_words(&target);
             // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.

@@ -15,6 +15,7 @@ use capture_common::{
     counters::Counter,
     maps::ListenerKey,
     model::{self, InConn, Verdict},
+    sock::{AF_INET, AF_INET6, IPPROTO_TCP},
 };
 
 use crate::{
@@ -26,10 +27,6 @@ use crate::{
 /// The slot this copy serves (an index into [`SLOT_NETNS`]); set by the loader at load time.
 #[unsafe(no_mangle)]
 static CAPTURE_SLOT: Global<u32> = Global::new(0);
-
-const IPPROTO_TCP: u32 = 6;
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 /// Hands the connection to the proxy's listener for `port`: the IPv4 one, or for an IPv4 connection a
 /// dual-stack IPv6 one.

@@ -20,62 +20,33 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use capture_common::{
-    addr::{self, Addr},
+    addr,
     counters::Counter,
     maps::{ConnKey, ListenerKey, OrigDst},
 };
 
 use crate::{
     accel,
-    fields::words,
+    fields::{local_addr, remote_addr},
     maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, ORIG_DST, bump},
 };
 
-const AF_INET: u32 = 2;
 /// `TCP_ESTABLISHED` in the kernel's TCP state numbering.
 const TCP_ESTABLISHED: u32 = 1;
 /// `TCP_SYN_SENT` in the kernel's TCP state numbering.
 const TCP_SYN_SENT: u32 = 2;
-
-// local_addr and remote_addr look alike on purpose: a shared helper taking the two field references
-// compiles to a pointer chosen at run time, which the verifier rejects for context loads.
-
-/// The socket's local address (IPv4 mapped).
-#[inline(always)]
-pub fn local_addr(ctx: &SockOpsContext) -> Addr {
-    // SAFETY: the kernel's context, readable for the program's lifetime.
-    let ops = unsafe { &*ctx.ops };
-    if ctx.family() == AF_INET {
-        addr::from_v4_word(ops.local_ip4)
-    } else {
-        addr::from_words(words(&ops.local_ip6))
-    }
-}
-
-/// The socket's peer address (IPv4 mapped).
-#[inline(always)]
-pub fn remote_addr(ctx: &SockOpsContext) -> Addr {
-    // SAFETY: the kernel's context, readable for the program's lifetime.
-    let ops = unsafe { &*ctx.ops };
-    if ctx.family() == AF_INET {
-        addr::from_v4_word(ops.remote_ip4)
-    } else {
-        addr::from_words(words(&ops.remote_ip6))
-    }
-}
 
 /// The key of a proxy-side socket: its peer is the application, its local port the proxy's listener.
 #[inline(always)]
 fn proxy_side_key(ctx: &SockOpsContext) -> ConnKey {
     // SAFETY: the context pointer is the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    ConnKey {
+    ConnKey::new(
         netns,
-        client: remote_addr(ctx),
-        client_port: addr::port_from_remote_field(ctx.remote_port()),
-        proxy_port: ctx.local_port() as u16,
-        _pad: 0,
-    }
+        remote_addr(ctx),
+        addr::port_from_remote_field(ctx.remote_port()),
+        ctx.local_port() as u16,
+    )
 }
 
 /// Keeps a socket that starts listening on a capture port of a registered namespace, for sk_lookup.
@@ -113,13 +84,7 @@ fn socket(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
 /// the proxy will see it.
 #[inline(always)]
 fn app_side_key(ctx: &SockOpsContext, orig: &OrigDst) -> ConnKey {
-    ConnKey {
-        netns: orig.netns,
-        client: local_addr(ctx),
-        client_port: ctx.local_port() as u16,
-        proxy_port: orig.proxy_port,
-        _pad: 0,
-    }
+    ConnKey::new(orig.netns, local_addr(ctx), ctx.local_port() as u16, orig.proxy_port)
 }
 
 /// Sets or clears the state-callback flag of the callback's socket.

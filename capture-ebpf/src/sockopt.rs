@@ -15,6 +15,7 @@ use capture_common::{
     addr::{self, Addr},
     counters::Counter,
     model::{self, SO_ORIGINAL_DST},
+    sock,
 };
 
 use crate::{
@@ -27,9 +28,6 @@ pub const PROCEED: i32 = 1;
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
-const IPPROTO_TCP: u32 = 6;
 
 /// `struct sockaddr_in`.
 #[repr(C)]
@@ -83,14 +81,14 @@ pub fn getsockopt(ctx: &SockoptContext) {
     // SAFETY: the socket the option is asked on, valid for the program's lifetime.
     let (protocol, local, local_port) = unsafe {
         let sk = &*sk;
-        let local = if sk.family == u32::from(AF_INET) {
+        let local = if sk.family == sock::AF_INET {
             addr::from_v4_word(sk.src_ip4)
         } else {
             addr::from_words(words(&sk.src_ip6))
         };
         (sk.protocol, local, sk.src_port as u16)
     };
-    if protocol != IPPROTO_TCP {
+    if protocol != sock::IPPROTO_TCP {
         return;
     }
     // SAFETY: the context pointer is the program's own context.
@@ -110,7 +108,7 @@ pub fn getsockopt(ctx: &SockoptContext) {
             && answer(
                 ctx,
                 SockaddrIn {
-                    family: AF_INET,
+                    family: sock::AF_INET as u16,
                     port: port.to_be(),
                     addr: addr::v4_octets(&addr),
                     zero: [0; 8],
@@ -120,7 +118,7 @@ pub fn getsockopt(ctx: &SockoptContext) {
         answer(
             ctx,
             SockaddrIn6 {
-                family: AF_INET6,
+                family: sock::AF_INET6 as u16,
                 port: port.to_be(),
                 flowinfo: 0,
                 addr,

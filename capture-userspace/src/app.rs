@@ -13,24 +13,32 @@ use crate::{
 /// istio-iptables' exit code when `--run-validation` fails.
 pub const EXIT_VALIDATION_FAILED: u8 = 126;
 
+/// A backend that runs: what `--backend` asked for, `auto` resolved.
+enum Chosen {
+    Iptables,
+    Ebpf,
+}
+
 /// The backend to use: `auto` becomes eBPF if the kernel has every feature it needs and capture's state
 /// would outlive this process where it runs (see [`ebpf::placement`]), else iptables, and says which and
 /// why in one line on stderr. The same kernel and place always give the same answer, so `clean` and
 /// `status` find what `apply` chose.
-fn chosen_backend(requested: Backend, pin_dir: &std::path::Path) -> Backend {
-    if requested != Backend::Auto {
-        return requested;
+fn chosen_backend(requested: Backend, pin_dir: &std::path::Path) -> Chosen {
+    match requested {
+        Backend::Iptables => return Chosen::Iptables,
+        Backend::Ebpf => return Chosen::Ebpf,
+        Backend::Auto => {}
     }
     if let Err(missing) = ebpf::features::check() {
         eprintln!("capture: --backend auto: iptables ({missing})");
-        return Backend::Iptables;
+        return Chosen::Iptables;
     }
     if let Some(why) = ebpf::placement::vanishing(pin_dir) {
         eprintln!("capture: --backend auto: iptables ({why})");
-        return Backend::Iptables;
+        return Chosen::Iptables;
     }
     eprintln!("capture: --backend auto: ebpf (the kernel has every feature it needs)");
-    Backend::Ebpf
+    Chosen::Ebpf
 }
 
 /// Runs `inv` and says how the process should exit.
@@ -47,8 +55,8 @@ pub fn run(inv: &Invocation) -> Result<ExitCode> {
         );
     }
     let output = match chosen_backend(opts.backend, &opts.pin_dir) {
-        Backend::Iptables => iptables::run(inv, &env)?,
-        Backend::Ebpf | Backend::Auto => ebpf::run(inv, &env)?,
+        Chosen::Iptables => iptables::run(inv, &env)?,
+        Chosen::Ebpf => ebpf::run(inv, &env)?,
     };
     match &opts.dry_run_file {
         Some(path) if opts.dry_run => {
