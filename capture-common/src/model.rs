@@ -1,8 +1,11 @@
-//! The outbound capture decision: istio's `ISTIO_OUTPUT` chain (REFERENCE §3.4) as one function.
+//! The outbound capture decision: istio's `ISTIO_OUTPUT` chain (`docs/istio-rules.md#outbound-decision`) as
+//! one function.
 //!
 //! The kernel's connect4/connect6 programs call [`outbound`] with lookups backed by BPF maps; the host
 //! tests call it with lookups backed by plain collections and check it against istio's scenario table
-//! and against the iptables backend. Rule letters (a, b, c1 …) are those of REFERENCE §3.2.
+//! and against the iptables backend. Rule letters (a, b, c1 …) are those of
+//! `docs/istio-rules.md#outbound-decision`, which gives each step's [`Rule`]; the iptables rules themselves
+//! are in `docs/istio-rules.md#rule-template`.
 
 use crate::{
     addr::{self, Addr},
@@ -57,13 +60,13 @@ pub enum Rule {
     OutboundExcludePort,
     /// b: source 127.0.0.6 / ::6 to a local address.
     Passthrough,
-    /// c1: a proxy uid to a local non-loopback address.
+    /// c1: a proxy uid to a local address outside the loopback CIDR (`LOOP`, 127.0.0.1/32 by default).
     ProxyUidToLocal,
     /// c2: another uid's local traffic.
     LocalNotProxyUid,
     /// c3: a proxy uid.
     ProxyUid,
-    /// d1: a proxy gid to a local non-loopback address.
+    /// d1: a proxy gid to a local address outside the loopback CIDR.
     ProxyGidToLocal,
     /// d2: another gid's local traffic.
     LocalNotProxyGid,
@@ -186,7 +189,7 @@ fn proxy_rules(
             break;
         }
         let owner = ids[i];
-        // 1: the proxy calling a local non-loopback address (its own pod IP) goes to the inbound port.
+        // 1: the proxy calling a local address outside the loopback CIDR (its own pod IP) goes to the inbound port.
         if to_local_non_loopback
             && tcp
             && conn.dport != cfg.tunnel_port
@@ -212,7 +215,9 @@ fn proxy_rules(
     None
 }
 
-/// istio's outbound decision for `conn` under `cfg`.
+/// istio's outbound decision for `conn` under `cfg`: the steps of `docs/istio-rules.md#outbound-decision`, in
+/// order (family, `-c`, then rules a, b, c1–c3 per uid, d1–d3 per gid, e to j); the first that applies decides,
+/// and the verdict carries the [`Rule`] the document gives for that step.
 #[inline(always)]
 pub fn outbound<L: Lookups>(cfg: &PodConfig, conn: &Conn, lookups: &L) -> Verdict {
     let v4 = addr::is_v4(&conn.dst);
@@ -340,7 +345,9 @@ pub fn unkept_original_dst(cfg: &PodConfig, local: &Addr, local_port: u16) -> Op
     }
 }
 
-/// istio's inbound decision (`ISTIO_INBOUND` in REDIRECT mode, REFERENCE §3.5) for a new TCP connection.
+/// istio's inbound decision (`ISTIO_INBOUND` in REDIRECT mode,
+/// `docs/istio-rules.md#inbound-decision-redirect-mode`) for a new TCP connection; in TPROXY mode the same
+/// but for the tunnel port (`docs/istio-rules.md#inbound-in-tproxy-mode`).
 #[inline(always)]
 pub fn inbound<L: Lookups>(cfg: &PodConfig, conn: &InConn, lookups: &L) -> Verdict {
     let v4 = addr::is_v4(&conn.dst);

@@ -79,7 +79,7 @@ pub struct Config {
     pub inbound_capture_port: u16,
     /// `-e`: the HBONE tunnel port, never captured inbound.
     pub inbound_tunnel_port: u16,
-    /// `-u`: proxy uids, in order (the order matters, see REFERENCE §3.10).
+    /// `-u`: proxy uids, in order (the order matters, see `docs/istio-rules.md#interactions-and-gotchas`).
     pub proxy_uids: Vec<Owner>,
     /// `-g`: proxy gids, in order.
     pub proxy_gids: Vec<Owner>,
@@ -125,7 +125,8 @@ pub struct Config {
 /// The DNS port, and the istio-agent DNS proxy port that captured DNS goes to (hard-coded in istio); defined
 /// once, beside the decision model that uses them in the kernel.
 pub use capture_common::model::{DNS_PORT, DNS_PROXY_PORT};
-/// Mark that TPROXY mode puts on the proxy's own packets to local non-loopback addresses (hard-coded in istio).
+/// Mark that TPROXY mode puts on the proxy's own packets to local addresses outside the loopback CIDR
+/// (hard-coded in istio).
 pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
 
 impl Default for Config {

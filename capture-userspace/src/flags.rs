@@ -81,7 +81,7 @@ const fn boolean(
     }
 }
 
-/// Every flag istio-iptables accepts (REFERENCE §2.2–§2.3), in istio's order.
+/// Every flag istio-iptables accepts (`docs/istio-rules.md#capture-flags` and `#behaviour-flags`), in istio's order.
 pub const ISTIO_FLAGS: &[FlagSpec] = &[
     value(
         "envoy-port",
@@ -303,7 +303,7 @@ pub const ISTIO_FLAGS: &[FlagSpec] = &[
         "log_output_level",
         None,
         None,
-        "default:info",
+        "default:info,grpc:none",
         "Accepted for compatibility (istio logging)",
     ),
     FlagSpec {
@@ -339,7 +339,7 @@ pub const ISTIO_FLAGS: &[FlagSpec] = &[
     ),
 ];
 
-/// Env-only inputs (REFERENCE §2.4).
+/// Env-only inputs (`docs/istio-rules.md#env-only-inputs-and-derived-values`).
 pub const ENV_OWNER_GROUPS: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
 /// See [`ENV_OWNER_GROUPS`].
 pub const ENV_OWNER_GROUPS_EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";

@@ -1,4 +1,4 @@
-//! `--run-validation`: istio's check that capture really redirects (REFERENCE §3.8).
+//! `--run-validation`: istio's check that capture really redirects (`docs/istio-rules.md#run-validation`).
 //!
 //! Listeners on the proxy's two ports on localhost; a client dials from localhost to the passthrough
 //! address (127.0.0.6 or ::6) on the probe port, once a second. Capture works when a listener accepts a

@@ -1,5 +1,6 @@
-//! The outbound decision model against istio's scenario table (REFERENCE §3.9) and the quirks of §3.10,
-//! run on the very map entries the loader would write for the same flags.
+//! The outbound decision model against istio's scenario table (`docs/istio-rules.md#scenario-table`, whose row
+//! numbers the comments use) and its quirks (`docs/istio-rules.md#interactions-and-gotchas`), run on the very map
+//! entries the loader would write for the same flags.
 
 use std::net::IpAddr;
 
@@ -277,7 +278,7 @@ fn dns_capture_order() {
     assert_eq!(
         p.tcp(POD_IP, 53, APP),
         Redirect(15001, IncludeCidr),
-        "REFERENCE §3.7's edge case"
+        "the edge case of docs/istio-rules.md#dns"
     );
     // -o 53 disables it.
     let p = pod_with("-u 1337 -i * -o 53 --redirect-dns --capture-all-dns", &[], true, &[]);

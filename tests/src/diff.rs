@@ -32,7 +32,7 @@ const REMOTE_PORTS: &[u16] = &[80, 8080, 32000, 53];
 /// UDP ports on both sides.
 const UDP_PORTS: &[u16] = &[53, 9999];
 /// The DNS proxy listens on localhost only, as istio-agent does: a wildcard UDP socket would answer from
-/// the pod IP, which conntrack does not un-NAT (REFERENCE §3.11).
+/// the pod IP, which conntrack does not un-NAT (`docs/istio-rules.md#observed-on-real-iptables`).
 const DNS_PROXY: [SocketAddr; 2] = [
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15053),
     SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 15053),

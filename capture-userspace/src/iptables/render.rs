@@ -3,12 +3,14 @@
 //!
 //! Why the order matters as much as the rules: the documents must be byte-identical to istio's (our
 //! iptables backend is the drop-in baseline the eBPF backend is compared with), and iptables evaluates a
-//! chain top to bottom, so several of istio's quirks (REFERENCE §3.10: the multi-uid ordering, `-x` before
-//! `-i`, `-o` before everything) live only in the order.
+//! chain top to bottom, so several of istio's quirks (`docs/istio-rules.md#interactions-and-gotchas`: the
+//! multi-uid ordering, `-x` before `-i`, `-o` before everything) live only in the order.
 //!
-//! Rules are built per family in istio's *build* order (REFERENCE §3.1). A document then groups them by
-//! table; within a table the build order is kept, and `-I CHAIN n` rules take effect where they appear.
-//! The letters in the comments (a, b, c1 …) name the rules of REFERENCE §3.2's `ISTIO_OUTPUT` template.
+//! Rules are built per family in istio's *build* order
+//! (`docs/istio-rules.md#serialisation-one-restore-transaction`). A document then groups them by table;
+//! within a table the build order is kept, and `-I CHAIN n` rules take effect where they appear.
+//! The letters in the comments (a, b, c1 …) name the rules of the `ISTIO_OUTPUT` template in
+//! `docs/istio-rules.md#rule-template` (each step explained in `docs/istio-rules.md#outbound-decision`).
 //! `tests/golden.rs` proves the result against all 27 of Istio's golden files.
 
 use ipnet::IpNet;
@@ -60,8 +62,8 @@ const HOST_PREFIX_V6: &str = "/128";
 
 /// The mask istio gives `--tproxy-mark`: the whole mark is compared.
 const TPROXY_MARK_MASK: &str = "0xffffffff";
-/// Conntrack zone of the proxy ↔ upstream-server leg of a DNS exchange (REFERENCE §3.7). Two zones keep
-/// the cached UDP NAT of one leg from being applied to the other.
+/// Conntrack zone of the proxy ↔ upstream-server leg of a DNS exchange (`docs/istio-rules.md#dns`). Two zones
+/// keep the cached UDP NAT of one leg from being applied to the other.
 const ZONE_UPSTREAM: u16 = 1;
 /// Conntrack zone of the app ↔ DNS-proxy leg.
 const ZONE_CLIENT: u16 = 2;
@@ -468,7 +470,7 @@ impl<'a> FamilyRules<'a> {
     }
 
     /// Outbound capture: nat OUTPUT jumps (all protocols) to `ISTIO_OUTPUT`, whose rules a–j follow in
-    /// REFERENCE §3.2's order; the first match decides.
+    /// the order of `docs/istio-rules.md#rule-template`; the first match decides.
     fn outbound(&mut self) {
         self.append(Table::Nat, OUTPUT, spec! {"-j", ISTIO_OUTPUT});
         self.outbound_port_excludes();
@@ -503,16 +505,17 @@ impl<'a> FamilyRules<'a> {
     }
 
     /// c1–c3 for one proxy uid, or d1–d3 for one gid. They come as a triplet per identity, so with two
-    /// uids the first uid's c2 already decides for the second's local traffic (REFERENCE §3.10).
+    /// uids the first uid's c2 already decides for the second's local traffic
+    /// (`docs/istio-rules.md#interactions-and-gotchas`).
     /// `dns`: DNS capture is effective in *either* family.
     fn proxy_owner(&mut self, kind: OwnerKind, owner: &Owner, dns: bool) {
         let (option, id) = (kind.option(), &owner.token);
         let (loopback, tunnel) = (self.loopback(), self.cfg.inbound_tunnel_port);
-        // c1/d1: the proxy calling a local non-loopback address (the pod's own IP, after an app called
-        // itself through a service) goes to the inbound listener, except the tunnel port. With DNS on, the
-        // uid form also spares port 53, so that the agent's queries to a resolver at a local address go
-        // to that resolver and not to the inbound listener; istio gives the gid form (d1) no such
-        // exception, and neither do we.
+        // c1/d1: the proxy calling a local address outside the loopback CIDR (the pod's own IP, after an
+        // app called itself through a service) goes to the inbound listener, except the tunnel port. With
+        // DNS on, the uid form also spares port 53, so that the agent's queries to a resolver at a local
+        // address go to that resolver and not to the inbound listener; istio gives the gid form (d1) no
+        // such exception, and neither do we.
         let ports = if dns && kind == OwnerKind::Uid {
             spec! {"-m multiport ! --dports", format!("{DNS_PORT},{tunnel}")}
         } else {
@@ -521,9 +524,9 @@ impl<'a> FamilyRules<'a> {
         let lo = LOOPBACK_IFACE;
         let matches = spec! {"-o", lo, "! -d", loopback, "-p tcp", ..ports, "-m owner", option, id};
         self.output(spec! {..matches, "-j", ISTIO_IN_REDIRECT});
-        // c2/d2: anyone else's traffic to a local address passes, except TCP to port 53 with DNS on (a
-        // resolver on localhost is still captured). Left out when `-i` lists a loopback CIDR, so that
-        // such traffic can reach the include rule.
+        // c2/d2: anyone else's traffic to a local address passes; with DNS on, only TCP to ports other
+        // than 53 (a resolver on localhost is still captured, and UDP of any port goes on down the chain).
+        // Left out when `-i` lists a loopback CIDR, so that such traffic can reach the include rule.
         if !self.cfg.include_cidrs.has_loopback() {
             let not_dns = if dns {
                 spec! {"-p tcp ! --dport", DNS_PORT}
@@ -536,7 +539,7 @@ impl<'a> FamilyRules<'a> {
         self.output(spec! {"-m owner", option, id, "-j RETURN"});
     }
 
-    /// e: `ISTIO_OUTPUT_OWNER_GROUPS[_EXCLUDE]`: sockets of other groups pass, before DNS and the includes.
+    /// e: `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`: sockets of other groups pass, before DNS and the includes.
     fn owner_groups(&mut self) {
         match &self.cfg.owner_groups {
             OwnerGroups::AllExcept(groups) => {
@@ -572,7 +575,7 @@ impl<'a> FamilyRules<'a> {
         }
     }
 
-    /// The raw table's DNS conntrack zones (REFERENCE §3.7): the proxy's queries upstream and the
+    /// The raw table's DNS conntrack zones (`docs/istio-rules.md#dns`): the proxy's queries upstream and the
     /// servers' replies in [`ZONE_UPSTREAM`], the apps' queries and the DNS proxy's answers in
     /// [`ZONE_CLIENT`]. The proxy rules come in both families as soon as DNS is effective in either; the
     /// server rules (and the PREROUTING jump) only where this family has servers or all DNS is captured.
@@ -643,11 +646,12 @@ impl<'a> FamilyRules<'a> {
         }
     }
 
-    /// TPROXY mode's marks (REFERENCE §3.6), built even with `-b ""`: the divert mark is saved on the
-    /// connection and restored onto its reply packets (so they follow the mark's routing table); the
-    /// proxy's own packets to local non-loopback addresses get [`TPROXY_OUTBOUND_MARK`] so that inbound
-    /// capture takes them back; and three rules inserted at the top of mangle `ISTIO_INBOUND` let pass
-    /// what is already diverted, the proxy's passthrough, and every other looped-back packet.
+    /// TPROXY mode's marks (`docs/istio-rules.md#inbound-in-tproxy-mode`), built even with `-b ""`: the divert
+    /// mark is saved on the connection and restored onto its reply packets (so they follow the mark's routing
+    /// table); the proxy's own packets to local addresses outside the loopback CIDR get
+    /// [`TPROXY_OUTBOUND_MARK`] so that inbound capture takes them back; and three rules inserted at the top
+    /// of mangle `ISTIO_INBOUND` let pass what is already diverted, the proxy's passthrough, and every other
+    /// looped-back packet.
     fn tproxy_marks(&mut self) {
         if !self.tproxy() {
             return;
@@ -743,7 +747,8 @@ mod tests {
 
     #[test]
     fn injector_default_call_renders_reference_section_6() {
-        // -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020 (REFERENCE §6).
+        // -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020
+        // (`docs/istio-rules.md#rules-for-the-default-injected-call`).
         let cfg = Config {
             include_cidrs: IncludeCidrs::All,
             inbound_ports: InboundPorts::All,

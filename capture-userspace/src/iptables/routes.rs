@@ -1,6 +1,6 @@
-//! The policy routes istio-iptables sets up beside its rules in TPROXY mode (REFERENCE §3.2, "Routing and
-//! addresses"), made over rtnetlink ([`rtnl`]). The other half, `::6` on lo, is shared with the eBPF
-//! backend: [`namespace::add_passthrough_v6`].
+//! The policy routes istio-iptables sets up beside its rules in TPROXY mode
+//! (`docs/istio-rules.md#routes-and-addresses`), made over rtnetlink ([`rtnl`]). The other half, `::6` on lo,
+//! is shared with the eBPF backend: [`namespace::add_passthrough_v6`].
 
 use anyhow::Result;
 
