@@ -610,7 +610,42 @@ fn built_capture() -> PathBuf {
         "{} does not exist: run `cargo xtask test`, or `cargo build -p capture-userspace` first",
         bin.display()
     );
+    // `cargo test -p tests` builds the tests, not the `capture` binary they run: one older than its sources
+    // would test old code and pass or fail for the wrong reason. Checked once per test process.
+    static FRESH: std::sync::Once = std::sync::Once::new();
+    FRESH.call_once(|| {
+        let built = std::fs::metadata(&bin)
+            .and_then(|m| m.modified())
+            .expect("mtime of capture");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for crate_dir in ["capture-userspace/src", "capture-ebpf/src", "capture-common/src"] {
+            if let Some(newer) = newer_file(&workspace.join(crate_dir), built) {
+                panic!(
+                    "{} is older than {}: run `cargo xtask test`, or `cargo build` first",
+                    bin.display(),
+                    newer.display()
+                );
+            }
+        }
+    });
     bin
+}
+
+/// A file under `dir` modified after `than`, if any.
+fn newer_file(dir: &Path, than: std::time::SystemTime) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            if let Some(newer) = newer_file(&path, than) {
+                return Some(newer);
+            }
+        } else if meta.modified().is_ok_and(|m| m > than) {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// Runs `capture ARGS` inside `ns` with a clean environment (only PATH), returning its output.
@@ -660,8 +695,8 @@ pub fn sa(addr: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(addr.into(), port)
 }
 
-/// The injector's default flags (REFERENCE §1): `-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*'
-/// -d 15090,15021,15020`.
+/// The injector's default flags (`docs/istio-rules.md#how-istio-iptables-is-invoked`): `-p 15001 -z 15006 -u 1337
+/// -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020`.
 pub const INJECTOR_DEFAULT_FLAGS: &[&str] = &[
     "-p",
     "15001",
