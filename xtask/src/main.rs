@@ -89,6 +89,16 @@ fn cargo() -> Command {
     cmd
 }
 
+/// The workspace's target directory.
+pub(crate) fn target_dir() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    dir.canonicalize().unwrap_or(dir)
+}
+
+/// Runs `cmd`; an error unless it exits 0.
 fn checked(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
     if !status.success() {
@@ -121,7 +131,7 @@ fn build() -> Result<Built> {
         "--bin",
         "capture-probe",
     ]))?;
-    let target = vm::target_dir();
+    let target = target_dir();
     Ok(Built {
         capture: target.join("debug/capture"),
         probe: target.join("debug/capture-probe"),

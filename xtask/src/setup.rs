@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::checked;
+
 /// Debian packages: LLVM 22 for bpf-linker, iptables for the iptables backend and its tests, iproute2 for
 /// namespaces and veth, bpftool to inspect what is attached, haproxy as the real third-party transparent
 /// proxy of the integration tests, unzip to unpack helm (below).
@@ -35,14 +37,6 @@ fn quiet(cmd: &mut Command) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn checked(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
 }
 
 fn installed_deb(pkg: &str) -> bool {
@@ -164,7 +158,7 @@ pub fn ensure() -> Result<()> {
 
 /// Where helm is installed: under the target directory, like the VM's kernels.
 pub fn helm() -> PathBuf {
-    crate::vm::target_dir().join("tools/helm")
+    crate::target_dir().join("tools/helm")
 }
 
 /// The SHA-256 of `path` (sha256sum, coreutils), if it can be read.

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Built, cargo, checked, count_results, setup};
+use crate::{Built, cargo, checked, count_results, setup, target_dir};
 
 /// The Debian 12 (bookworm) generic kernel packages: `linux-image-6.1.0-<abi>-amd64-unsigned`. The
 /// `-cloud-` flavour lacks 9p and cannot see the host's files.
@@ -150,15 +150,6 @@ fn show_new(path: &Path, from: u64) -> Result<u64> {
 fn make_executable(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod {}", path.display()))
-}
-
-/// The workspace's target directory.
-pub fn target_dir() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
-    dir.canonicalize().unwrap_or(dir)
 }
 
 /// Builds every test target (as `cargo xtask test` would run them) and lists the executables.
