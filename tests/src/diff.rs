@@ -276,9 +276,15 @@ fn world(backend: Backend, prepare: &dyn Fn(&Scene), flags: &str, env: &[(&str, 
     }
 }
 
-/// Waits briefly for whichever side reports the connection.
-fn observe(w: &World, udp: Option<Option<SocketAddr>>) -> Outcome {
-    let deadline = Instant::now() + Duration::from_secs(2);
+/// How long a case's connection may take to be reported, before it counts as [`Outcome::Unseen`].
+const OBSERVE_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until a listener on either side reports the connection made from local port `client_port` (at
+/// most [`OBSERVE_WAIT`]). Reports of other connections (a late one of an earlier case) are dropped, never
+/// taken for this one: the port is the client's own, which neither iptables' REDIRECT nor the eBPF backend
+/// rewrites.
+fn observe(w: &World, udp: Option<Option<SocketAddr>>, client_port: u16) -> Outcome {
+    let deadline = Instant::now() + OBSERVE_WAIT;
     while Instant::now() < deadline {
         for (side, listeners) in [
             ("pod", &w.pod_listeners),
@@ -286,14 +292,18 @@ fn observe(w: &World, udp: Option<Option<SocketAddr>>) -> Outcome {
             ("remote", &w.remote_listeners),
         ] {
             if let Some(reply_from) = udp {
-                if let Some(d) = listeners.drain_datagrams().into_iter().next() {
+                let mut ours = listeners
+                    .drain_datagrams()
+                    .into_iter()
+                    .filter(|d| d.peer.port() == client_port);
+                if let Some(d) = ours.next() {
                     return Outcome::Datagram {
                         side,
                         port: d.listener,
                         reply_from,
                     };
                 }
-            } else if let Some(a) = listeners.drain().into_iter().next() {
+            } else if let Some(a) = listeners.drain().into_iter().find(|a| a.peer.port() == client_port) {
                 let asked = side == "pod" && CAPTURE_PORTS.contains(&a.listener);
                 return Outcome::Accepted {
                     side,
@@ -313,17 +323,10 @@ fn run_case(w: &World, case: &Case) -> Outcome {
     } else {
         exchange(&w.pod.pod, Some(&w.cgroup), case.ids, case.dst, case.how)
     };
-    let outcome = match result {
-        Ok(e) => observe(w, case.how.udp.then_some(e.reply_from)),
+    match result {
+        Ok(e) => observe(w, case.how.udp.then_some(e.reply_from), e.local.port()),
         Err(e) => Outcome::Failed(e.kind()),
-    };
-    // Nothing from this case may linger into the next.
-    std::thread::sleep(Duration::from_millis(5));
-    for listeners in [&w.pod_listeners, &w.dns_proxy, &w.remote_listeners] {
-        listeners.drain();
-        listeners.drain_datagrams();
     }
-    outcome
 }
 
 /// How a case must end, under both backends: every case a suite pins is checked against it, so a suite
