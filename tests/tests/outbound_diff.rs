@@ -66,6 +66,27 @@ fn injector_defaults() {
             ("proxy to remote", 8080),
             ("proxy to own pod IP", 15006),
             ("app to own pod IP", 8080),
+            ("app to remote port 80", 15001),
+            ("app to second remote", 15001),
+            ("app to localhost app", 8080),
+            ("app to 127.0.0.5", 8080),
+            ("app to closed remote port", 15001),
+            ("proxy to localhost", 8080),
+            ("proxy to 127.0.0.5 probe port", 15006),
+            ("proxy to own tunnel port", 15008),
+            ("proxy passthrough from 127.0.0.6", 8080),
+            ("app bound to 127.0.0.6 to pod IP", 8080),
+            ("proxy-group process to remote", 8080),
+            ("proxy-group process to own pod IP", 8080),
+            ("app bound to pod IP first", 15001),
+            ("app TCP Fast Open", 15001),
+            ("app to IPv4-mapped remote", 15001),
+            ("app to IPv4-mapped localhost", 8080),
+            ("proxy to IPv4-mapped remote", 8080),
+            ("app connected UDP to remote", 9999),
+            ("app connected UDP to remote DNS", 53),
+            ("app to remote IPv6 (IPv6 off)", 8080),
+            ("root to remote", 15001),
         ],
     );
 }
@@ -96,7 +117,20 @@ fn dual_stack() {
         &format!("{INJECTOR} --dual-stack"),
         &[],
         &cases,
-        &[("app to remote IPv6", 15001), ("proxy to own pod IPv6", 15006)],
+        &[
+            ("app to remote IPv6", 15001),
+            ("proxy to own pod IPv6", 15006),
+            ("app to second remote IPv6", 15001),
+            ("app to ::1", 8080),
+            ("app to own pod IPv6", 8080),
+            ("proxy to remote IPv6", 8080),
+            ("proxy to ::1", 8080),
+            ("proxy passthrough from ::6", 8080),
+            ("app bound to pod IPv6 first", 15001),
+            ("app TCP Fast Open IPv6", 15001),
+            ("app to IPv4 remote", 15001),
+            ("app to IPv4-mapped remote", 15001),
+        ],
     );
 }
 
@@ -114,7 +148,13 @@ fn port_and_cidr_exclusions() {
         "-u 1337 -i * -o 8080,53",
         &[],
         &o,
-        &[("app to excluded port", 8080), ("app to other port", 15001)],
+        &[
+            ("app to excluded port", 8080),
+            ("app to other port", 15001),
+            ("proxy to own pod IP excluded port", 8080),
+            ("app UDP to excluded port", 53),
+            ("app to excluded port on localhost", 8080),
+        ],
     );
     let x = [
         tcp("app to excluded host", APP, sa(REMOTE_V4, 8080)),
@@ -126,7 +166,12 @@ fn port_and_cidr_exclusions() {
         "-u 1337 -i * -x 192.0.2.2/32,192.0.2.1/32",
         &[],
         &x,
-        &[("app to excluded host", 8080), ("app to included host", 15001)],
+        &[
+            ("app to excluded host", 8080),
+            ("app to included host", 15001),
+            ("proxy to own pod IP in -x", 15006),
+            ("app to excluded host mapped", 8080),
+        ],
     );
     let xi = [
         tcp("in -i and -x", APP, sa(REMOTE_V4, 80)),
@@ -137,7 +182,7 @@ fn port_and_cidr_exclusions() {
         "-u 1337 -i 192.0.2.0/24 -x 192.0.2.2/32",
         &[],
         &xi,
-        &[("in -i only", 15001), ("in -i and -x", 80)],
+        &[("in -i only", 15001), ("in -i and -x", 80), ("outside -i", 15001)],
     );
     let wide_x = [
         tcp("narrow -i inside wide -x", APP, sa(REMOTE_V4, 80)),
@@ -147,7 +192,7 @@ fn port_and_cidr_exclusions() {
         "-u 1337 -i 192.0.2.2/32 -x 192.0.2.0/24",
         &[],
         &wide_x,
-        &[("narrow -i inside wide -x", 80)],
+        &[("narrow -i inside wide -x", 80), ("wide -x only", 80)],
     );
 }
 
@@ -169,6 +214,9 @@ fn outbound_ports_without_cidrs() {
             ("app to -q port", 15001),
             ("app to other port", 8080),
             ("proxy to own pod IP", 15006),
+            ("app to -q port in -x", 32000),
+            ("proxy to -q port", 32000),
+            ("app to -q port IPv4-mapped", 15001),
         ],
     );
 }
@@ -193,6 +241,11 @@ fn several_proxy_uids_and_gids() {
             ("uid 3 to own pod IP", 15006),
             ("uid 4 to own pod IP", 8080),
             ("other to remote", 15001),
+            ("uid 4 to remote", 8080),
+            ("gid 2 to remote", 8080),
+            ("gid 1 to own pod IP", 8080),
+            ("other to localhost", 8080),
+            ("uid 3 to 127.0.0.5", 15006),
         ],
     );
 }
@@ -208,7 +261,11 @@ fn owner_groups() {
         "-u 1337 -i *",
         &[("ISTIO_OUTBOUND_OWNER_GROUPS", "100,200")],
         &include,
-        &[("listed group", 15001), ("unlisted group", 8080)],
+        &[
+            ("listed group", 15001),
+            ("unlisted group", 8080),
+            ("unlisted group to own pod IP", 8080),
+        ],
     );
     let exclude = [
         tcp("excluded group", (1000, 300), sa(REMOTE_V4, 8080)),
@@ -234,7 +291,12 @@ fn loopback_variants() {
         "-u 1337 -i 127.1.2.3/32",
         &[],
         &include_loopback,
-        &[("app to loopback in -i", 15001), ("app to localhost", 8080)],
+        &[
+            ("app to loopback in -i", 15001),
+            ("app to localhost", 8080),
+            ("app to own pod IP", 8080),
+            ("proxy to own pod IP", 15006),
+        ],
     );
     let wide = [
         tcp("proxy to 127.0.0.5", PROXY, sa([127, 0, 0, 5], 8080)),
@@ -245,7 +307,11 @@ fn loopback_variants() {
         "-u 1337 -i *",
         &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
         &wide,
-        &[("proxy to 127.0.0.5", 8080), ("proxy to own pod IP", 15006)],
+        &[
+            ("proxy to 127.0.0.5", 8080),
+            ("proxy to own pod IP", 15006),
+            ("app to 127.0.0.5", 8080),
+        ],
     );
 }
 
@@ -258,7 +324,16 @@ fn excluded_interface_subnet() {
         tcp("app to localhost", APP, sa([127, 0, 0, 1], 8080)),
         tcp("proxy to own pod IP", PROXY, sa(POD_V4, 8080)),
     ];
-    differential("-u 1337 -i * -c eth0", &[], &cases, &[("app to remote on eth0", 8080)]);
+    differential(
+        "-u 1337 -i * -c eth0",
+        &[],
+        &cases,
+        &[
+            ("app to remote on eth0", 8080),
+            ("app to localhost", 8080),
+            ("proxy to own pod IP", 15006),
+        ],
+    );
 }
 
 #[test]
@@ -277,6 +352,7 @@ fn dns_over_tcp_with_capture_all() {
             ("app TCP DNS", 15053),
             ("proxy TCP DNS", 53),
             ("app TCP to another port", 15001),
+            ("app TCP DNS to own pod IP", 15053),
         ],
     );
 }
@@ -338,6 +414,7 @@ fn ipv6_cidrs() {
             ("in the IPv6 -i", 15001),
             ("in the IPv6 -x", 8080),
             ("IPv4 with only IPv6 CIDRs", 8080),
+            ("proxy to own pod IPv6", 15006),
         ],
     );
 }
