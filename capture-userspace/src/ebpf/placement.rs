@@ -9,6 +9,8 @@
 
 use std::{os::unix::fs::MetadataExt as _, path::Path};
 
+use super::pins::needs_bpffs_mount;
+
 /// `PROC_CGROUP_INIT_INO` (linux/proc_ns.h): the inode of the initial cgroup namespace, fixed since the
 /// cgroup namespace exists (Linux 4.6).
 const CGROUP_INIT_INO: u64 = 0xEFFF_FFFB;
@@ -27,7 +29,7 @@ pub fn vanishing(pin_dir: &Path) -> Option<String> {
              container's cgroup and go with it; {USE}"
         ));
     }
-    if super::needs_bpffs_mount(pin_dir) && !in_host_mount_namespace() {
+    if needs_bpffs_mount(pin_dir) && !in_host_mount_namespace() {
         return Some(format!(
             "--pin-dir {} is not on a bpffs, and one mounted from this mount namespace (a container's) would \
              go with it; mount the host's bpffs there, or {USE}",

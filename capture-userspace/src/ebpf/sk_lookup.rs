@@ -18,7 +18,11 @@ use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use capture_common::maps::MAX_NAMESPACES;
 
-use super::{Loader, SK_LOOKUP, maps::Maps, sys};
+use super::{
+    maps::Maps,
+    programs::{Loader, SK_LOOKUP, load_program},
+    sys,
+};
 use crate::flags::LogLevel;
 
 /// How many copies the agent keeps loaded ahead. A burst of more new pods than this, faster than the
@@ -38,7 +42,7 @@ pub struct Loaded {
 impl Loaded {
     /// The copy in an object that was loaded for `slot`.
     pub fn from_object(ebpf: &mut Ebpf, slot: u32) -> Result<Loaded> {
-        let fd = super::load_program(ebpf, &SK_LOOKUP)?;
+        let fd = load_program(ebpf, &SK_LOOKUP)?;
         Ok(Loaded { slot, fd })
     }
 
