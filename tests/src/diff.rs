@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{BpfPins, Cgroup, Connect, Listeners, Pod, capture_with_env, exchange, sa};
+use crate::{BpfPins, Cgroup, Connect, Listeners, Pod, REMOTE_V4, REMOTE_V6, capture_with_env, exchange, sa};
 
 pub const APP: (u32, u32) = (1000, 1000);
 pub const PROXY: (u32, u32) = (1337, 1337);
@@ -264,7 +264,14 @@ fn world(backend: Backend, prepare: &dyn Fn(&Scene), flags: &str, env: &[(&str, 
     };
     let dns_proxy = Listeners::start_with_udp(&pod.pod, Some(&cgroup), Some(PROXY), &[], &DNS_PROXY);
     let remote_tcp: Vec<_> = REMOTE_PORTS.iter().map(|&p| any(p)).collect();
-    let remote_listeners = Listeners::start_with_udp(&pod.remote, None, None, &remote_tcp, &udp);
+    // The remote's UDP echo binds each of its addresses: a wildcard socket answers from the address the
+    // kernel picks for the reply (with two IPv6 addresses, the newer one), which a connected client drops.
+    let remote_addrs: [IpAddr; 4] = [REMOTE_V4.into(), REMOTE2_V4.into(), REMOTE_V6.into(), REMOTE2_V6.into()];
+    let remote_udp: Vec<_> = UDP_PORTS
+        .iter()
+        .flat_map(|&p| remote_addrs.iter().map(move |&a| sa(a, p)))
+        .collect();
+    let remote_listeners = Listeners::start_with_udp(&pod.remote, None, None, &remote_tcp, &remote_udp);
 
     World {
         pod,

@@ -130,6 +130,7 @@ fn dual_stack() {
             ("app TCP Fast Open IPv6", 15001),
             ("app to IPv4 remote", 15001),
             ("app to IPv4-mapped remote", 15001),
+            ("app connected UDP IPv6", 9999),
         ],
     );
 }
