@@ -1,3 +1,5 @@
+//! Rebuilds the kernel programs when the linker changes (see `main`).
+
 use which::which;
 
 /// Rebuild the kernel programs when bpf-linker changes: it is our linker, so a new one can change the object.
