@@ -8,7 +8,7 @@
 
 //!
 //! One module per concern: [`time`] (the time scale), [`netns`] (namespaces, the pod topology),
-//! [`cgroup`], [`pins`] (private bpffs mounts), [`probe`] (the client/listener process), [`capture`] (the
+//! [`cgroup`], [`pins`] (private bpffs mounts), [`probe`] (the client/listener process), [`protocol`] (its output, line by line), [`capture`] (the
 //! binary under test), plus [`diff`] (both backends side by side), [`echo`], [`hold`], [`runnable`] and
 //! [`sidecar`]. Everything is re-exported here.
 
@@ -26,6 +26,7 @@ pub mod hold;
 pub mod netns;
 pub mod pins;
 pub mod probe;
+pub mod protocol;
 pub mod runnable;
 pub mod sidecar;
 pub mod time;
@@ -35,7 +36,8 @@ pub use crate::{
     cgroup::{Cgroup, InCgroup},
     netns::{Netns, POD_V4, POD_V6, Pod, REMOTE_V4, REMOTE_V6},
     pins::BpfPins,
-    probe::{Accepted, Connect, Datagram, Exchange, Listeners, connect_as, connect_with, exchange, probe_bin, run_as},
+    probe::{Connect, Exchange, Listeners, connect_as, connect_with, exchange, probe_bin, run_as},
+    protocol::{Accepted, Datagram},
     time::{CONNECT_TIMEOUT, TIME_SCALE_ENV, connect_timeout, patient, time_scale},
 };
 

@@ -13,27 +13,13 @@ use std::{
     time::Duration,
 };
 
-use crate::{Cgroup, Netns, capture::built_capture, connect_timeout, patient, runnable};
-
-/// What a listener saw of one accepted connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Accepted {
-    /// The port of the listener that accepted it.
-    pub listener: u16,
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// `SO_ORIGINAL_DST` on the accepted socket, if the kernel had an answer.
-    pub original_dst: Option<SocketAddr>,
-}
-
-/// What a UDP listener saw of one datagram (which it echoed back).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Datagram {
-    /// The port of the socket that received it.
-    pub listener: u16,
-    /// The sender's address.
-    pub peer: SocketAddr,
-}
+use crate::{
+    Cgroup, Netns,
+    capture::built_capture,
+    connect_timeout, patient,
+    protocol::{Accepted, Datagram, Line},
+    runnable,
+};
 
 /// How long a probe listener may take to bind and say `ready`.
 const PROBE_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,26 +159,19 @@ impl Listeners {
             let mut ready = Some(ready_tx);
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                match (line.split_whitespace().collect::<Vec<_>>().as_slice(), &ready) {
-                    (["ready"], Some(tx)) => {
+                match (line.parse::<Line>(), &ready) {
+                    (Ok(Line::Ready), Some(tx)) => {
                         let _ = tx.send(Ok(()));
                         ready = None;
                     }
                     (_, Some(tx)) => {
                         let _ = tx.send(Err(line.clone()));
                     }
-                    (["accepted", port, peer, dst], None) => {
-                        let _ = accepted_tx.send(Accepted {
-                            listener: parse_field(port, &line),
-                            peer: parse_field(peer, &line),
-                            original_dst: (*dst != "-").then(|| parse_field(dst, &line)),
-                        });
+                    (Ok(Line::Accepted(accepted)), None) => {
+                        let _ = accepted_tx.send(accepted);
                     }
-                    (["udp", port, peer], None) => {
-                        let _ = datagram_tx.send(Datagram {
-                            listener: parse_field(port, &line),
-                            peer: parse_field(peer, &line),
-                        });
+                    (Ok(Line::Udp(datagram)), None) => {
+                        let _ = datagram_tx.send(datagram);
                     }
                     _ => eprintln!("capture-probe listen: unexpected line {line:?}"),
                 }
@@ -259,12 +238,6 @@ impl Drop for Listeners {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn parse_field<T: std::str::FromStr>(field: &str, line: &str) -> T {
-    field
-        .parse()
-        .unwrap_or_else(|_| panic!("capture-probe listen: cannot parse {field:?} in {line:?}"))
 }
 
 /// How [`connect_with`] connects; the default is a plain TCP connect.
@@ -357,21 +330,12 @@ pub fn exchange(
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().next().unwrap_or_default();
-    if out.status.success()
-        && let Some(rest) = line.strip_prefix("ok ")
-    {
-        let mut words = rest.split_whitespace();
-        let local = words.next().and_then(|w| w.parse().ok());
-        let reply_from = match (words.next(), words.next()) {
-            (Some("from"), Some(from)) => from.parse().ok(),
-            _ => None,
-        };
-        if let Some(local) = local {
-            return Ok(Exchange { local, reply_from });
-        }
-    }
-    match line.strip_prefix("err ") {
-        Some(text) if out.status.code() == Some(1) => Err(probe_error(text)),
+    match line.parse::<Line>() {
+        Ok(Line::Ok { local, from }) if out.status.success() => Ok(Exchange {
+            local,
+            reply_from: from,
+        }),
+        Ok(Line::Err(text)) if out.status.code() == Some(1) => Err(probe_error(&text)),
         _ => panic!(
             "{cmd:?}: {}, stdout {stdout:?}, stderr {:?}",
             out.status,
