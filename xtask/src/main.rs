@@ -209,7 +209,7 @@ fn main() -> Result<()> {
                         "--quiet",
                         "--release",
                         "--package",
-                        "tests",
+                        "capture-bench",
                         "--bin",
                         "capture-bench",
                         "--",
