@@ -34,7 +34,7 @@ pub fn probe_bin() -> PathBuf {
     let bin = built_capture().with_file_name("capture-probe");
     assert!(
         bin.exists(),
-        "{} does not exist: run `cargo xtask test`, or `cargo build -p tests --bin capture-probe` first",
+        "{} does not exist: run `cargo xtask test`, or `cargo build -p capture-testkit --bin capture-probe` first",
         bin.display()
     );
     runnable::runnable_by_all(&bin)

@@ -10,7 +10,7 @@
 //! capture-probe hold <sidecar addr:port> <first destination addr:port>
 //! ```
 //!
-//! Every line printed is a [`Line`] (`tests::protocol`), except `hold`'s answers to its commands.
+//! Every line printed is a [`Line`] (`testkit::protocol`), except `hold`'s answers to its commands.
 //!
 //! `connect` prints `ok <local addr:port>` and exits 0, or prints `err <text>` and exits 1. Over TCP it
 //! waits for the one byte every probe listener sends; with `--fastopen` it connects by `sendto` with
@@ -37,7 +37,7 @@ use std::{
 
 use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrLike as _, SockaddrStorage};
-use tests::protocol::{Accepted, Datagram, Line};
+use testkit::protocol::{Accepted, Datagram, Line};
 
 const USAGE: &str = "usage: capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] \
                      [--sendto] [--first <addr:port>] [--reuseport <port>] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]... [--transparent]\n       capture-probe hold <sidecar addr:port> <first destination addr:port>";
@@ -150,7 +150,7 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
 fn connect(args: ConnectArgs) -> Result<(), String> {
     // Each step is bounded by `timeout`; this bounds the whole probe even if the kernel does not honour one.
     // The budget per connection is this machine's, stretched where the tests run slower (the harness's time scale).
-    let budget = LOAD_BUDGET_PER_CONNECTION * tests::time_scale() * args.count;
+    let budget = LOAD_BUDGET_PER_CONNECTION * testkit::time_scale() * args.count;
     let limit = args.timeout * 3 + Duration::from_secs(1) + budget;
     std::thread::spawn(move || {
         std::thread::sleep(limit);

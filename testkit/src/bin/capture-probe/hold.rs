@@ -31,9 +31,9 @@ use std::{
     time::Duration,
 };
 
-use ::tests::protocol::Line;
 use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
+use testkit::protocol::Line;
 
 use crate::emit;
 
