@@ -17,13 +17,13 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use capture_common::maps::{CidrKeyData, PodConfig, SetKey, names};
-use tests::{
+use testkit::{
     BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, capture_bin,
     connect_as, connect_with, run_as, sa,
 };
 
 const APP: (u32, u32) = (1000, 1000);
-/// How long the agent may take to attach and come up (on this machine; see [`tests::patient`]).
+/// How long the agent may take to attach and come up (on this machine; see [`testkit::patient`]).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running `capture agent` with its own pins, cgroup, records and socket; killed (SIGKILL) on drop.
@@ -103,7 +103,7 @@ impl Agent {
             .spawn()
             .expect("start capture agent");
         self.child = Some(child);
-        let deadline = Instant::now() + tests::patient(READY_TIMEOUT);
+        let deadline = Instant::now() + testkit::patient(READY_TIMEOUT);
         while self.http_get("/readyz").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
             assert!(Instant::now() < deadline, "the agent did not get ready: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
@@ -184,7 +184,7 @@ fn lands(pod: &Pod, cgroup: &Cgroup, sidecar: &Listeners, remote: &Listeners) ->
 /// Which of two listeners accepted the connection to `dst` just made; a captured one (`proxy`) must have
 /// seen `dst` as its original destination.
 fn accepted_by(dst: SocketAddr, proxy: (&'static str, &Listeners), plain: (&'static str, &Listeners)) -> &'static str {
-    let deadline = Instant::now() + tests::patient(Duration::from_secs(5));
+    let deadline = Instant::now() + testkit::patient(Duration::from_secs(5));
     while Instant::now() < deadline {
         if let Some(a) = proxy.1.drain().pop() {
             assert_eq!(a.original_dst, Some(dst));
@@ -277,7 +277,7 @@ fn an_ipv6_cidr_registered_through_the_agent_never_decides_for_ipv4() {
     let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[any(15001)]);
     let v4 = sa(REMOTE_V4, 8080);
     let mapped = sa(REMOTE_V4.to_ipv6_mapped(), 8080);
-    let v6 = sa(tests::REMOTE_V6, 8080);
+    let v6 = sa(testkit::REMOTE_V6, 8080);
     let lands = |dst: SocketAddr| {
         connect_as(&pod.pod, Some(&cgroup), APP, dst).unwrap_or_else(|e| panic!("connect {dst}: {e}"));
         // The proxy reads the original destination as the kernel sends it: IPv4 for a mapped one.
@@ -339,7 +339,7 @@ fn a_new_pod_never_inherits_entries_an_interrupted_unregistration_left() {
     let gone = Pod::new("agent-inh-a");
     let mut args = ebpf.to_vec();
     args.extend(["-u", "1337", "-i", "*", "-x", "192.0.2.0/24", "-o", "8080"]);
-    ok(tests::capture(&gone.pod, &args), "capture in the pod that goes");
+    ok(testkit::capture(&gone.pod, &args), "capture in the pod that goes");
     let (registered, _) = config_ids(&pins);
     let [(gone_cookie, gone_id)] = registered[..] else {
         panic!("{registered:?}")
@@ -353,7 +353,7 @@ fn a_new_pod_never_inherits_entries_an_interrupted_unregistration_left() {
     let pod = Pod::new("agent-inh-b");
     let mut args = ebpf.to_vec();
     args.extend(["-u", "1337", "-i", "*"]);
-    ok(tests::capture(&pod.pod, &args), "capture in the new pod");
+    ok(testkit::capture(&pod.pod, &args), "capture in the new pod");
     let (registered, _) = config_ids(&pins);
     let [(_, id)] = registered[..] else {
         panic!("{registered:?}")
@@ -596,7 +596,7 @@ fn recorded_pod(name: &str) -> serde_json::Value {
 
 /// Waits until `done` holds, at most `wait` (stretched by the time scale); panics naming `what` if not.
 fn wait_until(what: &str, wait: Duration, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let deadline = Instant::now() + tests::patient(wait);
+    let deadline = Instant::now() + testkit::patient(wait);
     while !done() {
         assert!(Instant::now() < deadline, "{what}: not within {wait:?}: {}", log());
         std::thread::sleep(Duration::from_millis(50));
@@ -667,7 +667,7 @@ fn a_reused_pid_never_gets_a_deleted_kubernetes_pods_capture() {
         || api.lists() > lists,
         || agent.log(),
     );
-    let quiet = Instant::now() + tests::patient(Duration::from_secs(3));
+    let quiet = Instant::now() + testkit::patient(Duration::from_secs(3));
     while Instant::now() < quiet {
         assert_eq!(config_ids(&pins).0, [], "nothing may stay registered: {}", agent.log());
         std::thread::sleep(Duration::from_millis(100));
@@ -737,7 +737,7 @@ fn a_second_agent_on_the_same_state_refuses() {
         .spawn()
         .expect("run a second agent");
     // It must give up at once; one still running after the wait is an agent that did not refuse.
-    let deadline = Instant::now() + tests::patient(READY_TIMEOUT);
+    let deadline = Instant::now() + testkit::patient(READY_TIMEOUT);
     let status = loop {
         if let Some(status) = second.try_wait().expect("wait for the second agent") {
             break status;
@@ -804,21 +804,21 @@ fn a_registration_that_fails_half_way_leaves_nothing_behind() {
     let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
     args.extend(["-u", "1337", "-i", "*", "-x", "192.0.2.0/24", "-o", "8080"]);
     let first = Pod::new("agent-half-a");
-    ok(tests::capture(&first.pod, &args), "capture in the first pod");
+    ok(testkit::capture(&first.pod, &args), "capture in the first pod");
     let before = config_ids(&pins);
 
     let pod = Pod::new("agent-half-b");
     let cookie = pod.pod.spawn(None, capture::namespace::cookie).join().unwrap().unwrap();
     let obstacle = pins.path().join(format!("link_sk_lookup_{cookie}"));
     std::fs::create_dir(&obstacle).expect("a directory where the pod's sk_lookup link would be pinned");
-    let out = tests::capture(&pod.pod, &args);
+    let out = testkit::capture(&pod.pod, &args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the registration succeeded: {err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert_eq!(config_ids(&pins), before, "the failed registration left entries");
 
     std::fs::remove_dir(&obstacle).unwrap();
-    ok(tests::capture(&pod.pod, &args), "capture once the obstacle is gone");
+    ok(testkit::capture(&pod.pod, &args), "capture once the obstacle is gone");
     assert_eq!(config_ids(&pins).0.len(), 2);
 }
 
@@ -853,7 +853,7 @@ fn the_agent_refuses_its_own_namespace() {
             .output()
             .expect("run capture pod")
     };
-    let deadline = Instant::now() + tests::patient(READY_TIMEOUT);
+    let deadline = Instant::now() + testkit::patient(READY_TIMEOUT);
     while !pod(&["list"]).status.success() {
         assert!(Instant::now() < deadline, "the agent did not answer");
         std::thread::sleep(Duration::from_millis(20));
@@ -885,7 +885,7 @@ fn cidr_entries_of_an_older_release_are_upgraded_when_the_programs_are_switched(
     let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
     args.extend(["-u", "1337", "-i", "*", "-x", "192.0.2.0/24"]);
     let pod = Pod::new("agent-upgrade");
-    ok(tests::capture(&pod.pod, &args), "capture");
+    ok(testkit::capture(&pod.pod, &args), "capture");
     let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
     let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
     assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "remote", "excluded by -x");
@@ -1038,13 +1038,13 @@ fn the_agent_killed_and_restarted_20_times_under_load_drops_and_misses_nothing()
     // The load: batches of connections from the app while the agent is killed and restarted, counting
     // what fails.
     // Fewer in an emulated CPU, where each start verifies the programs for many seconds.
-    let restarts = (RESTARTS / tests::time_scale()).max(2);
+    let restarts = (RESTARTS / testkit::time_scale()).max(2);
     let stop = AtomicBool::new(false);
     let (made, failed) = (AtomicU64::new(0), AtomicU64::new(0));
     let started = Instant::now();
     let elapsed = std::thread::scope(|scope| {
         scope.spawn(|| {
-            let deadline = Instant::now() + tests::patient(Duration::from_secs(300));
+            let deadline = Instant::now() + testkit::patient(Duration::from_secs(300));
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let how = Connect {
                     count: BATCH,
@@ -1074,7 +1074,7 @@ fn the_agent_killed_and_restarted_20_times_under_load_drops_and_misses_nothing()
     eprintln!("{restarts} restarts in {elapsed:?}; {made} connections ({rate:.0}/s)");
 
     assert_eq!(failed.load(Ordering::Relaxed), 0, "failed connection batches");
-    let min_rate = MIN_RATE / f64::from(tests::time_scale());
+    let min_rate = MIN_RATE / f64::from(testkit::time_scale());
     assert!(rate >= min_rate, "the load ran at only {rate:.0} connections/s");
     // Every connection reached the sidecar (captured), none the remote server directly.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1097,7 +1097,7 @@ fn the_agent_killed_and_restarted_20_times_under_load_drops_and_misses_nothing()
 
 /// `capture status` without its counters: which namespaces are registered, with which flags.
 fn status(ns: &Netns, pins: &BpfPins) -> String {
-    let out = tests::capture(
+    let out = testkit::capture(
         ns,
         &[
             "status",

@@ -3,7 +3,7 @@
 
 use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _};
 
-use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_bin, capture_with_env};
+use testkit::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_bin, capture_with_env};
 
 /// Extra arguments, env vars, and the texts the error must contain.
 type BadCase = (

@@ -6,7 +6,7 @@
 
 use std::io::ErrorKind;
 
-use tests::{
+use testkit::{
     POD_V4, REMOTE_V4, REMOTE_V6,
     diff::{APP, Expect, Pin, Scene, differential_pinned, mapped, tcp},
     sa,

@@ -1,10 +1,10 @@
-//! The differential suite for DNS capture (see `tests::diff`): UDP (connected and unconnected) and TCP DNS
+//! The differential suite for DNS capture (see `testkit::diff`): UDP (connected and unconnected) and TCP DNS
 //! from the pod under both backends. A captured query reaches the DNS proxy on 15053, and its answer must
 //! appear to come from the server the application asked, as resolvers check.
 
 use std::net::Ipv6Addr;
 
-use tests::{
+use testkit::{
     POD_V4, REMOTE_V4, REMOTE_V6,
     diff::{APP, PROXY, REMOTE2_V4, differential, mapped, sendto, tcp, udp},
     sa,

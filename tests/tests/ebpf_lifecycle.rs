@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use capture_common::maps::{ConnKey, OrigDst, SetKey, names};
-use tests::{
+use testkit::{
     BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, POD_V4, Pod, REMOTE_V4, capture, connect_as,
     connect_with, sa,
 };
@@ -46,7 +46,7 @@ fn lands(
     dst: SocketAddr,
 ) -> (u16, Option<SocketAddr>) {
     connect_as(&pod.pod, Some(cgroup), APP, dst).unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
-    let deadline = Instant::now() + tests::patient(Duration::from_secs(3));
+    let deadline = Instant::now() + testkit::patient(Duration::from_secs(3));
     while Instant::now() < deadline {
         if let Some(a) = sidecar.drain().into_iter().chain(remote.drain()).next() {
             return (a.listener, a.original_dst);
@@ -100,7 +100,7 @@ fn pods_applied_at_once_each_get_their_own_configuration_and_inbound_capture() {
     let dst = sa(POD_V4, 8080);
     for (i, pod) in pods.iter().enumerate() {
         connect_as(&pod.remote, None, (0, 0), dst).unwrap_or_else(|e| panic!("pod {i}: connect: {e}"));
-        let deadline = Instant::now() + tests::patient(Duration::from_secs(3));
+        let deadline = Instant::now() + testkit::patient(Duration::from_secs(3));
         let landed = loop {
             if let Some(a) = sidecars[i].drain().into_iter().chain(apps[i].drain()).next() {
                 break (a.listener, a.original_dst);
@@ -270,7 +270,7 @@ fn namespaces_share_one_attachment_reapply_in_place_and_the_last_clean_detaches(
     ok(capture(&b.pod, &clean), "clean B");
     assert!(!pins.path().exists(), "pins left in {}", pins.path().display());
     // The kernel releases a link whose last reference went in a work item, so detaching takes a moment.
-    let deadline = Instant::now() + tests::patient(Duration::from_secs(2));
+    let deadline = Instant::now() + testkit::patient(Duration::from_secs(2));
     let attached = loop {
         let out = Command::new("bpftool")
             .args(["cgroup", "show", &cg])
@@ -336,12 +336,12 @@ fn haproxy_as_the_sidecar_forwards_to_the_original_destination() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     cgroup.enter(&mut cmd);
-    tests::run_as(&mut cmd, PROXY);
+    testkit::run_as(&mut cmd, PROXY);
     let haproxy = Running(cmd.spawn().expect("start haproxy (installed by cargo xtask setup)"));
 
     // HAProxy needs a moment to bind; the app retries until it is there (bounded).
     let dst = sa(REMOTE_V4, 8080);
-    let deadline = Instant::now() + tests::patient(Duration::from_secs(5));
+    let deadline = Instant::now() + testkit::patient(Duration::from_secs(5));
     let reached = loop {
         match connect_as(&pod.pod, Some(&cgroup), APP, dst) {
             Ok(local) => break local,
@@ -371,13 +371,13 @@ fn haproxy_as_the_sidecar_forwards_to_the_original_destination() {
 fn original_destination_entries_do_not_outlive_their_connections() {
     // 100,000 here. Where the tests run slower (an emulated CPU, scale 10: 1,000), fewer, so the test stays
     // within a minute: any entry left over still shows, since the handshake map holds 65,536.
-    let connections: u32 = 100_000 / tests::time_scale().pow(2);
+    let connections: u32 = 100_000 / testkit::time_scale().pow(2);
     let pod = Pod::new("load");
     let cgroup = Cgroup::new("load");
     let pins = BpfPins::new("load");
     let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
     // 100,000 connections in a few seconds: let the client reuse ports in TIME_WAIT.
-    tests::run(pod.pod.command("sysctl").args([
+    testkit::run(pod.pod.command("sysctl").args([
         "-qw",
         "net.ipv4.tcp_tw_reuse=1",
         "net.ipv4.ip_local_port_range=1024 65000",
@@ -402,7 +402,7 @@ fn original_destination_entries_do_not_outlive_their_connections() {
 
     // Every connection reached the sidecar with its original destination.
     let mut seen = 0u32;
-    let deadline = Instant::now() + tests::patient(Duration::from_secs(30));
+    let deadline = Instant::now() + testkit::patient(Duration::from_secs(30));
     while seen < connections && Instant::now() < deadline {
         for a in sidecar.drain() {
             assert_eq!(a.original_dst, Some(dst), "connection {seen}");
@@ -412,7 +412,7 @@ fn original_destination_entries_do_not_outlive_their_connections() {
     }
     assert_eq!(seen, connections);
     // All are closed now (the sidecar closes each after its client): no entry may be left.
-    let deadline = Instant::now() + tests::patient(Duration::from_secs(5));
+    let deadline = Instant::now() + testkit::patient(Duration::from_secs(5));
     let left = loop {
         let left = entries::<ConnKey, OrigDst>(&pins, names::ORIG_BY_ADDR);
         if left == 0 || Instant::now() > deadline {
@@ -440,7 +440,7 @@ fn kernel_logs_are_forwarded_while_capture_runs_and_a_new_apply_swaps_the_progra
 
     // Without --log-level the programs log nothing and capture exits at once (covered by every other test);
     // with it, capture stays and forwards.
-    let mut cmd = pod.pod.command(tests::capture_bin());
+    let mut cmd = pod.pod.command(testkit::capture_bin());
     cmd.args(ebpf_args(&cg, &pin, &["--log-level", "debug"]))
         .args(INJECTOR_DEFAULT_FLAGS)
         .stdin(Stdio::null())
@@ -457,7 +457,7 @@ fn kernel_logs_are_forwarded_while_capture_runs_and_a_new_apply_swaps_the_progra
         }
     });
     let wait_for = |needle: &str| {
-        let deadline = Instant::now() + tests::patient(Duration::from_secs(10));
+        let deadline = Instant::now() + testkit::patient(Duration::from_secs(10));
         let mut seen = Vec::new();
         while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             if line.contains(needle) {
@@ -513,7 +513,7 @@ fn run_validation_passes_under_the_ebpf_backend_as_the_proxy_user() {
     let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
     let args = ebpf_args(&cg, &pin, INJECTOR_DEFAULT_FLAGS);
     ok(capture(&pod.pod, &args), "apply");
-    tests::assert_validation(&pod.pod, Some(&cgroup), &args, PROXY, APP);
+    testkit::assert_validation(&pod.pod, Some(&cgroup), &args, PROXY, APP);
 }
 
 /// A proxy that was already listening when the namespace is registered (an agent registering a running

@@ -9,7 +9,7 @@ use capture_common::{
     counters::{COUNTERS, Counter, NetnsCounters},
     maps::names,
 };
-use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, capture, connect_as, sa};
+use testkit::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, capture, connect_as, sa};
 
 const PORT: u16 = 7000;
 const CONNECTS_IN_CGROUP: u64 = 3;

@@ -9,7 +9,7 @@
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use capture_common::maps::{CidrKeyData, ConnKey, OrigDst, PodConfig, SetKey, names};
-use tests::{
+use testkit::{
     BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Pod, capture,
     hold::{Checked, HeldPod},
     sa,
@@ -20,14 +20,14 @@ const APP: (u32, u32) = (1000, 1000);
 /// More than the node-wide maps' 65,536 entries; smaller where the tests run slower (`time_scale`), so a
 /// test stays within minutes there.
 fn scaled(n: u32) -> u32 {
-    n / tests::time_scale().pow(2)
+    n / testkit::time_scale().pow(2)
 }
 
 /// A pod registered with the injector's flags on the shared cgroup and pins, ready for many connections:
 /// a listen backlog and local ports enough.
 fn registered_pod(tag: &str, cgroup: &Cgroup, pins: &BpfPins) -> Pod {
     let pod = Pod::new(tag);
-    tests::run(pod.pod.command("sysctl").args([
+    testkit::run(pod.pod.command("sysctl").args([
         "-qw",
         "net.core.somaxconn=300000",
         "net.ipv4.ip_local_port_range=1024 65000",
@@ -187,7 +187,7 @@ fn a_handshake_that_fails_leaves_no_entry() {
     let baseline = entries(&pins);
     for i in 0..20u8 {
         let dst = sa([10, 64, 0, i], 8080);
-        let refused = tests::connect_as(&pod.pod, Some(&cgroup), APP, dst);
+        let refused = testkit::connect_as(&pod.pod, Some(&cgroup), APP, dst);
         assert!(refused.is_err(), "connection to {dst} with no sidecar: {refused:?}");
     }
     assert_eq!(entries(&pins), baseline, "after 20 refused connections");

@@ -1,9 +1,9 @@
-//! The differential suite for inbound capture (see `tests::diff`): connections from the remote namespace
+//! The differential suite for inbound capture (see `testkit::diff`): connections from the remote namespace
 //! into the pod, and the pod calling itself, under both backends; outcomes must be equal.
 
 use std::io::ErrorKind;
 
-use tests::{
+use testkit::{
     POD_V4, POD_V6,
     diff::{
         APP, Expect,
@@ -197,7 +197,7 @@ fn tproxy_mode() {
         tcp(
             "app to remote (outbound is REDIRECT in TPROXY mode too)",
             APP,
-            sa(tests::REMOTE_V4, 8080),
+            sa(testkit::REMOTE_V4, 8080),
         ),
     ];
     let expect: [(&str, Expect); 8] = [

@@ -7,7 +7,7 @@
 
 use std::process::{Command, Output};
 
-use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_bin};
+use testkit::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_bin};
 
 /// `unshare UNSHARE -- sh -c SCRIPT capture ARGS…` inside `ns`, with a clean environment: the script runs
 /// first in the new namespaces, then `exec "$0" "$@"` runs capture.

@@ -1,6 +1,6 @@
 //! The iptables backend applied for real in a throwaway pod namespace with the injector's default flags.
 
-use tests::{INJECTOR_DEFAULT_FLAGS, Listeners, Pod, REMOTE_V4, capture, connect_as, sa};
+use testkit::{INJECTOR_DEFAULT_FLAGS, Listeners, Pod, REMOTE_V4, capture, connect_as, sa};
 
 const APP: (u32, u32) = (1000, 1000);
 const PROXY: (u32, u32) = (1337, 1337);
@@ -84,5 +84,5 @@ fn run_validation_passes_as_the_proxy_user_and_fails_otherwise() {
     let out = capture(&pod.pod, &apply);
     assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
 
-    tests::assert_validation(&pod.pod, None, &apply, PROXY, APP);
+    testkit::assert_validation(&pod.pod, None, &apply, PROXY, APP);
 }

@@ -3,7 +3,7 @@
 //! `--backend auto` it gets the iptables backend instead, and says why. This kernel has every feature, so
 //! the missing one is named in `CAPTURE_ASSUME_MISSING`, the documented way to try a kernel without it.
 
-use tests::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_with_env};
+use testkit::{BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Netns, capture_with_env};
 
 /// Treated as missing: sk_lookup programs, first in Linux 5.9.
 const MISSING: (&str, &str) = ("CAPTURE_ASSUME_MISSING", "sk_lookup");

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{
+use testkit::{
     BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, InCgroup, Netns, Pod, REMOTE_V4, capture, echo::EchoServer, sa,
     sidecar::Sidecar,
 };
@@ -367,7 +367,7 @@ fn fast_open_data_keeps_its_place_in_the_stream() {
     let [tcp, accel] = both("acc-tfo", |w| {
         // Data in the SYN with no cookie (0x4), and the server taking it without one on any listener
         // (0x200 | 0x400): the first bytes arrive before either socket is established.
-        tests::run(w.pod.pod.command("sysctl").args(["-qw", "net.ipv4.tcp_fastopen=1543"]));
+        testkit::run(w.pod.pod.command("sysctl").args(["-qw", "net.ipv4.tcp_fastopen=1543"]));
         // The reader waits until everything has arrived, so any bytes that overtook others would be read
         // first.
         let server = local_reader(w, 9, Duration::from_millis(500));

@@ -1,9 +1,9 @@
-//! The differential suite for outbound capture (see `tests::diff`): every connection case from the pod
+//! The differential suite for outbound capture (see `testkit::diff`): every connection case from the pod
 //! runs under both backends and must end the same way.
 
 use std::net::Ipv6Addr;
 
-use tests::{
+use testkit::{
     POD_V4, POD_V6, REMOTE_V4, REMOTE_V6,
     diff::{
         APP, PROXY, PROXY_GROUP, REMOTE2_V4, REMOTE2_V6, after_failure, bound, differential, fastopen, mapped,

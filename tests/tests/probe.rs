@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use tests::{Cgroup, Connect, Listeners, POD_V4, POD_V6, Pod, REMOTE_V4, REMOTE_V6, connect_as, connect_with, sa};
+use testkit::{Cgroup, Connect, Listeners, POD_V4, POD_V6, Pod, REMOTE_V4, REMOTE_V6, connect_as, connect_with, sa};
 
 const APP: (u32, u32) = (1000, 1000);
 

@@ -6,7 +6,7 @@
 
 use std::io::ErrorKind;
 
-use tests::{
+use testkit::{
     POD_V4, POD_V6, REMOTE_V4, REMOTE_V6,
     diff::{
         APP, Expect,

@@ -111,8 +111,8 @@ fn checked(cmd: &mut Command) -> Result<()> {
 struct Built {
     /// The `capture` binary.
     capture: PathBuf,
-    /// The tests' client/server process, `capture-probe` (package `tests`), handed to the tests and the demo
-    /// as `$CAPTURE_PROBE_BIN`.
+    /// The tests' client/server process, `capture-probe` (package `capture-testkit`), handed to the tests and
+    /// the demo as `$CAPTURE_PROBE_BIN`.
     probe: PathBuf,
 }
 
@@ -127,7 +127,7 @@ fn build() -> Result<Built> {
         "--bin",
         "capture",
         "--package",
-        "tests",
+        "capture-testkit",
         "--bin",
         "capture-probe",
     ]))?;
@@ -209,7 +209,7 @@ fn main() -> Result<()> {
                         "--quiet",
                         "--release",
                         "--package",
-                        "tests",
+                        "capture-bench",
                         "--bin",
                         "capture-bench",
                         "--",
@@ -228,11 +228,19 @@ fn main() -> Result<()> {
             setup::ensure()?;
             let built = build()?;
             if flags.is_empty() {
-                // The demo lives in the tests crate, next to the harness it uses; it is built only after
+                // The demo lives in the test kit, next to the harness it uses; it is built only after
                 // set-up, since building it builds the kernel programs.
                 return checked(
                     cargo()
-                        .args(["run", "--quiet", "--package", "tests", "--bin", "capture-demo", "--"])
+                        .args([
+                            "run",
+                            "--quiet",
+                            "--package",
+                            "capture-testkit",
+                            "--bin",
+                            "capture-demo",
+                            "--",
+                        ])
                         .arg(&built.capture)
                         .args([&backend, &seconds.to_string()])
                         .env("CAPTURE_PROBE_BIN", &built.probe),

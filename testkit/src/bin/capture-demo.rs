@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use tests::{
+use testkit::{
     BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Listeners, POD_V4, Pod, REMOTE_V4, capture_with_env, connect_as, sa,
     sidecar::{Forwarded, Sidecar},
 };
@@ -86,7 +86,7 @@ fn run(capture: &Path, backend: &str, seconds: u64) -> Result<()> {
     let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         round += 1;
-        let calls: [(&str, &tests::Netns, (u32, u32), SocketAddr); 3] = [
+        let calls: [(&str, &testkit::Netns, (u32, u32), SocketAddr); 3] = [
             ("app (uid 1000) -> remote", &pod.pod, APP, sa(REMOTE_V4, REMOTE_PORT)),
             ("remote -> app", &pod.remote, (0, 0), sa(POD_V4, APP_PORT)),
             (

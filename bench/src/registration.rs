@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ::tests::{BpfPins, Cgroup, Netns};
 use anyhow::{Context as _, Result, bail};
+use testkit::{BpfPins, Cgroup, Netns};
 
 use crate::{Progress, topology::default_flags};
 

@@ -16,8 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ::tests::Netns;
 use anyhow::Result;
+use testkit::Netns;
 
 use crate::{
     Progress,
@@ -213,7 +213,7 @@ mod tests {
             "consecutive, disjoint /27s"
         );
         assert_eq!(all.rsplit(',').next(), Some("198.19.255.224/27"));
-        for ip in [::tests::REMOTE_V4, Ipv4Addr::LOCALHOST] {
+        for ip in [testkit::REMOTE_V4, Ipv4Addr::LOCALHOST] {
             let ip = u32::from(ip);
             assert!(starts.iter().all(|s| ip < *s || ip >= s + 32), "{ip} is excluded");
         }

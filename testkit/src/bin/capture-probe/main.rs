@@ -10,6 +10,8 @@
 //! capture-probe hold <sidecar addr:port> <first destination addr:port>
 //! ```
 //!
+//! Every line printed is a [`Line`] (`testkit::protocol`), except `hold`'s answers to its commands.
+//!
 //! `connect` prints `ok <local addr:port>` and exits 0, or prints `err <text>` and exits 1. Over TCP it
 //! waits for the one byte every probe listener sends; with `--fastopen` it connects by `sendto` with
 //! `MSG_FASTOPEN` carrying one byte; with `--udp` it sends `ping` on a connected UDP socket and waits for
@@ -35,6 +37,7 @@ use std::{
 
 use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrLike as _, SockaddrStorage};
+use testkit::protocol::{Accepted, Datagram, Line};
 
 const USAGE: &str = "usage: capture-probe connect <addr:port> [--bind <ip>] [--fastopen] [--udp] \
                      [--sendto] [--first <addr:port>] [--reuseport <port>] [--timeout-ms N] [--count N]\n       capture-probe listen <addr:port>... [--udp <addr:port>]... [--transparent]\n       capture-probe hold <sidecar addr:port> <first destination addr:port>";
@@ -59,19 +62,19 @@ fn main() -> ExitCode {
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            emit(&format!("err {e}"));
+            emit(Line::Err(e));
             ExitCode::from(1)
         }
         // Exit 2: the harness called us wrong, which it must not mistake for a failed connection.
         Err(usage) => {
-            emit(&format!("err {usage}"));
+            emit(Line::Err(usage));
             ExitCode::from(2)
         }
     }
 }
 
-/// Prints one line and flushes; a parent that stopped listening ends the probe.
-fn emit(line: &str) {
+/// Prints one line (a [`Line`], or `hold`'s own) and flushes; a parent that stopped listening ends the probe.
+fn emit(line: impl std::fmt::Display) {
     let mut out = io::stdout().lock();
     if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
         std::process::exit(1);
@@ -147,23 +150,29 @@ fn connect_args(args: &[String]) -> Result<ConnectArgs, String> {
 fn connect(args: ConnectArgs) -> Result<(), String> {
     // Each step is bounded by `timeout`; this bounds the whole probe even if the kernel does not honour one.
     // The budget per connection is this machine's, stretched where the tests run slower (the harness's time scale).
-    let budget = LOAD_BUDGET_PER_CONNECTION * tests::time_scale() * args.count;
+    let budget = LOAD_BUDGET_PER_CONNECTION * testkit::time_scale() * args.count;
     let limit = args.timeout * 3 + Duration::from_secs(1) + budget;
     std::thread::spawn(move || {
         std::thread::sleep(limit);
-        emit(&format!("err probe: no result after {limit:?}"));
+        emit(Line::Err(format!("probe: no result after {limit:?}")));
         std::process::exit(1);
     });
     if args.udp {
         let (local, from) = connect_udp(&args)?;
-        emit(&format!("ok {local} from {from}"));
+        emit(Line::Ok {
+            local,
+            from: Some(from),
+        });
         return Ok(());
     }
     let mut local = None;
     for _ in 0..args.count.max(1) {
         local = Some(connect_tcp(&args)?);
     }
-    emit(&format!("ok {}", local.expect("at least one connection")));
+    emit(Line::Ok {
+        local: local.expect("at least one connection"),
+        from: None,
+    });
     Ok(())
 }
 
@@ -346,7 +355,7 @@ fn listen(ListenArgs { tcp, udp, transparent }: ListenArgs) -> Result<(), String
     for sock in udp {
         std::thread::spawn(move || serve_udp(sock));
     }
-    emit("ready");
+    emit(Line::Ready);
     // Until the parent closes our stdin (or dies).
     let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
     Ok(())
@@ -386,8 +395,11 @@ fn serve_tcp(listener: TcpListener) {
         } else {
             original_dst(fd, true)
         };
-        let dst = dst.map_or_else(|_| "-".to_owned(), |d| d.to_string());
-        emit(&format!("accepted {port} {peer} {dst}"));
+        emit(Line::Accepted(Accepted {
+            listener: port,
+            peer,
+            original_dst: dst.ok(),
+        }));
         std::thread::spawn(move || {
             let _ = conn.write_all(&[1]);
             let _ = conn.shutdown(std::net::Shutdown::Write);
@@ -409,7 +421,7 @@ fn serve_udp(sock: UdpSocket) {
     loop {
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
-                emit(&format!("udp {port} {peer}"));
+                emit(Line::Udp(Datagram { listener: port, peer }));
                 let _ = sock.send_to(&buf[..n], peer);
             }
             Err(e) => {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use tests::{
+use testkit::{
     BpfPins, INJECTOR_DEFAULT_FLAGS, Netns, Pod, REMOTE_V4, capture_with_env, sa,
     sidecar::{Forwarded, Sidecar},
 };
@@ -42,7 +42,7 @@ pub const BULK: u8 = b'B';
 /// Which proxy forwards the app's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proxy {
-    /// The harness's forwarding proxy (`tests/src/sidecar.rs`): a thread per connection, `SO_ORIGINAL_DST`.
+    /// The harness's forwarding proxy (`testkit/src/sidecar.rs`): a thread per connection, `SO_ORIGINAL_DST`.
     Ours,
     /// Debian's HAProxy: `server 0.0.0.0` forwards to the original destination (`SO_ORIGINAL_DST`).
     Haproxy,
@@ -76,7 +76,7 @@ impl Topology {
         let pod = Pod::new("bench");
         // Many short connections: let clients reuse ports in TIME_WAIT, as a busy pod would be tuned.
         for ns in [&pod.pod, &pod.remote] {
-            tests::run(ns.command("sysctl").args([
+            testkit::run(ns.command("sysctl").args([
                 "-qw",
                 "net.ipv4.tcp_tw_reuse=1",
                 "net.ipv4.ip_local_port_range=1024 65000",
@@ -305,7 +305,7 @@ impl Haproxy {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?)
             .process_group(0);
-        tests::run_as(&mut cmd, PROXY);
+        testkit::run_as(&mut cmd, PROXY);
         let child = cmd
             .spawn()
             .context("start haproxy (installed by `cargo xtask setup`)")?;

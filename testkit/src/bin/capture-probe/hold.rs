@@ -33,6 +33,7 @@ use std::{
 
 use capture::sockopt::original_dst;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
+use testkit::protocol::Line;
 
 use crate::emit;
 
@@ -104,7 +105,7 @@ pub fn hold(args: HoldArgs) -> Result<(), String> {
         app: Vec::new(),
         accepted: Vec::new(),
     };
-    emit("ready");
+    emit(Line::Ready);
     for line in io::stdin().lock().lines() {
         let line = line.map_err(|e| format!("stdin: {e}"))?;
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -113,14 +114,14 @@ pub fn hold(args: HoldArgs) -> Result<(), String> {
                 let number = |s: &str| s.parse::<u32>().map_err(|e| format!("connect {s:?}: {e}"));
                 let n = number(n)?;
                 held.connect(number(from)?, n)?;
-                emit(&format!("connected {n}"));
+                emit(format!("connected {n}"));
             }
             ["accept"] => {
                 let start = held.accepted.len();
                 held.accept()?;
-                emit(&held.check(start));
+                emit(held.check(start));
             }
-            ["recheck"] => emit(&held.check(0)),
+            ["recheck"] => emit(held.check(0)),
             _ => return Err(format!("hold: unknown command {line:?}")),
         }
     }
@@ -215,7 +216,7 @@ impl Held {
         }
         if let Some((peer, got, expected)) = first_wrong {
             let show = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_owned(), |a| a.to_string());
-            emit(&format!("first-wrong {} {got} {}", show(peer), show(expected)));
+            emit(format!("first-wrong {} {got} {}", show(peer), show(expected)));
         }
         format!(
             "checked {} right {right} wrong {wrong} none {none}",

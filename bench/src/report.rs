@@ -340,7 +340,7 @@ impl Results {
             let _ = writeln!(
                 out,
                 "| persistent p50/p99, eBPF with loopback acceleration / iptables | ≤ 0.80 | — | not measured: no \
-                 such mode yet (`MODES` in tests/src/bin/capture-bench/modes.rs) |"
+                 such mode yet (`MODES` in bench/src/modes.rs) |"
             );
         }
         for (axis, series) in [
