@@ -5,9 +5,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 
 use crate::{
-    ebpf,
-    flags::{Action, Backend, Invocation},
-    iptables, namespace, validation,
+    config::{Action, Backend, Invocation},
+    ebpf, iptables, namespace, validation,
 };
 
 /// istio-iptables' exit code when `--run-validation` fails.

@@ -1,11 +1,17 @@
 //! The validated capture configuration: what istio-iptables' flags and env vars mean, after parsing.
 //!
-//! [`crate::flags`] builds a [`Config`] from the command line and the environment; the backends only ever
-//! see a [`Config`], so every value here has already been checked.
+//! [`crate::flags`] builds a [`Config`] and its [`Options`] from the command line and the environment; the
+//! backends only ever see these, so every value here has already been checked.
 
 use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
+
+pub mod options;
+
+pub use options::{
+    Action, Backend, DEFAULT_PIN_DIR, DEFAULT_RESOLV_CONF, Invocation, IptablesFlavour, LogLevel, Options,
+};
 
 /// Inbound interception mode (`-m`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,7 +16,10 @@ use ipnet::{IpNet, Ipv4Net};
 
 use capture_common::maps::MAX_PROXY_IDS;
 
-use crate::config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, MAX_OWNER_GROUPS, Owner, OwnerGroups};
+use crate::config::{
+    Action, Backend, Config, DEFAULT_PIN_DIR, DEFAULT_RESOLV_CONF, InboundPorts, IncludeCidrs, InterceptionMode,
+    Invocation, IptablesFlavour, LogLevel, MAX_OWNER_GROUPS, Options, Owner, OwnerGroups,
+};
 
 /// What kind of value a flag takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,106 +357,6 @@ pub const ENV_DRY_RUN_FILE: &str = "DRY_RUN_FILE_PATH";
 const DEFAULT_ENVOY_USER: &str = "istio-proxy";
 const DEFAULT_PROXY_ID: u32 = 1337;
 
-/// Which backend applies the capture (`--backend`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// Kernel programs attached to a cgroup, configured through maps.
-    Ebpf,
-    /// The iptables rules istio-iptables writes.
-    Iptables,
-    /// eBPF if the kernel has every feature it needs, else iptables; decided when `capture` runs.
-    Auto,
-}
-
-/// iptables binary flavour (`--force-iptables-binary`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IptablesFlavour {
-    /// The system default (`iptables-restore`).
-    Auto,
-    /// `iptables-legacy-restore`.
-    Legacy,
-    /// `iptables-nft-restore`.
-    Nft,
-}
-
-/// How much the kernel programs log (`--log-level`): compiled in, off unless asked.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogLevel {
-    /// No records (the default): the programs only test a global and go on.
-    Off = 0,
-    /// aya-log's levels, in its numbering.
-    Error = 1,
-    /// See [`LogLevel::Error`].
-    Warn = 2,
-    /// See [`LogLevel::Error`].
-    Info = 3,
-    /// One record per connect judged in a registered namespace.
-    Debug = 4,
-    /// See [`LogLevel::Error`].
-    Trace = 5,
-}
-
-impl LogLevel {
-    /// The matching userspace filter.
-    pub fn filter(self) -> log::LevelFilter {
-        match self {
-            LogLevel::Off => log::LevelFilter::Off,
-            LogLevel::Error => log::LevelFilter::Error,
-            LogLevel::Warn => log::LevelFilter::Warn,
-            LogLevel::Info => log::LevelFilter::Info,
-            LogLevel::Debug => log::LevelFilter::Debug,
-            LogLevel::Trace => log::LevelFilter::Trace,
-        }
-    }
-}
-
-/// What to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Apply capture to the namespace (the default, like istio-iptables).
-    Apply,
-    /// Remove capture from the namespace (`capture clean`, `--cleanup-only`).
-    Clean,
-    /// Show what is applied (`capture status`).
-    Status,
-}
-
-/// Everything besides the capture rules themselves: how and where to apply them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Options {
-    /// What to do.
-    pub action: Action,
-    /// `--backend`.
-    pub backend: Backend,
-    /// `--cgroup`: where the eBPF programs attach (default: the cgroup v2 root, found at run time).
-    pub cgroup: Option<PathBuf>,
-    /// `--pin-dir`: the eBPF backend's bpffs directory.
-    pub pin_dir: PathBuf,
-    /// `--log-level`: the eBPF programs' logging, forwarded while `capture` runs.
-    pub log_level: LogLevel,
-    /// `--resolv-conf`: where DNS servers are read from.
-    pub resolv_conf: PathBuf,
-    /// `-n/--dry-run`.
-    pub dry_run: bool,
-    /// `DRY_RUN_FILE_PATH`: write the dry-run output here instead of stdout.
-    pub dry_run_file: Option<PathBuf>,
-    /// `--network-namespace`.
-    pub network_namespace: Option<PathBuf>,
-    /// `--run-validation`.
-    pub run_validation: bool,
-    /// `--skip-rule-apply`.
-    pub skip_rule_apply: bool,
-    /// `--iptables-probe-port`.
-    pub probe_port: u16,
-    /// `--probe-timeout`.
-    pub probe_timeout: Duration,
-    /// `--native-nftables`.
-    pub native_nftables: bool,
-    /// `--force-iptables-binary`.
-    pub iptables_flavour: IptablesFlavour,
-}
-
 /// A bad input: one line naming where the value came from, the value, and what is wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid value {value:?} for {origin}: {reason}")]
@@ -610,15 +513,6 @@ fn our_args() -> [Arg; 6] {
     ]
 }
 
-/// A parsed invocation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Invocation {
-    /// The capture configuration.
-    pub config: Config,
-    /// How and where to apply it.
-    pub options: Options,
-}
-
 /// Parses argv (including the program name) and the environment. Pure: it reads only its arguments (and
 /// the user database, for `-u`/`-g` names) and applies nothing.
 pub fn parse<I, T>(args: I, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, ParseError>
@@ -773,8 +667,9 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
             config: Config::default(),
             options: Options {
                 backend,
+                action: Action::Status,
                 pin_dir: pin_dir(ours("pin-dir")),
-                ..default_options(Action::Status)
+                ..Options::default()
             },
         });
     }
@@ -967,7 +862,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         cgroup: ours("cgroup").map(PathBuf::from),
         pin_dir: pin_dir(ours("pin-dir")),
         log_level,
-        resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from),
+        resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF), PathBuf::from),
         dry_run: boolean_value(&get("dry-run"))?,
         dry_run_file: env(ENV_DRY_RUN_FILE).filter(|p| !p.is_empty()).map(PathBuf::from),
         network_namespace: non_empty_path(get("network-namespace")),
@@ -982,27 +877,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
 }
 
 fn pin_dir(given: Option<String>) -> PathBuf {
-    given.map_or_else(|| PathBuf::from(crate::ebpf::DEFAULT_PIN_DIR), PathBuf::from)
-}
-
-fn default_options(action: Action) -> Options {
-    Options {
-        action,
-        backend: Backend::Ebpf,
-        cgroup: None,
-        pin_dir: pin_dir(None),
-        log_level: LogLevel::Off,
-        resolv_conf: PathBuf::from("/etc/resolv.conf"),
-        dry_run: false,
-        dry_run_file: None,
-        network_namespace: None,
-        run_validation: false,
-        skip_rule_apply: false,
-        probe_port: 15002,
-        probe_timeout: Duration::from_secs(5),
-        native_nftables: false,
-        iptables_flavour: IptablesFlavour::Auto,
-    }
+    given.map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), PathBuf::from)
 }
 
 /// A pseudo-spec for env-only inputs, so their errors read like the flags'.

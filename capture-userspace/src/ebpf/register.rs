@@ -17,8 +17,7 @@ use super::{
     sk_lookup::{self, Spares},
 };
 use crate::{
-    config::Environment,
-    flags::{Invocation, LogLevel},
+    config::{Environment, Invocation, LogLevel},
     namespace,
 };
 

@@ -8,10 +8,7 @@ pub mod routes;
 
 use anyhow::Result;
 
-use crate::{
-    config::Environment,
-    flags::{Action, Invocation},
-};
+use crate::config::{Action, Environment, Invocation};
 
 /// Runs one invocation with the iptables backend in the current network namespace; returns what to print.
 pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
