@@ -47,7 +47,7 @@ pub fn run(inv: &Invocation) -> Result<ExitCode> {
         namespace::enter(ns)?;
     }
     let env = namespace::detect(&inv.config, &opts.resolv_conf)?;
-    if inv.config.redirect_dns && !inv.config.dns_effective(&env) {
+    if inv.config.redirect_dns && !env.dns_effective(&inv.config) {
         eprintln!(
             "capture: warning: --redirect-dns is on but {} lists no nameserver and --capture-all-dns is off: DNS is not captured",
             opts.resolv_conf.display()

@@ -36,8 +36,8 @@ use self::{
     status::{describe, status},
 };
 use crate::{
-    config::{Action, Environment, Invocation, LogLevel},
-    namespace,
+    config::{Action, Invocation, LogLevel},
+    namespace::{self, Environment},
 };
 
 /// Runs one invocation with the eBPF backend in the current network namespace; returns what to print.

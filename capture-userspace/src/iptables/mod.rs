@@ -8,7 +8,10 @@ pub mod routes;
 
 use anyhow::Result;
 
-use crate::config::{Action, Environment, Invocation};
+use crate::{
+    config::{Action, Invocation},
+    namespace::Environment,
+};
 
 /// Runs one invocation with the iptables backend in the current network namespace; returns what to print.
 pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
