@@ -1,7 +1,7 @@
 //! The command line: istio-iptables' flags and env vars, with istio's names, defaults and precedence, plus
 //! capture's own flags; parsed and validated into a [`Config`] and [`Options`].
 //!
-//! One table, [`ISTIO_FLAGS`], describes every istio-iptables flag: its short and long names, the env vars
+//! One table, [`IstioFlag::spec`], describes every istio-iptables flag: its short and long names, the env vars
 //! that set it and its default. The clap command, the env lookup and the README's flag table all come
 //! from it. Precedence is istio's: command line > additional env var > primary env var > default.
 //!
@@ -31,7 +31,7 @@ pub enum Kind {
 }
 
 /// One istio-iptables flag.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct FlagSpec {
     /// Long name, without dashes.
     pub long: &'static str,
@@ -84,263 +84,409 @@ const fn boolean(
     }
 }
 
-/// Every flag istio-iptables accepts (`docs/istio-rules.md#capture-flags` and `#behaviour-flags`), in istio's order.
-pub const ISTIO_FLAGS: &[FlagSpec] = &[
-    value(
-        "envoy-port",
-        Some('p'),
-        None,
-        "15001",
-        "Port the proxy's outbound listener accepts captured connections on (ENVOY_PORT is not read, as in istio)",
-    ),
-    value(
-        "inbound-capture-port",
-        Some('z'),
-        Some("INBOUND_CAPTURE_PORT"),
-        "15006",
-        "Port the proxy's inbound listener accepts captured connections on",
-    ),
-    value(
-        "inbound-tunnel-port",
-        Some('e'),
-        Some("INBOUND_TUNNEL_PORT"),
-        "15008",
-        "HBONE tunnel port: not captured inbound in REDIRECT mode (TPROXY mode captures it, as Istio's mangle rules do: their RETURN for it is in nat only), not redirected for the proxy",
-    ),
-    value(
-        "proxy-uid",
-        Some('u'),
-        Some("PROXY_UID"),
-        "",
-        "Proxy uids (comma list) whose traffic is not captured; default: uid of $ENVOY_USER (istio-proxy) or 1337",
-    ),
-    value(
-        "proxy-gid",
-        Some('g'),
-        Some("PROXY_GID"),
-        "",
-        "Proxy gids (comma list) whose traffic is not captured; default: the proxy uids",
-    ),
-    value(
-        "istio-inbound-interception-mode",
-        Some('m'),
-        Some("ISTIO_INBOUND_INTERCEPTION_MODE"),
-        "",
-        "Inbound interception mode: REDIRECT or TPROXY",
-    ),
-    value(
-        "istio-inbound-tproxy-mark",
-        Some('t'),
-        Some("ISTIO_INBOUND_TPROXY_MARK"),
-        "1337",
-        "TPROXY fwmark",
-    ),
-    value(
-        "istio-inbound-tproxy-route-table",
-        Some('r'),
-        Some("ISTIO_INBOUND_TPROXY_ROUTE_TABLE"),
-        "133",
-        "TPROXY routing table",
-    ),
-    value(
-        "istio-inbound-ports",
-        Some('b'),
-        Some("ISTIO_INBOUND_PORTS"),
-        "",
-        "Inbound ports to capture: '*' for all, a comma list, or empty for none",
-    ),
-    value(
-        "istio-local-exclude-ports",
-        Some('d'),
-        Some("ISTIO_LOCAL_EXCLUDE_PORTS"),
-        "",
-        "Inbound ports not to capture (only with -b '*')",
-    ),
-    value(
-        "istio-exclude-interfaces",
-        Some('c'),
-        Some("ISTIO_EXCLUDE_INTERFACES"),
-        "",
-        "Interfaces whose traffic is never captured",
-    ),
-    value(
-        "istio-service-cidr",
-        Some('i'),
-        Some("ISTIO_SERVICE_CIDR"),
-        "",
-        "Outbound destinations to capture: '*' for all, a comma list of CIDRs, or empty for none",
-    ),
-    value(
-        "istio-service-exclude-cidr",
-        Some('x'),
-        Some("ISTIO_SERVICE_EXCLUDE_CIDR"),
-        "",
-        "Outbound destination CIDRs never captured",
-    ),
-    value(
-        "istio-outbound-ports",
-        Some('q'),
-        Some("ISTIO_OUTBOUND_PORTS"),
-        "",
-        "Outbound TCP ports captured to any non-excluded destination",
-    ),
-    value(
-        "istio-local-outbound-ports-exclude",
-        Some('o'),
-        Some("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
-        "",
-        "Outbound TCP/UDP ports never captured (wins over every other rule)",
-    ),
-    value(
-        "kube-virt-interfaces",
-        Some('k'),
-        Some("KUBE_VIRT_INTERFACES"),
-        "",
-        "Interfaces whose inbound traffic is treated as outbound",
-    ),
-    FlagSpec {
-        kind: Kind::Bool,
-        ..value(
-            "dry-run",
-            Some('n'),
-            Some("DRY_RUN"),
-            "false",
-            "Print what would be applied; apply nothing",
-        )
-    },
-    boolean(
-        "redirect-dns",
-        "REDIRECT_DNS",
-        Some("ISTIO_META_DNS_CAPTURE"),
-        "Capture DNS (TCP and UDP port 53) to the agent's DNS proxy on 15053",
-    ),
-    boolean(
-        "capture-all-dns",
-        "CAPTURE_ALL_DNS",
-        None,
-        "With --redirect-dns: capture all port-53 traffic, not only to resolv.conf servers",
-    ),
-    boolean(
-        "drop-invalid",
-        "DROP_INVALID",
-        Some("INVALID_DROP"),
-        "Drop packets conntrack marks INVALID",
-    ),
-    boolean(
-        "dual-stack",
-        "DUAL_STACK",
-        Some("ISTIO_DUAL_STACK"),
-        "Enable IPv6 capture whenever the namespace has any global IPv6 address",
-    ),
-    value(
-        "network-namespace",
-        None,
-        Some("NETWORK_NAMESPACE"),
-        "",
-        "Apply in this network namespace (a path such as /var/run/netns/pod) instead of the current one",
-    ),
-    boolean(
-        "cni-mode",
-        "CNI_MODE",
-        None,
-        "Accepted for compatibility (istio: pod-scoped xtables lock)",
-    ),
-    boolean(
-        "run-validation",
-        "RUN_VALIDATION",
-        None,
-        "After applying, check that redirection works; exit 126 if not",
-    ),
-    boolean(
-        "skip-rule-apply",
-        "SKIP_RULE_APPLY",
-        None,
-        "Do not apply anything (with --run-validation: only validate)",
-    ),
-    value(
-        "iptables-probe-port",
-        None,
-        Some("IPTABLES_PROBE_PORT"),
-        "15002",
-        "Original destination port of the validation probe",
-    ),
-    value(
-        "probe-timeout",
-        None,
-        Some("PROBE_TIMEOUT"),
-        "5s",
-        "Validation timeout (a Go-style duration such as 5s or 500ms)",
-    ),
-    boolean(
-        "reconcile",
-        "RECONCILE",
-        None,
-        "Accepted for compatibility: re-applying always replaces existing capture state",
-    ),
-    boolean(
-        "cleanup-only",
-        "CLEANUP_ONLY",
-        None,
-        "Remove capture from the namespace and exit (same as `capture clean`)",
-    ),
-    boolean(
-        "force-apply",
-        "FORCE_APPLY",
-        None,
-        "Accepted for compatibility: applying is always idempotent",
-    ),
-    boolean(
-        "native-nftables",
-        "NATIVE_NFTABLES",
-        None,
-        "istio's nftables mode: not supported by the iptables backend; ignored by the eBPF backend",
-    ),
-    value(
-        "force-iptables-binary",
-        None,
-        Some("FORCE_IPTABLES_BINARY"),
-        "",
-        "iptables binary flavour for the iptables backend: '', legacy or nft",
-    ),
-    value(
-        "log_output_level",
-        None,
-        None,
-        "default:info,grpc:none",
-        "Accepted for compatibility (istio logging)",
-    ),
-    FlagSpec {
-        kind: Kind::Bool,
-        ..value(
-            "log_as_json",
-            None,
-            None,
-            "false",
-            "Accepted for compatibility (istio logging)",
-        )
-    },
-    value(
-        "log_caller",
-        None,
-        None,
-        "",
-        "Accepted for compatibility (istio logging)",
-    ),
-    value(
-        "log_stacktrace_level",
-        None,
-        None,
-        "default:none",
-        "Accepted for compatibility (istio logging)",
-    ),
-    value(
-        "log_target",
-        None,
-        None,
-        "stdout",
-        "Accepted for compatibility (istio logging)",
-    ),
-];
+/// Every flag istio-iptables accepts (`docs/istio-rules.md#capture-flags` and `#behaviour-flags`), in istio's
+/// order: the parser looks flags up by variant, so a flag that is not in the table does not compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IstioFlag {
+    /// `--envoy-port`.
+    EnvoyPort,
+    /// `--inbound-capture-port`.
+    InboundCapturePort,
+    /// `--inbound-tunnel-port`.
+    InboundTunnelPort,
+    /// `--proxy-uid`.
+    ProxyUid,
+    /// `--proxy-gid`.
+    ProxyGid,
+    /// `--istio-inbound-interception-mode`.
+    IstioInboundInterceptionMode,
+    /// `--istio-inbound-tproxy-mark`.
+    IstioInboundTproxyMark,
+    /// `--istio-inbound-tproxy-route-table`.
+    IstioInboundTproxyRouteTable,
+    /// `--istio-inbound-ports`.
+    IstioInboundPorts,
+    /// `--istio-local-exclude-ports`.
+    IstioLocalExcludePorts,
+    /// `--istio-exclude-interfaces`.
+    IstioExcludeInterfaces,
+    /// `--istio-service-cidr`.
+    IstioServiceCidr,
+    /// `--istio-service-exclude-cidr`.
+    IstioServiceExcludeCidr,
+    /// `--istio-outbound-ports`.
+    IstioOutboundPorts,
+    /// `--istio-local-outbound-ports-exclude`.
+    IstioLocalOutboundPortsExclude,
+    /// `--kube-virt-interfaces`.
+    KubeVirtInterfaces,
+    /// `--dry-run`.
+    DryRun,
+    /// `--redirect-dns`.
+    RedirectDns,
+    /// `--capture-all-dns`.
+    CaptureAllDns,
+    /// `--drop-invalid`.
+    DropInvalid,
+    /// `--dual-stack`.
+    DualStack,
+    /// `--network-namespace`.
+    NetworkNamespace,
+    /// `--cni-mode`.
+    CniMode,
+    /// `--run-validation`.
+    RunValidation,
+    /// `--skip-rule-apply`.
+    SkipRuleApply,
+    /// `--iptables-probe-port`.
+    IptablesProbePort,
+    /// `--probe-timeout`.
+    ProbeTimeout,
+    /// `--reconcile`.
+    Reconcile,
+    /// `--cleanup-only`.
+    CleanupOnly,
+    /// `--force-apply`.
+    ForceApply,
+    /// `--native-nftables`.
+    NativeNftables,
+    /// `--force-iptables-binary`.
+    ForceIptablesBinary,
+    /// `--log_output_level`.
+    LogOutputLevel,
+    /// `--log_as_json`.
+    LogAsJson,
+    /// `--log_caller`.
+    LogCaller,
+    /// `--log_stacktrace_level`.
+    LogStacktraceLevel,
+    /// `--log_target`.
+    LogTarget,
+}
+
+impl IstioFlag {
+    /// Every variant, in istio's order (a test checks that none is missing).
+    pub const ALL: [IstioFlag; 37] = [
+        IstioFlag::EnvoyPort,
+        IstioFlag::InboundCapturePort,
+        IstioFlag::InboundTunnelPort,
+        IstioFlag::ProxyUid,
+        IstioFlag::ProxyGid,
+        IstioFlag::IstioInboundInterceptionMode,
+        IstioFlag::IstioInboundTproxyMark,
+        IstioFlag::IstioInboundTproxyRouteTable,
+        IstioFlag::IstioInboundPorts,
+        IstioFlag::IstioLocalExcludePorts,
+        IstioFlag::IstioExcludeInterfaces,
+        IstioFlag::IstioServiceCidr,
+        IstioFlag::IstioServiceExcludeCidr,
+        IstioFlag::IstioOutboundPorts,
+        IstioFlag::IstioLocalOutboundPortsExclude,
+        IstioFlag::KubeVirtInterfaces,
+        IstioFlag::DryRun,
+        IstioFlag::RedirectDns,
+        IstioFlag::CaptureAllDns,
+        IstioFlag::DropInvalid,
+        IstioFlag::DualStack,
+        IstioFlag::NetworkNamespace,
+        IstioFlag::CniMode,
+        IstioFlag::RunValidation,
+        IstioFlag::SkipRuleApply,
+        IstioFlag::IptablesProbePort,
+        IstioFlag::ProbeTimeout,
+        IstioFlag::Reconcile,
+        IstioFlag::CleanupOnly,
+        IstioFlag::ForceApply,
+        IstioFlag::NativeNftables,
+        IstioFlag::ForceIptablesBinary,
+        IstioFlag::LogOutputLevel,
+        IstioFlag::LogAsJson,
+        IstioFlag::LogCaller,
+        IstioFlag::LogStacktraceLevel,
+        IstioFlag::LogTarget,
+    ];
+
+    /// The flag's names, env vars, default and help: the one place they are written.
+    pub const fn spec(self) -> FlagSpec {
+        match self {
+            IstioFlag::EnvoyPort => value(
+                "envoy-port",
+                Some('p'),
+                None,
+                "15001",
+                "Port the proxy's outbound listener accepts captured connections on (ENVOY_PORT is not read, as in istio)",
+            ),
+            IstioFlag::InboundCapturePort => value(
+                "inbound-capture-port",
+                Some('z'),
+                Some("INBOUND_CAPTURE_PORT"),
+                "15006",
+                "Port the proxy's inbound listener accepts captured connections on",
+            ),
+            IstioFlag::InboundTunnelPort => value(
+                "inbound-tunnel-port",
+                Some('e'),
+                Some("INBOUND_TUNNEL_PORT"),
+                "15008",
+                "HBONE tunnel port: not captured inbound in REDIRECT mode (TPROXY mode captures it, as Istio's mangle rules do: their RETURN for it is in nat only), not redirected for the proxy",
+            ),
+            IstioFlag::ProxyUid => value(
+                "proxy-uid",
+                Some('u'),
+                Some("PROXY_UID"),
+                "",
+                "Proxy uids (comma list) whose traffic is not captured; default: uid of $ENVOY_USER (istio-proxy) or 1337",
+            ),
+            IstioFlag::ProxyGid => value(
+                "proxy-gid",
+                Some('g'),
+                Some("PROXY_GID"),
+                "",
+                "Proxy gids (comma list) whose traffic is not captured; default: the proxy uids",
+            ),
+            IstioFlag::IstioInboundInterceptionMode => value(
+                "istio-inbound-interception-mode",
+                Some('m'),
+                Some("ISTIO_INBOUND_INTERCEPTION_MODE"),
+                "",
+                "Inbound interception mode: REDIRECT or TPROXY",
+            ),
+            IstioFlag::IstioInboundTproxyMark => value(
+                "istio-inbound-tproxy-mark",
+                Some('t'),
+                Some("ISTIO_INBOUND_TPROXY_MARK"),
+                "1337",
+                "TPROXY fwmark",
+            ),
+            IstioFlag::IstioInboundTproxyRouteTable => value(
+                "istio-inbound-tproxy-route-table",
+                Some('r'),
+                Some("ISTIO_INBOUND_TPROXY_ROUTE_TABLE"),
+                "133",
+                "TPROXY routing table",
+            ),
+            IstioFlag::IstioInboundPorts => value(
+                "istio-inbound-ports",
+                Some('b'),
+                Some("ISTIO_INBOUND_PORTS"),
+                "",
+                "Inbound ports to capture: '*' for all, a comma list, or empty for none",
+            ),
+            IstioFlag::IstioLocalExcludePorts => value(
+                "istio-local-exclude-ports",
+                Some('d'),
+                Some("ISTIO_LOCAL_EXCLUDE_PORTS"),
+                "",
+                "Inbound ports not to capture (only with -b '*')",
+            ),
+            IstioFlag::IstioExcludeInterfaces => value(
+                "istio-exclude-interfaces",
+                Some('c'),
+                Some("ISTIO_EXCLUDE_INTERFACES"),
+                "",
+                "Interfaces whose traffic is never captured",
+            ),
+            IstioFlag::IstioServiceCidr => value(
+                "istio-service-cidr",
+                Some('i'),
+                Some("ISTIO_SERVICE_CIDR"),
+                "",
+                "Outbound destinations to capture: '*' for all, a comma list of CIDRs, or empty for none",
+            ),
+            IstioFlag::IstioServiceExcludeCidr => value(
+                "istio-service-exclude-cidr",
+                Some('x'),
+                Some("ISTIO_SERVICE_EXCLUDE_CIDR"),
+                "",
+                "Outbound destination CIDRs never captured",
+            ),
+            IstioFlag::IstioOutboundPorts => value(
+                "istio-outbound-ports",
+                Some('q'),
+                Some("ISTIO_OUTBOUND_PORTS"),
+                "",
+                "Outbound TCP ports captured to any non-excluded destination",
+            ),
+            IstioFlag::IstioLocalOutboundPortsExclude => value(
+                "istio-local-outbound-ports-exclude",
+                Some('o'),
+                Some("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
+                "",
+                "Outbound TCP/UDP ports never captured (wins over every other rule)",
+            ),
+            IstioFlag::KubeVirtInterfaces => value(
+                "kube-virt-interfaces",
+                Some('k'),
+                Some("KUBE_VIRT_INTERFACES"),
+                "",
+                "Interfaces whose inbound traffic is treated as outbound",
+            ),
+            IstioFlag::DryRun => FlagSpec {
+                kind: Kind::Bool,
+                ..value(
+                    "dry-run",
+                    Some('n'),
+                    Some("DRY_RUN"),
+                    "false",
+                    "Print what would be applied; apply nothing",
+                )
+            },
+            IstioFlag::RedirectDns => boolean(
+                "redirect-dns",
+                "REDIRECT_DNS",
+                Some("ISTIO_META_DNS_CAPTURE"),
+                "Capture DNS (TCP and UDP port 53) to the agent's DNS proxy on 15053",
+            ),
+            IstioFlag::CaptureAllDns => boolean(
+                "capture-all-dns",
+                "CAPTURE_ALL_DNS",
+                None,
+                "With --redirect-dns: capture all port-53 traffic, not only to resolv.conf servers",
+            ),
+            IstioFlag::DropInvalid => boolean(
+                "drop-invalid",
+                "DROP_INVALID",
+                Some("INVALID_DROP"),
+                "Drop packets conntrack marks INVALID",
+            ),
+            IstioFlag::DualStack => boolean(
+                "dual-stack",
+                "DUAL_STACK",
+                Some("ISTIO_DUAL_STACK"),
+                "Enable IPv6 capture whenever the namespace has any global IPv6 address",
+            ),
+            IstioFlag::NetworkNamespace => value(
+                "network-namespace",
+                None,
+                Some("NETWORK_NAMESPACE"),
+                "",
+                "Apply in this network namespace (a path such as /var/run/netns/pod) instead of the current one",
+            ),
+            IstioFlag::CniMode => boolean(
+                "cni-mode",
+                "CNI_MODE",
+                None,
+                "Accepted for compatibility (istio: pod-scoped xtables lock)",
+            ),
+            IstioFlag::RunValidation => boolean(
+                "run-validation",
+                "RUN_VALIDATION",
+                None,
+                "After applying, check that redirection works; exit 126 if not",
+            ),
+            IstioFlag::SkipRuleApply => boolean(
+                "skip-rule-apply",
+                "SKIP_RULE_APPLY",
+                None,
+                "Do not apply anything (with --run-validation: only validate)",
+            ),
+            IstioFlag::IptablesProbePort => value(
+                "iptables-probe-port",
+                None,
+                Some("IPTABLES_PROBE_PORT"),
+                "15002",
+                "Original destination port of the validation probe",
+            ),
+            IstioFlag::ProbeTimeout => value(
+                "probe-timeout",
+                None,
+                Some("PROBE_TIMEOUT"),
+                "5s",
+                "Validation timeout (a Go-style duration such as 5s or 500ms)",
+            ),
+            IstioFlag::Reconcile => boolean(
+                "reconcile",
+                "RECONCILE",
+                None,
+                "Accepted for compatibility: re-applying always replaces existing capture state",
+            ),
+            IstioFlag::CleanupOnly => boolean(
+                "cleanup-only",
+                "CLEANUP_ONLY",
+                None,
+                "Remove capture from the namespace and exit (same as `capture clean`)",
+            ),
+            IstioFlag::ForceApply => boolean(
+                "force-apply",
+                "FORCE_APPLY",
+                None,
+                "Accepted for compatibility: applying is always idempotent",
+            ),
+            IstioFlag::NativeNftables => boolean(
+                "native-nftables",
+                "NATIVE_NFTABLES",
+                None,
+                "istio's nftables mode: not supported by the iptables backend; ignored by the eBPF backend",
+            ),
+            IstioFlag::ForceIptablesBinary => value(
+                "force-iptables-binary",
+                None,
+                Some("FORCE_IPTABLES_BINARY"),
+                "",
+                "iptables binary flavour for the iptables backend: '', legacy or nft",
+            ),
+            IstioFlag::LogOutputLevel => value(
+                "log_output_level",
+                None,
+                None,
+                "default:info,grpc:none",
+                "Accepted for compatibility (istio logging)",
+            ),
+            IstioFlag::LogAsJson => FlagSpec {
+                kind: Kind::Bool,
+                ..value(
+                    "log_as_json",
+                    None,
+                    None,
+                    "false",
+                    "Accepted for compatibility (istio logging)",
+                )
+            },
+            IstioFlag::LogCaller => value(
+                "log_caller",
+                None,
+                None,
+                "",
+                "Accepted for compatibility (istio logging)",
+            ),
+            IstioFlag::LogStacktraceLevel => value(
+                "log_stacktrace_level",
+                None,
+                None,
+                "default:none",
+                "Accepted for compatibility (istio logging)",
+            ),
+            IstioFlag::LogTarget => value(
+                "log_target",
+                None,
+                None,
+                "stdout",
+                "Accepted for compatibility (istio logging)",
+            ),
+        }
+    }
+
+    /// `-p/--envoy-port` or `--redirect-dns`: how errors name the flag.
+    fn name(self) -> String {
+        let spec = self.spec();
+        match spec.short {
+            Some(s) => format!("-{s}/--{}", spec.long),
+            None => format!("--{}", spec.long),
+        }
+    }
+}
+
+/// [`IstioFlag::spec`] of every flag, in istio's order: the clap command, the env lookup and the README's flag
+/// table come from it.
+pub const ISTIO_FLAGS: [FlagSpec; IstioFlag::ALL.len()] = {
+    let mut out = [IstioFlag::ALL[0].spec(); IstioFlag::ALL.len()];
+    let mut i = 1;
+    while i < out.len() {
+        out[i] = IstioFlag::ALL[i].spec();
+        i += 1;
+    }
+    out
+};
 
 /// Env-only inputs (`docs/istio-rules.md#env-only-inputs-and-derived-values`).
 pub const ENV_OWNER_GROUPS: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
@@ -410,19 +556,11 @@ impl Raw {
     }
 }
 
-/// `-p/--envoy-port` or `--redirect-dns`.
-fn flag_name(spec: &FlagSpec) -> String {
-    match spec.short {
-        Some(s) => format!("-{s}/--{}", spec.long),
-        None => format!("--{}", spec.long),
-    }
-}
-
 /// The clap command: istio's flags and ours on `capture`, and on `capture clean`; `capture status`.
 pub fn command() -> Command {
     // pflag lets a repeated flag override the earlier one; so do we.
     let apply_args = |cmd: Command| {
-        cmd.args(ISTIO_FLAGS.iter().map(istio_arg))
+        cmd.args(ISTIO_FLAGS.into_iter().map(istio_arg))
             .args(our_args())
             .args_override_self(true)
     };
@@ -443,7 +581,7 @@ pub fn command() -> Command {
     )
 }
 
-fn istio_arg(spec: &'static FlagSpec) -> Arg {
+fn istio_arg(spec: FlagSpec) -> Arg {
     let mut arg = Arg::new(spec.long).long(spec.long).help(spec.help);
     if let Some(short) = spec.short {
         arg = arg.short(short);
@@ -616,13 +754,10 @@ pub fn environment(
 
 /// Looks up one istio flag: command line, then the additional env var, then the primary one, then the
 /// default.
-fn raw(matches: &ArgMatches, long: &str, env: &dyn Fn(&str) -> Option<String>) -> Raw {
-    let spec = ISTIO_FLAGS
-        .iter()
-        .find(|s| s.long == long)
-        .unwrap_or_else(|| panic!("--{long} is not in ISTIO_FLAGS"));
-    let cli = matches.try_get_one::<String>(long).ok().flatten().cloned();
-    let name = flag_name(spec);
+fn raw(matches: &ArgMatches, flag: IstioFlag, env: &dyn Fn(&str) -> Option<String>) -> Raw {
+    let spec = flag.spec();
+    let cli = matches.try_get_one::<String>(spec.long).ok().flatten().cloned();
+    let name = flag.name();
     if let Some(value) = cli {
         return Raw {
             name,
@@ -647,7 +782,7 @@ fn raw(matches: &ArgMatches, long: &str, env: &dyn Fn(&str) -> Option<String>) -
 }
 
 fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, FlagError> {
-    let get = |long: &str| raw(m, long, env);
+    let get = |flag: IstioFlag| raw(m, flag, env);
     let ours = |name: &str| m.try_get_one::<String>(name).ok().flatten().cloned();
 
     let backend = match ours("backend").as_deref() {
@@ -674,14 +809,14 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         });
     }
 
-    let uid_raw = get("proxy-uid");
+    let uid_raw = get(IstioFlag::ProxyUid);
     let proxy_uids = match &uid_raw {
         r if r.value.is_empty() && r.origin == Origin::Default => {
             vec![default_proxy_user(env)]
         }
         r => owners(r, Ids::User)?,
     };
-    let proxy_gids = match get("proxy-gid") {
+    let proxy_gids = match get(IstioFlag::ProxyGid) {
         r if r.value.is_empty() && r.origin == Origin::Default => {
             // istio: "same string as the final ProxyUID", read as group ids; an error names both flags.
             let uids = proxy_uids
@@ -696,7 +831,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     };
 
     let mode = {
-        let r = get("istio-inbound-interception-mode");
+        let r = get(IstioFlag::IstioInboundInterceptionMode);
         match r.value.as_str() {
             "" | "REDIRECT" => InterceptionMode::Redirect,
             "TPROXY" => InterceptionMode::Tproxy,
@@ -705,7 +840,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     };
 
     let inbound_ports = {
-        let r = get("istio-inbound-ports");
+        let r = get(IstioFlag::IstioInboundPorts);
         match r.value.as_str() {
             "" => InboundPorts::None,
             "*" => InboundPorts::All,
@@ -714,7 +849,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     };
 
     let include_cidrs = {
-        let r = get("istio-service-cidr");
+        let r = get(IstioFlag::IstioServiceCidr);
         if r.value == "*" {
             IncludeCidrs::All
         } else {
@@ -722,7 +857,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
     };
     let exclude_cidrs = {
-        let r = get("istio-service-exclude-cidr");
+        let r = get(IstioFlag::IstioServiceExcludeCidr);
         if r.value == "*" {
             return Err(r.error("a wildcard exclude would turn outbound capture off; list CIDRs instead"));
         }
@@ -756,26 +891,26 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     };
 
     let config = Config {
-        proxy_port: port(&get("envoy-port"))?,
-        inbound_capture_port: port(&get("inbound-capture-port"))?,
-        inbound_tunnel_port: port(&get("inbound-tunnel-port"))?,
+        proxy_port: port(&get(IstioFlag::EnvoyPort))?,
+        inbound_capture_port: port(&get(IstioFlag::InboundCapturePort))?,
+        inbound_tunnel_port: port(&get(IstioFlag::InboundTunnelPort))?,
         proxy_uids,
         proxy_gids,
         mode,
-        tproxy_mark: number(&get("istio-inbound-tproxy-mark"))?,
-        tproxy_route_table: number(&get("istio-inbound-tproxy-route-table"))?,
+        tproxy_mark: number(&get(IstioFlag::IstioInboundTproxyMark))?,
+        tproxy_route_table: number(&get(IstioFlag::IstioInboundTproxyRouteTable))?,
         inbound_ports,
-        inbound_exclude_ports: ports(&get("istio-local-exclude-ports"))?,
-        exclude_interfaces: interfaces(&get("istio-exclude-interfaces"))?,
+        inbound_exclude_ports: ports(&get(IstioFlag::IstioLocalExcludePorts))?,
+        exclude_interfaces: interfaces(&get(IstioFlag::IstioExcludeInterfaces))?,
         include_cidrs,
         exclude_cidrs,
-        outbound_ports: ports(&get("istio-outbound-ports"))?,
-        outbound_exclude_ports: ports(&get("istio-local-outbound-ports-exclude"))?,
-        kube_virt_interfaces: interfaces(&get("kube-virt-interfaces"))?,
-        redirect_dns: boolean_value(&get("redirect-dns"))?,
-        capture_all_dns: boolean_value(&get("capture-all-dns"))?,
-        drop_invalid: boolean_value(&get("drop-invalid"))?,
-        dual_stack: boolean_value(&get("dual-stack"))?,
+        outbound_ports: ports(&get(IstioFlag::IstioOutboundPorts))?,
+        outbound_exclude_ports: ports(&get(IstioFlag::IstioLocalOutboundPortsExclude))?,
+        kube_virt_interfaces: interfaces(&get(IstioFlag::KubeVirtInterfaces))?,
+        redirect_dns: boolean_value(&get(IstioFlag::RedirectDns))?,
+        capture_all_dns: boolean_value(&get(IstioFlag::CaptureAllDns))?,
+        drop_invalid: boolean_value(&get(IstioFlag::DropInvalid))?,
+        dual_stack: boolean_value(&get(IstioFlag::DualStack))?,
         owner_groups,
         loopback_cidr_v4,
         loopback_accel: match ours("loopback-accel") {
@@ -795,9 +930,9 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         });
     }
 
-    let cleanup_only = boolean_value(&get("cleanup-only"))?;
+    let cleanup_only = boolean_value(&get(IstioFlag::CleanupOnly))?;
     let iptables_flavour = {
-        let r = get("force-iptables-binary");
+        let r = get(IstioFlag::ForceIptablesBinary);
         match r.value.as_str() {
             "" => IptablesFlavour::Auto,
             "legacy" => IptablesFlavour::Legacy,
@@ -806,18 +941,26 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
     };
     let probe_timeout = {
-        let r = get("probe-timeout");
+        let r = get(IstioFlag::ProbeTimeout);
         go_duration(&r.value).ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?
     };
     // Accepted for compatibility; validated so that a typo is still reported.
-    for flag in ["cni-mode", "reconcile", "force-apply", "log_as_json"] {
+    for flag in [
+        IstioFlag::CniMode,
+        IstioFlag::Reconcile,
+        IstioFlag::ForceApply,
+        IstioFlag::LogAsJson,
+    ] {
         boolean_value(&get(flag))?;
     }
     let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
 
     // `auto` is held to both backends' limits, so that the same flags are valid on every kernel.
     if backend != Backend::Iptables {
-        for (ids, flag) in [(&config.proxy_uids, "proxy-uid"), (&config.proxy_gids, "proxy-gid")] {
+        for (ids, flag) in [
+            (&config.proxy_uids, IstioFlag::ProxyUid),
+            (&config.proxy_gids, IstioFlag::ProxyGid),
+        ] {
             if ids.len() > MAX_PROXY_IDS {
                 let tokens: Vec<&str> = ids.iter().map(|o| o.token.as_str()).collect();
                 return Err(get(flag).error_for(
@@ -845,7 +988,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     };
 
     let native_nftables = {
-        let r = get("native-nftables");
+        let r = get(IstioFlag::NativeNftables);
         let on = boolean_value(&r)?;
         if on && backend != Backend::Ebpf {
             // The raw value, so that the error names the env var when that is where it came from.
@@ -863,12 +1006,12 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         pin_dir: pin_dir(ours("pin-dir")),
         log_level,
         resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF), PathBuf::from),
-        dry_run: boolean_value(&get("dry-run"))?,
+        dry_run: boolean_value(&get(IstioFlag::DryRun))?,
         dry_run_file: env(ENV_DRY_RUN_FILE).filter(|p| !p.is_empty()).map(PathBuf::from),
-        network_namespace: non_empty_path(get("network-namespace")),
-        run_validation: boolean_value(&get("run-validation"))?,
-        skip_rule_apply: boolean_value(&get("skip-rule-apply"))?,
-        probe_port: port(&get("iptables-probe-port"))?,
+        network_namespace: non_empty_path(get(IstioFlag::NetworkNamespace)),
+        run_validation: boolean_value(&get(IstioFlag::RunValidation))?,
+        skip_rule_apply: boolean_value(&get(IstioFlag::SkipRuleApply))?,
+        probe_port: port(&get(IstioFlag::IptablesProbePort))?,
         probe_timeout,
         native_nftables,
         iptables_flavour,
@@ -1064,4 +1207,18 @@ pub fn markdown_table() -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_istio_flag_is_listed_once_in_its_own_place() {
+        for (i, flag) in IstioFlag::ALL.into_iter().enumerate() {
+            assert_eq!(flag as usize, i, "{flag:?} is out of place in IstioFlag::ALL");
+        }
+        // The last variant closes the list: a variant added after it would have a larger discriminant.
+        assert_eq!(IstioFlag::LogTarget as usize + 1, IstioFlag::ALL.len());
+    }
 }
