@@ -11,7 +11,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgAction, ArgMatches, Command, ValueEnum};
 use ipnet::{IpNet, Ipv4Net};
 
 use capture_common::maps::MAX_PROXY_IDS;
@@ -785,18 +785,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     let get = |flag: IstioFlag| raw(m, flag, env);
     let ours = |name: &str| m.try_get_one::<String>(name).ok().flatten().cloned();
 
-    let backend = match ours("backend").as_deref() {
-        None | Some("ebpf") => Backend::Ebpf,
-        Some("iptables") => Backend::Iptables,
-        Some("auto") => Backend::Auto,
-        Some(other) => {
-            return Err(FlagError {
-                origin: "--backend".into(),
-                value: other.into(),
-                reason: "expected ebpf, iptables or auto".into(),
-            });
-        }
-    };
+    let backend = our_choice("--backend", ours("backend"), Backend::Ebpf)?;
     if action == Action::Status {
         return Ok(Invocation {
             config: Config::default(),
@@ -935,9 +924,12 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         let r = get(IstioFlag::ForceIptablesBinary);
         match r.value.as_str() {
             "" => IptablesFlavour::Auto,
-            "legacy" => IptablesFlavour::Legacy,
-            "nft" => IptablesFlavour::Nft,
-            _ => return Err(r.error("expected legacy, nft or an empty value")),
+            value => IptablesFlavour::from_str(value, false).map_err(|_| {
+                r.error(format!(
+                    "expected {}",
+                    one_of(&choices::<IptablesFlavour>(), "an empty value")
+                ))
+            })?,
         }
     };
     let probe_timeout = {
@@ -971,21 +963,7 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
     }
 
-    let log_level = match ours("log-level").as_deref() {
-        None | Some("off") => LogLevel::Off,
-        Some("error") => LogLevel::Error,
-        Some("warn") => LogLevel::Warn,
-        Some("info") => LogLevel::Info,
-        Some("debug") => LogLevel::Debug,
-        Some("trace") => LogLevel::Trace,
-        Some(other) => {
-            return Err(FlagError {
-                origin: "--log-level".into(),
-                value: other.into(),
-                reason: "expected off, error, warn, info, debug or trace".into(),
-            });
-        }
-    };
+    let log_level = our_choice("--log-level", ours("log-level"), LogLevel::Off)?;
 
     let native_nftables = {
         let r = get(IstioFlag::NativeNftables);
@@ -1017,6 +995,38 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         iptables_flavour,
     };
     Ok(Invocation { config, options })
+}
+
+/// The names of a [`ValueEnum`]'s values, in declaration order.
+fn choices<T: ValueEnum>() -> Vec<String> {
+    T::value_variants()
+        .iter()
+        .filter_map(|v| Some(v.to_possible_value()?.get_name().to_owned()))
+        .collect()
+}
+
+/// `a, b or last`.
+fn one_of(names: &[String], last: &str) -> String {
+    let mut out = names.join(", ");
+    out.push_str(" or ");
+    out.push_str(last);
+    out
+}
+
+/// One of capture's own enum flags: `default` when not given, else one of its values, exactly spelt.
+fn our_choice<T: ValueEnum>(flag: &str, given: Option<String>, default: T) -> Result<T, FlagError> {
+    let Some(value) = given else {
+        return Ok(default);
+    };
+    T::from_str(&value, false).map_err(|_| {
+        let mut names = choices::<T>();
+        let last = names.pop().unwrap_or_default();
+        FlagError {
+            origin: flag.into(),
+            value,
+            reason: format!("expected {}", one_of(&names, &last)),
+        }
+    })
 }
 
 fn pin_dir(given: Option<String>) -> PathBuf {
@@ -1220,5 +1230,25 @@ mod tests {
         }
         // The last variant closes the list: a variant added after it would have a larger discriminant.
         assert_eq!(IstioFlag::LogTarget as usize + 1, IstioFlag::ALL.len());
+    }
+
+    #[test]
+    fn our_enums_are_refused_with_their_values_in_order() {
+        let reason = |args: &[&str]| match parse(args.iter().copied(), &|_| None) {
+            Err(ParseError::Flag(e)) => e.to_string(),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(
+            reason(&["capture", "--backend", "bpf"]),
+            r#"invalid value "bpf" for --backend: expected ebpf, iptables or auto"#
+        );
+        assert_eq!(
+            reason(&["capture", "--log-level=Debug"]),
+            r#"invalid value "Debug" for --log-level: expected off, error, warn, info, debug or trace"#
+        );
+        assert_eq!(
+            reason(&["capture", "--force-iptables-binary", "auto"]),
+            r#"invalid value "auto" for --force-iptables-binary: expected legacy, nft or an empty value"#
+        );
     }
 }

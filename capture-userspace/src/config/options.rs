@@ -11,7 +11,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/capture";
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// Which backend applies the capture (`--backend`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
     /// Kernel programs attached to a cgroup, configured through maps.
     Ebpf,
@@ -22,9 +22,10 @@ pub enum Backend {
 }
 
 /// iptables binary flavour (`--force-iptables-binary`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum IptablesFlavour {
-    /// The system default (`iptables-restore`).
+    /// The system default (`iptables-restore`): the empty value, as in istio.
+    #[value(skip)]
     Auto,
     /// `iptables-legacy-restore`.
     Legacy,
@@ -34,7 +35,7 @@ pub enum IptablesFlavour {
 
 /// How much the kernel programs log (`--log-level`): compiled in, off unless asked.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogLevel {
     /// No records (the default): the programs only test a global and go on.
     Off = 0,
