@@ -781,31 +781,122 @@ fn raw(matches: &ArgMatches, flag: IstioFlag, env: &dyn Fn(&str) -> Option<Strin
     }
 }
 
-fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, FlagError> {
-    let get = |flag: IstioFlag| raw(m, flag, env);
-    let ours = |name: &str| m.try_get_one::<String>(name).ok().flatten().cloned();
+/// Where [`resolve`] reads its inputs: the parsed command line and the environment.
+struct Inputs<'a> {
+    matches: &'a ArgMatches,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
 
-    let backend = our_choice("--backend", ours("backend"), Backend::Ebpf)?;
+impl Inputs<'_> {
+    /// One istio flag, by [`raw`]'s precedence.
+    fn get(&self, flag: IstioFlag) -> Raw {
+        raw(self.matches, flag, self.env)
+    }
+
+    /// One of capture's own flags, if given.
+    fn ours(&self, name: &str) -> Option<String> {
+        self.matches.try_get_one::<String>(name).ok().flatten().cloned()
+    }
+
+    /// An env-only input, or its default.
+    fn env_only(&self, var: &'static str, default: &'static str) -> Raw {
+        env_raw(var, default, self.env)
+    }
+}
+
+/// Builds the invocation section by section (each builder reads and checks its own flags), then checks the
+/// rules that span sections in [`validate`].
+fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, FlagError> {
+    let input = Inputs { matches: m, env };
+    let backend = our_choice("--backend", input.ours("backend"), Backend::Ebpf)?;
     if action == Action::Status {
         return Ok(Invocation {
             config: Config::default(),
             options: Options {
                 backend,
                 action: Action::Status,
-                pin_dir: pin_dir(ours("pin-dir")),
+                pin_dir: pin_dir(input.ours("pin-dir")),
                 ..Options::default()
             },
         });
     }
+    let (proxy_uids, proxy_gids) = proxy_owners(&input)?;
+    let Mode {
+        mode,
+        tproxy_mark,
+        tproxy_route_table,
+    } = mode(&input)?;
+    let Inbound {
+        inbound_capture_port,
+        inbound_tunnel_port,
+        inbound_ports,
+        inbound_exclude_ports,
+    } = inbound(&input)?;
+    let Outbound {
+        proxy_port,
+        include_cidrs,
+        exclude_cidrs,
+        outbound_ports,
+        outbound_exclude_ports,
+        loopback_cidr_v4,
+    } = outbound(&input)?;
+    let (redirect_dns, capture_all_dns) = dns(&input)?;
+    let config = Config {
+        proxy_port,
+        inbound_capture_port,
+        inbound_tunnel_port,
+        proxy_uids,
+        proxy_gids,
+        mode,
+        tproxy_mark,
+        tproxy_route_table,
+        inbound_ports,
+        inbound_exclude_ports,
+        exclude_interfaces: interfaces(&input.get(IstioFlag::IstioExcludeInterfaces))?,
+        include_cidrs,
+        exclude_cidrs,
+        outbound_ports,
+        outbound_exclude_ports,
+        kube_virt_interfaces: interfaces(&input.get(IstioFlag::KubeVirtInterfaces))?,
+        redirect_dns,
+        capture_all_dns,
+        drop_invalid: boolean_value(&input.get(IstioFlag::DropInvalid))?,
+        dual_stack: boolean_value(&input.get(IstioFlag::DualStack))?,
+        owner_groups: owner_groups(&input)?,
+        loopback_cidr_v4,
+        loopback_accel: match input.ours("loopback-accel") {
+            None => false,
+            Some(value) => boolean_value(&Raw {
+                name: "--loopback-accel".into(),
+                value,
+                origin: Origin::Cli,
+            })?,
+        },
+    };
+    let options = options(&input, action, backend)?;
+    // Accepted for compatibility; validated so that a typo is still reported.
+    for flag in [
+        IstioFlag::CniMode,
+        IstioFlag::Reconcile,
+        IstioFlag::ForceApply,
+        IstioFlag::LogAsJson,
+    ] {
+        boolean_value(&input.get(flag))?;
+    }
+    validate(&input, &config, &options)?;
+    Ok(Invocation { config, options })
+}
 
-    let uid_raw = get(IstioFlag::ProxyUid);
+/// `-u` and `-g`: the proxy's uids (default: `$ENVOY_USER`'s) and gids (default: the uids, as group ids).
+fn proxy_owners(input: &Inputs) -> Result<(Vec<Owner>, Vec<Owner>), FlagError> {
+    let uid_raw = input.get(IstioFlag::ProxyUid);
     let proxy_uids = match &uid_raw {
         r if r.value.is_empty() && r.origin == Origin::Default => {
-            vec![default_proxy_user(env)]
+            vec![default_proxy_user(input.env)]
         }
         r => owners(r, Ids::User)?,
     };
-    let proxy_gids = match get(IstioFlag::ProxyGid) {
+    let proxy_gids = match input.get(IstioFlag::ProxyGid) {
         r if r.value.is_empty() && r.origin == Origin::Default => {
             // istio: "same string as the final ProxyUID", read as group ids; an error names both flags.
             let uids = proxy_uids
@@ -818,27 +909,69 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
         r => owners(&r, Ids::Group)?,
     };
+    Ok((proxy_uids, proxy_gids))
+}
 
-    let mode = {
-        let r = get(IstioFlag::IstioInboundInterceptionMode);
-        match r.value.as_str() {
-            "" | "REDIRECT" => InterceptionMode::Redirect,
-            "TPROXY" => InterceptionMode::Tproxy,
-            _ => return Err(r.error("expected REDIRECT or TPROXY")),
-        }
+/// The interception mode section.
+struct Mode {
+    mode: InterceptionMode,
+    tproxy_mark: u32,
+    tproxy_route_table: u32,
+}
+
+/// `-m`, `-t`, `-r`.
+fn mode(input: &Inputs) -> Result<Mode, FlagError> {
+    let r = input.get(IstioFlag::IstioInboundInterceptionMode);
+    let mode = match r.value.as_str() {
+        "" | "REDIRECT" => InterceptionMode::Redirect,
+        "TPROXY" => InterceptionMode::Tproxy,
+        _ => return Err(r.error("expected REDIRECT or TPROXY")),
     };
+    Ok(Mode {
+        mode,
+        tproxy_mark: number(&input.get(IstioFlag::IstioInboundTproxyMark))?,
+        tproxy_route_table: number(&input.get(IstioFlag::IstioInboundTproxyRouteTable))?,
+    })
+}
 
-    let inbound_ports = {
-        let r = get(IstioFlag::IstioInboundPorts);
-        match r.value.as_str() {
-            "" => InboundPorts::None,
-            "*" => InboundPorts::All,
-            _ => InboundPorts::List(ports(&r)?),
-        }
+/// The inbound section.
+struct Inbound {
+    inbound_capture_port: u16,
+    inbound_tunnel_port: u16,
+    inbound_ports: InboundPorts,
+    inbound_exclude_ports: Vec<u16>,
+}
+
+/// `-z`, `-e`, `-b`, `-d`.
+fn inbound(input: &Inputs) -> Result<Inbound, FlagError> {
+    let r = input.get(IstioFlag::IstioInboundPorts);
+    let inbound_ports = match r.value.as_str() {
+        "" => InboundPorts::None,
+        "*" => InboundPorts::All,
+        _ => InboundPorts::List(ports(&r)?),
     };
+    Ok(Inbound {
+        inbound_capture_port: port(&input.get(IstioFlag::InboundCapturePort))?,
+        inbound_tunnel_port: port(&input.get(IstioFlag::InboundTunnelPort))?,
+        inbound_ports,
+        inbound_exclude_ports: ports(&input.get(IstioFlag::IstioLocalExcludePorts))?,
+    })
+}
 
+/// The outbound section.
+struct Outbound {
+    proxy_port: u16,
+    include_cidrs: IncludeCidrs,
+    exclude_cidrs: Vec<IpNet>,
+    outbound_ports: Vec<u16>,
+    outbound_exclude_ports: Vec<u16>,
+    loopback_cidr_v4: Ipv4Net,
+}
+
+/// `-p`, `-i`, `-x`, `-q`, `-o` and `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`.
+fn outbound(input: &Inputs) -> Result<Outbound, FlagError> {
     let include_cidrs = {
-        let r = get(IstioFlag::IstioServiceCidr);
+        let r = input.get(IstioFlag::IstioServiceCidr);
         if r.value == "*" {
             IncludeCidrs::All
         } else {
@@ -846,29 +979,14 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
     };
     let exclude_cidrs = {
-        let r = get(IstioFlag::IstioServiceExcludeCidr);
+        let r = input.get(IstioFlag::IstioServiceExcludeCidr);
         if r.value == "*" {
             return Err(r.error("a wildcard exclude would turn outbound capture off; list CIDRs instead"));
         }
         cidrs(&r)?
     };
-
-    let owner_groups = {
-        let include = env_raw(ENV_OWNER_GROUPS, "*", env);
-        let exclude = env_raw(ENV_OWNER_GROUPS_EXCLUDE, "", env);
-        if include.value == "*" {
-            OwnerGroups::AllExcept(owners(&exclude, Ids::Group)?)
-        } else {
-            let groups = owners(&include, Ids::Group)?;
-            if groups.len() > MAX_OWNER_GROUPS {
-                return Err(include.error(format!("at most {MAX_OWNER_GROUPS} groups, got {}", groups.len())));
-            }
-            OwnerGroups::Only(groups)
-        }
-    };
-
     let loopback_cidr_v4 = {
-        let r = env_raw(ENV_LOOPBACK_CIDR, "127.0.0.1/32", env);
+        let r = input.env_only(ENV_LOOPBACK_CIDR, "127.0.0.1/32");
         let net: Ipv4Net = r
             .value
             .parse()
@@ -878,39 +996,81 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
         net
     };
-
-    let config = Config {
-        proxy_port: port(&get(IstioFlag::EnvoyPort))?,
-        inbound_capture_port: port(&get(IstioFlag::InboundCapturePort))?,
-        inbound_tunnel_port: port(&get(IstioFlag::InboundTunnelPort))?,
-        proxy_uids,
-        proxy_gids,
-        mode,
-        tproxy_mark: number(&get(IstioFlag::IstioInboundTproxyMark))?,
-        tproxy_route_table: number(&get(IstioFlag::IstioInboundTproxyRouteTable))?,
-        inbound_ports,
-        inbound_exclude_ports: ports(&get(IstioFlag::IstioLocalExcludePorts))?,
-        exclude_interfaces: interfaces(&get(IstioFlag::IstioExcludeInterfaces))?,
+    Ok(Outbound {
+        proxy_port: port(&input.get(IstioFlag::EnvoyPort))?,
         include_cidrs,
         exclude_cidrs,
-        outbound_ports: ports(&get(IstioFlag::IstioOutboundPorts))?,
-        outbound_exclude_ports: ports(&get(IstioFlag::IstioLocalOutboundPortsExclude))?,
-        kube_virt_interfaces: interfaces(&get(IstioFlag::KubeVirtInterfaces))?,
-        redirect_dns: boolean_value(&get(IstioFlag::RedirectDns))?,
-        capture_all_dns: boolean_value(&get(IstioFlag::CaptureAllDns))?,
-        drop_invalid: boolean_value(&get(IstioFlag::DropInvalid))?,
-        dual_stack: boolean_value(&get(IstioFlag::DualStack))?,
-        owner_groups,
+        outbound_ports: ports(&input.get(IstioFlag::IstioOutboundPorts))?,
+        outbound_exclude_ports: ports(&input.get(IstioFlag::IstioLocalOutboundPortsExclude))?,
         loopback_cidr_v4,
-        loopback_accel: match ours("loopback-accel") {
-            None => false,
-            Some(value) => boolean_value(&Raw {
-                name: "--loopback-accel".into(),
-                value,
-                origin: Origin::Cli,
-            })?,
-        },
+    })
+}
+
+/// `--redirect-dns` and `--capture-all-dns`.
+fn dns(input: &Inputs) -> Result<(bool, bool), FlagError> {
+    Ok((
+        boolean_value(&input.get(IstioFlag::RedirectDns))?,
+        boolean_value(&input.get(IstioFlag::CaptureAllDns))?,
+    ))
+}
+
+/// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`.
+fn owner_groups(input: &Inputs) -> Result<OwnerGroups, FlagError> {
+    let include = input.env_only(ENV_OWNER_GROUPS, "*");
+    let exclude = input.env_only(ENV_OWNER_GROUPS_EXCLUDE, "");
+    if include.value == "*" {
+        return Ok(OwnerGroups::AllExcept(owners(&exclude, Ids::Group)?));
+    }
+    let groups = owners(&include, Ids::Group)?;
+    if groups.len() > MAX_OWNER_GROUPS {
+        return Err(include.error(format!("at most {MAX_OWNER_GROUPS} groups, got {}", groups.len())));
+    }
+    Ok(OwnerGroups::Only(groups))
+}
+
+/// How and where to apply: capture's own flags and istio's behaviour flags.
+fn options(input: &Inputs, action: Action, backend: Backend) -> Result<Options, FlagError> {
+    let r = input.get(IstioFlag::ForceIptablesBinary);
+    let iptables_flavour = match r.value.as_str() {
+        "" => IptablesFlavour::Auto,
+        value => IptablesFlavour::from_str(value, false).map_err(|_| {
+            r.error(format!(
+                "expected {}",
+                one_of(&choices::<IptablesFlavour>(), "an empty value")
+            ))
+        })?,
     };
+    let r = input.get(IstioFlag::ProbeTimeout);
+    let probe_timeout =
+        go_duration(&r.value).ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?;
+    let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
+    let cleanup_only = boolean_value(&input.get(IstioFlag::CleanupOnly))?;
+    Ok(Options {
+        action: if cleanup_only { Action::Clean } else { action },
+        backend,
+        cgroup: input.ours("cgroup").map(PathBuf::from),
+        pin_dir: pin_dir(input.ours("pin-dir")),
+        log_level: our_choice("--log-level", input.ours("log-level"), LogLevel::Off)?,
+        resolv_conf: input
+            .ours("resolv-conf")
+            .map_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF), PathBuf::from),
+        dry_run: boolean_value(&input.get(IstioFlag::DryRun))?,
+        dry_run_file: (input.env)(ENV_DRY_RUN_FILE)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+        network_namespace: non_empty_path(input.get(IstioFlag::NetworkNamespace)),
+        run_validation: boolean_value(&input.get(IstioFlag::RunValidation))?,
+        skip_rule_apply: boolean_value(&input.get(IstioFlag::SkipRuleApply))?,
+        probe_port: port(&input.get(IstioFlag::IptablesProbePort))?,
+        probe_timeout,
+        native_nftables: boolean_value(&input.get(IstioFlag::NativeNftables))?,
+        iptables_flavour,
+    })
+}
+
+/// The rules that span sections: what a backend cannot do. Every value has been checked on its own by now.
+fn validate(input: &Inputs, config: &Config, options: &Options) -> Result<(), FlagError> {
+    let backend = options.backend;
     if config.loopback_accel && backend == Backend::Iptables {
         return Err(FlagError {
             origin: "--loopback-accel".into(),
@@ -918,35 +1078,6 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
             reason: "loopback acceleration is an eBPF program; drop the flag or use --backend ebpf".into(),
         });
     }
-
-    let cleanup_only = boolean_value(&get(IstioFlag::CleanupOnly))?;
-    let iptables_flavour = {
-        let r = get(IstioFlag::ForceIptablesBinary);
-        match r.value.as_str() {
-            "" => IptablesFlavour::Auto,
-            value => IptablesFlavour::from_str(value, false).map_err(|_| {
-                r.error(format!(
-                    "expected {}",
-                    one_of(&choices::<IptablesFlavour>(), "an empty value")
-                ))
-            })?,
-        }
-    };
-    let probe_timeout = {
-        let r = get(IstioFlag::ProbeTimeout);
-        go_duration(&r.value).ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?
-    };
-    // Accepted for compatibility; validated so that a typo is still reported.
-    for flag in [
-        IstioFlag::CniMode,
-        IstioFlag::Reconcile,
-        IstioFlag::ForceApply,
-        IstioFlag::LogAsJson,
-    ] {
-        boolean_value(&get(flag))?;
-    }
-    let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
-
     // `auto` is held to both backends' limits, so that the same flags are valid on every kernel.
     if backend != Backend::Iptables {
         for (ids, flag) in [
@@ -955,46 +1086,20 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         ] {
             if ids.len() > MAX_PROXY_IDS {
                 let tokens: Vec<&str> = ids.iter().map(|o| o.token.as_str()).collect();
-                return Err(get(flag).error_for(
+                return Err(input.get(flag).error_for(
                     &tokens.join(","),
                     format!("the eBPF backend takes at most {MAX_PROXY_IDS} ids (use --backend iptables for more)"),
                 ));
             }
         }
     }
-
-    let log_level = our_choice("--log-level", ours("log-level"), LogLevel::Off)?;
-
-    let native_nftables = {
-        let r = get(IstioFlag::NativeNftables);
-        let on = boolean_value(&r)?;
-        if on && backend != Backend::Ebpf {
-            // The raw value, so that the error names the env var when that is where it came from.
-            return Err(r.error(
-                "the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf",
-            ));
-        }
-        on
-    };
-
-    let options = Options {
-        action: if cleanup_only { Action::Clean } else { action },
-        backend,
-        cgroup: ours("cgroup").map(PathBuf::from),
-        pin_dir: pin_dir(ours("pin-dir")),
-        log_level,
-        resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF), PathBuf::from),
-        dry_run: boolean_value(&get(IstioFlag::DryRun))?,
-        dry_run_file: env(ENV_DRY_RUN_FILE).filter(|p| !p.is_empty()).map(PathBuf::from),
-        network_namespace: non_empty_path(get(IstioFlag::NetworkNamespace)),
-        run_validation: boolean_value(&get(IstioFlag::RunValidation))?,
-        skip_rule_apply: boolean_value(&get(IstioFlag::SkipRuleApply))?,
-        probe_port: port(&get(IstioFlag::IptablesProbePort))?,
-        probe_timeout,
-        native_nftables,
-        iptables_flavour,
-    };
-    Ok(Invocation { config, options })
+    if options.native_nftables && backend != Backend::Ebpf {
+        // The raw value, so that the error names the env var when that is where it came from.
+        return Err(input
+            .get(IstioFlag::NativeNftables)
+            .error("the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf"));
+    }
+    Ok(())
 }
 
 /// The names of a [`ValueEnum`]'s values, in declaration order.
