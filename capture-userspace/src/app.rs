@@ -5,9 +5,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 
 use crate::{
-    ebpf,
-    flags::{Action, Backend, Invocation},
-    iptables, namespace, validation,
+    config::{Action, Backend, Invocation},
+    ebpf, iptables, namespace, validation,
 };
 
 /// istio-iptables' exit code when `--run-validation` fails.
@@ -48,7 +47,7 @@ pub fn run(inv: &Invocation) -> Result<ExitCode> {
         namespace::enter(ns)?;
     }
     let env = namespace::detect(&inv.config, &opts.resolv_conf)?;
-    if inv.config.redirect_dns && !inv.config.dns_effective(&env) {
+    if inv.config.redirect_dns && !env.dns_effective(&inv.config) {
         eprintln!(
             "capture: warning: --redirect-dns is on but {} lists no nameserver and --capture-all-dns is off: DNS is not captured",
             opts.resolv_conf.display()

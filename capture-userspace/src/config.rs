@@ -1,11 +1,15 @@
 //! The validated capture configuration: what istio-iptables' flags and env vars mean, after parsing.
 //!
-//! [`crate::flags`] builds a [`Config`] from the command line and the environment; the backends only ever
-//! see a [`Config`], so every value here has already been checked.
-
-use std::net::IpAddr;
+//! [`crate::flags`] builds a [`Config`] and its [`Options`] from the command line and the environment; the
+//! backends only ever see these, so every value here has already been checked.
 
 use ipnet::{IpNet, Ipv4Net};
+
+pub mod options;
+
+pub use options::{
+    Action, Backend, DEFAULT_PIN_DIR, DEFAULT_RESOLV_CONF, Invocation, IptablesFlavour, LogLevel, Options,
+};
 
 /// Inbound interception mode (`-m`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,45 +165,6 @@ impl Default for Config {
             loopback_cidr_v4: "127.0.0.1/32".parse().expect("valid default loopback CIDR"),
             loopback_accel: false,
         }
-    }
-}
-
-/// A DNS server from resolv.conf. The text is kept because istio pastes it into rules verbatim
-/// (`::127.0.0.53` stays `::127.0.0.53`, where Rust would print `::7f00:35`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Nameserver {
-    /// The parsed address.
-    pub addr: IpAddr,
-    /// The address as written in resolv.conf.
-    pub text: String,
-}
-
-/// Facts about the target network namespace that istio-iptables detects rather than takes as flags.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Environment {
-    /// Whether IPv6 capture is on (istio's `EnableIPv6`): detected from the namespace's addresses.
-    pub ipv6: bool,
-    /// resolv.conf nameservers, read only when `--redirect-dns` is on and `--capture-all-dns` is off.
-    pub nameservers: Vec<Nameserver>,
-}
-
-impl Environment {
-    /// Nameservers of one family.
-    pub fn nameservers(&self, v6: bool) -> impl Iterator<Item = &Nameserver> {
-        self.nameservers.iter().filter(move |n| n.addr.is_ipv6() == v6)
-    }
-}
-
-impl Config {
-    /// istio's "DNS is effective": `--redirect-dns` and (capture-all or any nameserver of either family).
-    /// It changes the proxy-uid rules of both families.
-    pub fn dns_effective(&self, env: &Environment) -> bool {
-        self.redirect_dns && (self.capture_all_dns || !env.nameservers.is_empty())
-    }
-
-    /// DNS capture for one family: effective and (capture-all or a nameserver of that family).
-    pub fn dns_effective_for(&self, env: &Environment, v6: bool) -> bool {
-        self.redirect_dns && (self.capture_all_dns || env.nameservers(v6).next().is_some())
     }
 }
 

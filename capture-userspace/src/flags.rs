@@ -1,7 +1,7 @@
 //! The command line: istio-iptables' flags and env vars, with istio's names, defaults and precedence, plus
 //! capture's own flags; parsed and validated into a [`Config`] and [`Options`].
 //!
-//! One table, [`ISTIO_FLAGS`], describes every istio-iptables flag: its short and long names, the env vars
+//! One table, [`IstioFlag::spec`], describes every istio-iptables flag: its short and long names, the env vars
 //! that set it and its default. The clap command, the env lookup and the README's flag table all come
 //! from it. Precedence is istio's: command line > additional env var > primary env var > default.
 //!
@@ -11,12 +11,15 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgAction, ArgMatches, Command, ValueEnum};
 use ipnet::{IpNet, Ipv4Net};
 
 use capture_common::maps::MAX_PROXY_IDS;
 
-use crate::config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, MAX_OWNER_GROUPS, Owner, OwnerGroups};
+use crate::config::{
+    Action, Backend, Config, DEFAULT_PIN_DIR, DEFAULT_RESOLV_CONF, InboundPorts, IncludeCidrs, InterceptionMode,
+    Invocation, IptablesFlavour, LogLevel, MAX_OWNER_GROUPS, Options, Owner, OwnerGroups,
+};
 
 /// What kind of value a flag takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +31,7 @@ pub enum Kind {
 }
 
 /// One istio-iptables flag.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct FlagSpec {
     /// Long name, without dashes.
     pub long: &'static str,
@@ -81,263 +84,409 @@ const fn boolean(
     }
 }
 
-/// Every flag istio-iptables accepts (`docs/istio-rules.md#capture-flags` and `#behaviour-flags`), in istio's order.
-pub const ISTIO_FLAGS: &[FlagSpec] = &[
-    value(
-        "envoy-port",
-        Some('p'),
-        None,
-        "15001",
-        "Port the proxy's outbound listener accepts captured connections on (ENVOY_PORT is not read, as in istio)",
-    ),
-    value(
-        "inbound-capture-port",
-        Some('z'),
-        Some("INBOUND_CAPTURE_PORT"),
-        "15006",
-        "Port the proxy's inbound listener accepts captured connections on",
-    ),
-    value(
-        "inbound-tunnel-port",
-        Some('e'),
-        Some("INBOUND_TUNNEL_PORT"),
-        "15008",
-        "HBONE tunnel port: not captured inbound in REDIRECT mode (TPROXY mode captures it, as Istio's mangle rules do: their RETURN for it is in nat only), not redirected for the proxy",
-    ),
-    value(
-        "proxy-uid",
-        Some('u'),
-        Some("PROXY_UID"),
-        "",
-        "Proxy uids (comma list) whose traffic is not captured; default: uid of $ENVOY_USER (istio-proxy) or 1337",
-    ),
-    value(
-        "proxy-gid",
-        Some('g'),
-        Some("PROXY_GID"),
-        "",
-        "Proxy gids (comma list) whose traffic is not captured; default: the proxy uids",
-    ),
-    value(
-        "istio-inbound-interception-mode",
-        Some('m'),
-        Some("ISTIO_INBOUND_INTERCEPTION_MODE"),
-        "",
-        "Inbound interception mode: REDIRECT or TPROXY",
-    ),
-    value(
-        "istio-inbound-tproxy-mark",
-        Some('t'),
-        Some("ISTIO_INBOUND_TPROXY_MARK"),
-        "1337",
-        "TPROXY fwmark",
-    ),
-    value(
-        "istio-inbound-tproxy-route-table",
-        Some('r'),
-        Some("ISTIO_INBOUND_TPROXY_ROUTE_TABLE"),
-        "133",
-        "TPROXY routing table",
-    ),
-    value(
-        "istio-inbound-ports",
-        Some('b'),
-        Some("ISTIO_INBOUND_PORTS"),
-        "",
-        "Inbound ports to capture: '*' for all, a comma list, or empty for none",
-    ),
-    value(
-        "istio-local-exclude-ports",
-        Some('d'),
-        Some("ISTIO_LOCAL_EXCLUDE_PORTS"),
-        "",
-        "Inbound ports not to capture (only with -b '*')",
-    ),
-    value(
-        "istio-exclude-interfaces",
-        Some('c'),
-        Some("ISTIO_EXCLUDE_INTERFACES"),
-        "",
-        "Interfaces whose traffic is never captured",
-    ),
-    value(
-        "istio-service-cidr",
-        Some('i'),
-        Some("ISTIO_SERVICE_CIDR"),
-        "",
-        "Outbound destinations to capture: '*' for all, a comma list of CIDRs, or empty for none",
-    ),
-    value(
-        "istio-service-exclude-cidr",
-        Some('x'),
-        Some("ISTIO_SERVICE_EXCLUDE_CIDR"),
-        "",
-        "Outbound destination CIDRs never captured",
-    ),
-    value(
-        "istio-outbound-ports",
-        Some('q'),
-        Some("ISTIO_OUTBOUND_PORTS"),
-        "",
-        "Outbound TCP ports captured to any non-excluded destination",
-    ),
-    value(
-        "istio-local-outbound-ports-exclude",
-        Some('o'),
-        Some("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
-        "",
-        "Outbound TCP/UDP ports never captured (wins over every other rule)",
-    ),
-    value(
-        "kube-virt-interfaces",
-        Some('k'),
-        Some("KUBE_VIRT_INTERFACES"),
-        "",
-        "Interfaces whose inbound traffic is treated as outbound",
-    ),
-    FlagSpec {
-        kind: Kind::Bool,
-        ..value(
-            "dry-run",
-            Some('n'),
-            Some("DRY_RUN"),
-            "false",
-            "Print what would be applied; apply nothing",
-        )
-    },
-    boolean(
-        "redirect-dns",
-        "REDIRECT_DNS",
-        Some("ISTIO_META_DNS_CAPTURE"),
-        "Capture DNS (TCP and UDP port 53) to the agent's DNS proxy on 15053",
-    ),
-    boolean(
-        "capture-all-dns",
-        "CAPTURE_ALL_DNS",
-        None,
-        "With --redirect-dns: capture all port-53 traffic, not only to resolv.conf servers",
-    ),
-    boolean(
-        "drop-invalid",
-        "DROP_INVALID",
-        Some("INVALID_DROP"),
-        "Drop packets conntrack marks INVALID",
-    ),
-    boolean(
-        "dual-stack",
-        "DUAL_STACK",
-        Some("ISTIO_DUAL_STACK"),
-        "Enable IPv6 capture whenever the namespace has any global IPv6 address",
-    ),
-    value(
-        "network-namespace",
-        None,
-        Some("NETWORK_NAMESPACE"),
-        "",
-        "Apply in this network namespace (a path such as /var/run/netns/pod) instead of the current one",
-    ),
-    boolean(
-        "cni-mode",
-        "CNI_MODE",
-        None,
-        "Accepted for compatibility (istio: pod-scoped xtables lock)",
-    ),
-    boolean(
-        "run-validation",
-        "RUN_VALIDATION",
-        None,
-        "After applying, check that redirection works; exit 126 if not",
-    ),
-    boolean(
-        "skip-rule-apply",
-        "SKIP_RULE_APPLY",
-        None,
-        "Do not apply anything (with --run-validation: only validate)",
-    ),
-    value(
-        "iptables-probe-port",
-        None,
-        Some("IPTABLES_PROBE_PORT"),
-        "15002",
-        "Original destination port of the validation probe",
-    ),
-    value(
-        "probe-timeout",
-        None,
-        Some("PROBE_TIMEOUT"),
-        "5s",
-        "Validation timeout (a Go-style duration such as 5s or 500ms)",
-    ),
-    boolean(
-        "reconcile",
-        "RECONCILE",
-        None,
-        "Accepted for compatibility: re-applying always replaces existing capture state",
-    ),
-    boolean(
-        "cleanup-only",
-        "CLEANUP_ONLY",
-        None,
-        "Remove capture from the namespace and exit (same as `capture clean`)",
-    ),
-    boolean(
-        "force-apply",
-        "FORCE_APPLY",
-        None,
-        "Accepted for compatibility: applying is always idempotent",
-    ),
-    boolean(
-        "native-nftables",
-        "NATIVE_NFTABLES",
-        None,
-        "istio's nftables mode: not supported by the iptables backend; ignored by the eBPF backend",
-    ),
-    value(
-        "force-iptables-binary",
-        None,
-        Some("FORCE_IPTABLES_BINARY"),
-        "",
-        "iptables binary flavour for the iptables backend: '', legacy or nft",
-    ),
-    value(
-        "log_output_level",
-        None,
-        None,
-        "default:info,grpc:none",
-        "Accepted for compatibility (istio logging)",
-    ),
-    FlagSpec {
-        kind: Kind::Bool,
-        ..value(
-            "log_as_json",
-            None,
-            None,
-            "false",
-            "Accepted for compatibility (istio logging)",
-        )
-    },
-    value(
-        "log_caller",
-        None,
-        None,
-        "",
-        "Accepted for compatibility (istio logging)",
-    ),
-    value(
-        "log_stacktrace_level",
-        None,
-        None,
-        "default:none",
-        "Accepted for compatibility (istio logging)",
-    ),
-    value(
-        "log_target",
-        None,
-        None,
-        "stdout",
-        "Accepted for compatibility (istio logging)",
-    ),
-];
+/// Every flag istio-iptables accepts (`docs/istio-rules.md#capture-flags` and `#behaviour-flags`), in istio's
+/// order: the parser looks flags up by variant, so a flag that is not in the table does not compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IstioFlag {
+    /// `--envoy-port`.
+    EnvoyPort,
+    /// `--inbound-capture-port`.
+    InboundCapturePort,
+    /// `--inbound-tunnel-port`.
+    InboundTunnelPort,
+    /// `--proxy-uid`.
+    ProxyUid,
+    /// `--proxy-gid`.
+    ProxyGid,
+    /// `--istio-inbound-interception-mode`.
+    IstioInboundInterceptionMode,
+    /// `--istio-inbound-tproxy-mark`.
+    IstioInboundTproxyMark,
+    /// `--istio-inbound-tproxy-route-table`.
+    IstioInboundTproxyRouteTable,
+    /// `--istio-inbound-ports`.
+    IstioInboundPorts,
+    /// `--istio-local-exclude-ports`.
+    IstioLocalExcludePorts,
+    /// `--istio-exclude-interfaces`.
+    IstioExcludeInterfaces,
+    /// `--istio-service-cidr`.
+    IstioServiceCidr,
+    /// `--istio-service-exclude-cidr`.
+    IstioServiceExcludeCidr,
+    /// `--istio-outbound-ports`.
+    IstioOutboundPorts,
+    /// `--istio-local-outbound-ports-exclude`.
+    IstioLocalOutboundPortsExclude,
+    /// `--kube-virt-interfaces`.
+    KubeVirtInterfaces,
+    /// `--dry-run`.
+    DryRun,
+    /// `--redirect-dns`.
+    RedirectDns,
+    /// `--capture-all-dns`.
+    CaptureAllDns,
+    /// `--drop-invalid`.
+    DropInvalid,
+    /// `--dual-stack`.
+    DualStack,
+    /// `--network-namespace`.
+    NetworkNamespace,
+    /// `--cni-mode`.
+    CniMode,
+    /// `--run-validation`.
+    RunValidation,
+    /// `--skip-rule-apply`.
+    SkipRuleApply,
+    /// `--iptables-probe-port`.
+    IptablesProbePort,
+    /// `--probe-timeout`.
+    ProbeTimeout,
+    /// `--reconcile`.
+    Reconcile,
+    /// `--cleanup-only`.
+    CleanupOnly,
+    /// `--force-apply`.
+    ForceApply,
+    /// `--native-nftables`.
+    NativeNftables,
+    /// `--force-iptables-binary`.
+    ForceIptablesBinary,
+    /// `--log_output_level`.
+    LogOutputLevel,
+    /// `--log_as_json`.
+    LogAsJson,
+    /// `--log_caller`.
+    LogCaller,
+    /// `--log_stacktrace_level`.
+    LogStacktraceLevel,
+    /// `--log_target`.
+    LogTarget,
+}
+
+impl IstioFlag {
+    /// Every variant, in istio's order (a test checks that none is missing).
+    pub const ALL: [IstioFlag; 37] = [
+        IstioFlag::EnvoyPort,
+        IstioFlag::InboundCapturePort,
+        IstioFlag::InboundTunnelPort,
+        IstioFlag::ProxyUid,
+        IstioFlag::ProxyGid,
+        IstioFlag::IstioInboundInterceptionMode,
+        IstioFlag::IstioInboundTproxyMark,
+        IstioFlag::IstioInboundTproxyRouteTable,
+        IstioFlag::IstioInboundPorts,
+        IstioFlag::IstioLocalExcludePorts,
+        IstioFlag::IstioExcludeInterfaces,
+        IstioFlag::IstioServiceCidr,
+        IstioFlag::IstioServiceExcludeCidr,
+        IstioFlag::IstioOutboundPorts,
+        IstioFlag::IstioLocalOutboundPortsExclude,
+        IstioFlag::KubeVirtInterfaces,
+        IstioFlag::DryRun,
+        IstioFlag::RedirectDns,
+        IstioFlag::CaptureAllDns,
+        IstioFlag::DropInvalid,
+        IstioFlag::DualStack,
+        IstioFlag::NetworkNamespace,
+        IstioFlag::CniMode,
+        IstioFlag::RunValidation,
+        IstioFlag::SkipRuleApply,
+        IstioFlag::IptablesProbePort,
+        IstioFlag::ProbeTimeout,
+        IstioFlag::Reconcile,
+        IstioFlag::CleanupOnly,
+        IstioFlag::ForceApply,
+        IstioFlag::NativeNftables,
+        IstioFlag::ForceIptablesBinary,
+        IstioFlag::LogOutputLevel,
+        IstioFlag::LogAsJson,
+        IstioFlag::LogCaller,
+        IstioFlag::LogStacktraceLevel,
+        IstioFlag::LogTarget,
+    ];
+
+    /// The flag's names, env vars, default and help: the one place they are written.
+    pub const fn spec(self) -> FlagSpec {
+        match self {
+            IstioFlag::EnvoyPort => value(
+                "envoy-port",
+                Some('p'),
+                None,
+                "15001",
+                "Port the proxy's outbound listener accepts captured connections on (ENVOY_PORT is not read, as in istio)",
+            ),
+            IstioFlag::InboundCapturePort => value(
+                "inbound-capture-port",
+                Some('z'),
+                Some("INBOUND_CAPTURE_PORT"),
+                "15006",
+                "Port the proxy's inbound listener accepts captured connections on",
+            ),
+            IstioFlag::InboundTunnelPort => value(
+                "inbound-tunnel-port",
+                Some('e'),
+                Some("INBOUND_TUNNEL_PORT"),
+                "15008",
+                "HBONE tunnel port: not captured inbound in REDIRECT mode (TPROXY mode captures it, as Istio's mangle rules do: their RETURN for it is in nat only), not redirected for the proxy",
+            ),
+            IstioFlag::ProxyUid => value(
+                "proxy-uid",
+                Some('u'),
+                Some("PROXY_UID"),
+                "",
+                "Proxy uids (comma list) whose traffic is not captured; default: uid of $ENVOY_USER (istio-proxy) or 1337",
+            ),
+            IstioFlag::ProxyGid => value(
+                "proxy-gid",
+                Some('g'),
+                Some("PROXY_GID"),
+                "",
+                "Proxy gids (comma list) whose traffic is not captured; default: the proxy uids",
+            ),
+            IstioFlag::IstioInboundInterceptionMode => value(
+                "istio-inbound-interception-mode",
+                Some('m'),
+                Some("ISTIO_INBOUND_INTERCEPTION_MODE"),
+                "",
+                "Inbound interception mode: REDIRECT or TPROXY",
+            ),
+            IstioFlag::IstioInboundTproxyMark => value(
+                "istio-inbound-tproxy-mark",
+                Some('t'),
+                Some("ISTIO_INBOUND_TPROXY_MARK"),
+                "1337",
+                "TPROXY fwmark",
+            ),
+            IstioFlag::IstioInboundTproxyRouteTable => value(
+                "istio-inbound-tproxy-route-table",
+                Some('r'),
+                Some("ISTIO_INBOUND_TPROXY_ROUTE_TABLE"),
+                "133",
+                "TPROXY routing table",
+            ),
+            IstioFlag::IstioInboundPorts => value(
+                "istio-inbound-ports",
+                Some('b'),
+                Some("ISTIO_INBOUND_PORTS"),
+                "",
+                "Inbound ports to capture: '*' for all, a comma list, or empty for none",
+            ),
+            IstioFlag::IstioLocalExcludePorts => value(
+                "istio-local-exclude-ports",
+                Some('d'),
+                Some("ISTIO_LOCAL_EXCLUDE_PORTS"),
+                "",
+                "Inbound ports not to capture (only with -b '*')",
+            ),
+            IstioFlag::IstioExcludeInterfaces => value(
+                "istio-exclude-interfaces",
+                Some('c'),
+                Some("ISTIO_EXCLUDE_INTERFACES"),
+                "",
+                "Interfaces whose traffic is never captured",
+            ),
+            IstioFlag::IstioServiceCidr => value(
+                "istio-service-cidr",
+                Some('i'),
+                Some("ISTIO_SERVICE_CIDR"),
+                "",
+                "Outbound destinations to capture: '*' for all, a comma list of CIDRs, or empty for none",
+            ),
+            IstioFlag::IstioServiceExcludeCidr => value(
+                "istio-service-exclude-cidr",
+                Some('x'),
+                Some("ISTIO_SERVICE_EXCLUDE_CIDR"),
+                "",
+                "Outbound destination CIDRs never captured",
+            ),
+            IstioFlag::IstioOutboundPorts => value(
+                "istio-outbound-ports",
+                Some('q'),
+                Some("ISTIO_OUTBOUND_PORTS"),
+                "",
+                "Outbound TCP ports captured to any non-excluded destination",
+            ),
+            IstioFlag::IstioLocalOutboundPortsExclude => value(
+                "istio-local-outbound-ports-exclude",
+                Some('o'),
+                Some("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
+                "",
+                "Outbound TCP/UDP ports never captured (wins over every other rule)",
+            ),
+            IstioFlag::KubeVirtInterfaces => value(
+                "kube-virt-interfaces",
+                Some('k'),
+                Some("KUBE_VIRT_INTERFACES"),
+                "",
+                "Interfaces whose inbound traffic is treated as outbound",
+            ),
+            IstioFlag::DryRun => FlagSpec {
+                kind: Kind::Bool,
+                ..value(
+                    "dry-run",
+                    Some('n'),
+                    Some("DRY_RUN"),
+                    "false",
+                    "Print what would be applied; apply nothing",
+                )
+            },
+            IstioFlag::RedirectDns => boolean(
+                "redirect-dns",
+                "REDIRECT_DNS",
+                Some("ISTIO_META_DNS_CAPTURE"),
+                "Capture DNS (TCP and UDP port 53) to the agent's DNS proxy on 15053",
+            ),
+            IstioFlag::CaptureAllDns => boolean(
+                "capture-all-dns",
+                "CAPTURE_ALL_DNS",
+                None,
+                "With --redirect-dns: capture all port-53 traffic, not only to resolv.conf servers",
+            ),
+            IstioFlag::DropInvalid => boolean(
+                "drop-invalid",
+                "DROP_INVALID",
+                Some("INVALID_DROP"),
+                "Drop packets conntrack marks INVALID",
+            ),
+            IstioFlag::DualStack => boolean(
+                "dual-stack",
+                "DUAL_STACK",
+                Some("ISTIO_DUAL_STACK"),
+                "Enable IPv6 capture whenever the namespace has any global IPv6 address",
+            ),
+            IstioFlag::NetworkNamespace => value(
+                "network-namespace",
+                None,
+                Some("NETWORK_NAMESPACE"),
+                "",
+                "Apply in this network namespace (a path such as /var/run/netns/pod) instead of the current one",
+            ),
+            IstioFlag::CniMode => boolean(
+                "cni-mode",
+                "CNI_MODE",
+                None,
+                "Accepted for compatibility (istio: pod-scoped xtables lock)",
+            ),
+            IstioFlag::RunValidation => boolean(
+                "run-validation",
+                "RUN_VALIDATION",
+                None,
+                "After applying, check that redirection works; exit 126 if not",
+            ),
+            IstioFlag::SkipRuleApply => boolean(
+                "skip-rule-apply",
+                "SKIP_RULE_APPLY",
+                None,
+                "Do not apply anything (with --run-validation: only validate)",
+            ),
+            IstioFlag::IptablesProbePort => value(
+                "iptables-probe-port",
+                None,
+                Some("IPTABLES_PROBE_PORT"),
+                "15002",
+                "Original destination port of the validation probe",
+            ),
+            IstioFlag::ProbeTimeout => value(
+                "probe-timeout",
+                None,
+                Some("PROBE_TIMEOUT"),
+                "5s",
+                "Validation timeout (a Go-style duration such as 5s or 500ms)",
+            ),
+            IstioFlag::Reconcile => boolean(
+                "reconcile",
+                "RECONCILE",
+                None,
+                "Accepted for compatibility: re-applying always replaces existing capture state",
+            ),
+            IstioFlag::CleanupOnly => boolean(
+                "cleanup-only",
+                "CLEANUP_ONLY",
+                None,
+                "Remove capture from the namespace and exit (same as `capture clean`)",
+            ),
+            IstioFlag::ForceApply => boolean(
+                "force-apply",
+                "FORCE_APPLY",
+                None,
+                "Accepted for compatibility: applying is always idempotent",
+            ),
+            IstioFlag::NativeNftables => boolean(
+                "native-nftables",
+                "NATIVE_NFTABLES",
+                None,
+                "istio's nftables mode: not supported by the iptables backend; ignored by the eBPF backend",
+            ),
+            IstioFlag::ForceIptablesBinary => value(
+                "force-iptables-binary",
+                None,
+                Some("FORCE_IPTABLES_BINARY"),
+                "",
+                "iptables binary flavour for the iptables backend: '', legacy or nft",
+            ),
+            IstioFlag::LogOutputLevel => value(
+                "log_output_level",
+                None,
+                None,
+                "default:info,grpc:none",
+                "Accepted for compatibility (istio logging)",
+            ),
+            IstioFlag::LogAsJson => FlagSpec {
+                kind: Kind::Bool,
+                ..value(
+                    "log_as_json",
+                    None,
+                    None,
+                    "false",
+                    "Accepted for compatibility (istio logging)",
+                )
+            },
+            IstioFlag::LogCaller => value(
+                "log_caller",
+                None,
+                None,
+                "",
+                "Accepted for compatibility (istio logging)",
+            ),
+            IstioFlag::LogStacktraceLevel => value(
+                "log_stacktrace_level",
+                None,
+                None,
+                "default:none",
+                "Accepted for compatibility (istio logging)",
+            ),
+            IstioFlag::LogTarget => value(
+                "log_target",
+                None,
+                None,
+                "stdout",
+                "Accepted for compatibility (istio logging)",
+            ),
+        }
+    }
+
+    /// `-p/--envoy-port` or `--redirect-dns`: how errors name the flag.
+    fn name(self) -> String {
+        let spec = self.spec();
+        match spec.short {
+            Some(s) => format!("-{s}/--{}", spec.long),
+            None => format!("--{}", spec.long),
+        }
+    }
+}
+
+/// [`IstioFlag::spec`] of every flag, in istio's order: the clap command, the env lookup and the README's flag
+/// table come from it.
+pub const ISTIO_FLAGS: [FlagSpec; IstioFlag::ALL.len()] = {
+    let mut out = [IstioFlag::ALL[0].spec(); IstioFlag::ALL.len()];
+    let mut i = 1;
+    while i < out.len() {
+        out[i] = IstioFlag::ALL[i].spec();
+        i += 1;
+    }
+    out
+};
 
 /// Env-only inputs (`docs/istio-rules.md#env-only-inputs-and-derived-values`).
 pub const ENV_OWNER_GROUPS: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
@@ -353,106 +502,6 @@ pub const ENV_DRY_RUN_FILE: &str = "DRY_RUN_FILE_PATH";
 /// The proxy user istio looks up for the default `-u`, and the uid used when it does not exist.
 const DEFAULT_ENVOY_USER: &str = "istio-proxy";
 const DEFAULT_PROXY_ID: u32 = 1337;
-
-/// Which backend applies the capture (`--backend`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// Kernel programs attached to a cgroup, configured through maps.
-    Ebpf,
-    /// The iptables rules istio-iptables writes.
-    Iptables,
-    /// eBPF if the kernel has every feature it needs, else iptables; decided when `capture` runs.
-    Auto,
-}
-
-/// iptables binary flavour (`--force-iptables-binary`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IptablesFlavour {
-    /// The system default (`iptables-restore`).
-    Auto,
-    /// `iptables-legacy-restore`.
-    Legacy,
-    /// `iptables-nft-restore`.
-    Nft,
-}
-
-/// How much the kernel programs log (`--log-level`): compiled in, off unless asked.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogLevel {
-    /// No records (the default): the programs only test a global and go on.
-    Off = 0,
-    /// aya-log's levels, in its numbering.
-    Error = 1,
-    /// See [`LogLevel::Error`].
-    Warn = 2,
-    /// See [`LogLevel::Error`].
-    Info = 3,
-    /// One record per connect judged in a registered namespace.
-    Debug = 4,
-    /// See [`LogLevel::Error`].
-    Trace = 5,
-}
-
-impl LogLevel {
-    /// The matching userspace filter.
-    pub fn filter(self) -> log::LevelFilter {
-        match self {
-            LogLevel::Off => log::LevelFilter::Off,
-            LogLevel::Error => log::LevelFilter::Error,
-            LogLevel::Warn => log::LevelFilter::Warn,
-            LogLevel::Info => log::LevelFilter::Info,
-            LogLevel::Debug => log::LevelFilter::Debug,
-            LogLevel::Trace => log::LevelFilter::Trace,
-        }
-    }
-}
-
-/// What to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Apply capture to the namespace (the default, like istio-iptables).
-    Apply,
-    /// Remove capture from the namespace (`capture clean`, `--cleanup-only`).
-    Clean,
-    /// Show what is applied (`capture status`).
-    Status,
-}
-
-/// Everything besides the capture rules themselves: how and where to apply them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Options {
-    /// What to do.
-    pub action: Action,
-    /// `--backend`.
-    pub backend: Backend,
-    /// `--cgroup`: where the eBPF programs attach (default: the cgroup v2 root, found at run time).
-    pub cgroup: Option<PathBuf>,
-    /// `--pin-dir`: the eBPF backend's bpffs directory.
-    pub pin_dir: PathBuf,
-    /// `--log-level`: the eBPF programs' logging, forwarded while `capture` runs.
-    pub log_level: LogLevel,
-    /// `--resolv-conf`: where DNS servers are read from.
-    pub resolv_conf: PathBuf,
-    /// `-n/--dry-run`.
-    pub dry_run: bool,
-    /// `DRY_RUN_FILE_PATH`: write the dry-run output here instead of stdout.
-    pub dry_run_file: Option<PathBuf>,
-    /// `--network-namespace`.
-    pub network_namespace: Option<PathBuf>,
-    /// `--run-validation`.
-    pub run_validation: bool,
-    /// `--skip-rule-apply`.
-    pub skip_rule_apply: bool,
-    /// `--iptables-probe-port`.
-    pub probe_port: u16,
-    /// `--probe-timeout`.
-    pub probe_timeout: Duration,
-    /// `--native-nftables`.
-    pub native_nftables: bool,
-    /// `--force-iptables-binary`.
-    pub iptables_flavour: IptablesFlavour,
-}
 
 /// A bad input: one line naming where the value came from, the value, and what is wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -507,19 +556,11 @@ impl Raw {
     }
 }
 
-/// `-p/--envoy-port` or `--redirect-dns`.
-fn flag_name(spec: &FlagSpec) -> String {
-    match spec.short {
-        Some(s) => format!("-{s}/--{}", spec.long),
-        None => format!("--{}", spec.long),
-    }
-}
-
 /// The clap command: istio's flags and ours on `capture`, and on `capture clean`; `capture status`.
 pub fn command() -> Command {
     // pflag lets a repeated flag override the earlier one; so do we.
     let apply_args = |cmd: Command| {
-        cmd.args(ISTIO_FLAGS.iter().map(istio_arg))
+        cmd.args(ISTIO_FLAGS.into_iter().map(istio_arg))
             .args(our_args())
             .args_override_self(true)
     };
@@ -540,7 +581,7 @@ pub fn command() -> Command {
     )
 }
 
-fn istio_arg(spec: &'static FlagSpec) -> Arg {
+fn istio_arg(spec: FlagSpec) -> Arg {
     let mut arg = Arg::new(spec.long).long(spec.long).help(spec.help);
     if let Some(short) = spec.short {
         arg = arg.short(short);
@@ -608,15 +649,6 @@ fn our_args() -> [Arg; 6] {
             .action(ArgAction::Set)
             .help("eBPF backend: sends between the app and its proxy skip the loopback TCP/IP path (sockops + sk_msg) [default: false]"),
     ]
-}
-
-/// A parsed invocation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Invocation {
-    /// The capture configuration.
-    pub config: Config,
-    /// How and where to apply it.
-    pub options: Options,
 }
 
 /// Parses argv (including the program name) and the environment. Pure: it reads only its arguments (and
@@ -722,13 +754,10 @@ pub fn environment(
 
 /// Looks up one istio flag: command line, then the additional env var, then the primary one, then the
 /// default.
-fn raw(matches: &ArgMatches, long: &str, env: &dyn Fn(&str) -> Option<String>) -> Raw {
-    let spec = ISTIO_FLAGS
-        .iter()
-        .find(|s| s.long == long)
-        .unwrap_or_else(|| panic!("--{long} is not in ISTIO_FLAGS"));
-    let cli = matches.try_get_one::<String>(long).ok().flatten().cloned();
-    let name = flag_name(spec);
+fn raw(matches: &ArgMatches, flag: IstioFlag, env: &dyn Fn(&str) -> Option<String>) -> Raw {
+    let spec = flag.spec();
+    let cli = matches.try_get_one::<String>(spec.long).ok().flatten().cloned();
+    let name = flag.name();
     if let Some(value) = cli {
         return Raw {
             name,
@@ -752,41 +781,122 @@ fn raw(matches: &ArgMatches, long: &str, env: &dyn Fn(&str) -> Option<String>) -
     }
 }
 
-fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, FlagError> {
-    let get = |long: &str| raw(m, long, env);
-    let ours = |name: &str| m.try_get_one::<String>(name).ok().flatten().cloned();
+/// Where [`resolve`] reads its inputs: the parsed command line and the environment.
+struct Inputs<'a> {
+    matches: &'a ArgMatches,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
 
-    let backend = match ours("backend").as_deref() {
-        None | Some("ebpf") => Backend::Ebpf,
-        Some("iptables") => Backend::Iptables,
-        Some("auto") => Backend::Auto,
-        Some(other) => {
-            return Err(FlagError {
-                origin: "--backend".into(),
-                value: other.into(),
-                reason: "expected ebpf, iptables or auto".into(),
-            });
-        }
-    };
+impl Inputs<'_> {
+    /// One istio flag, by [`raw`]'s precedence.
+    fn get(&self, flag: IstioFlag) -> Raw {
+        raw(self.matches, flag, self.env)
+    }
+
+    /// One of capture's own flags, if given.
+    fn ours(&self, name: &str) -> Option<String> {
+        self.matches.try_get_one::<String>(name).ok().flatten().cloned()
+    }
+
+    /// An env-only input, or its default.
+    fn env_only(&self, var: &'static str, default: &'static str) -> Raw {
+        env_raw(var, default, self.env)
+    }
+}
+
+/// Builds the invocation section by section (each builder reads and checks its own flags), then checks the
+/// rules that span sections in [`validate`].
+fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, FlagError> {
+    let input = Inputs { matches: m, env };
+    let backend = our_choice("--backend", input.ours("backend"), Backend::Ebpf)?;
     if action == Action::Status {
         return Ok(Invocation {
             config: Config::default(),
             options: Options {
                 backend,
-                pin_dir: pin_dir(ours("pin-dir")),
-                ..default_options(Action::Status)
+                action: Action::Status,
+                pin_dir: pin_dir(input.ours("pin-dir")),
+                ..Options::default()
             },
         });
     }
+    let (proxy_uids, proxy_gids) = proxy_owners(&input)?;
+    let Mode {
+        mode,
+        tproxy_mark,
+        tproxy_route_table,
+    } = mode(&input)?;
+    let Inbound {
+        inbound_capture_port,
+        inbound_tunnel_port,
+        inbound_ports,
+        inbound_exclude_ports,
+    } = inbound(&input)?;
+    let Outbound {
+        proxy_port,
+        include_cidrs,
+        exclude_cidrs,
+        outbound_ports,
+        outbound_exclude_ports,
+        loopback_cidr_v4,
+    } = outbound(&input)?;
+    let (redirect_dns, capture_all_dns) = dns(&input)?;
+    let config = Config {
+        proxy_port,
+        inbound_capture_port,
+        inbound_tunnel_port,
+        proxy_uids,
+        proxy_gids,
+        mode,
+        tproxy_mark,
+        tproxy_route_table,
+        inbound_ports,
+        inbound_exclude_ports,
+        exclude_interfaces: interfaces(&input.get(IstioFlag::IstioExcludeInterfaces))?,
+        include_cidrs,
+        exclude_cidrs,
+        outbound_ports,
+        outbound_exclude_ports,
+        kube_virt_interfaces: interfaces(&input.get(IstioFlag::KubeVirtInterfaces))?,
+        redirect_dns,
+        capture_all_dns,
+        drop_invalid: boolean_value(&input.get(IstioFlag::DropInvalid))?,
+        dual_stack: boolean_value(&input.get(IstioFlag::DualStack))?,
+        owner_groups: owner_groups(&input)?,
+        loopback_cidr_v4,
+        loopback_accel: match input.ours("loopback-accel") {
+            None => false,
+            Some(value) => boolean_value(&Raw {
+                name: "--loopback-accel".into(),
+                value,
+                origin: Origin::Cli,
+            })?,
+        },
+    };
+    let options = options(&input, action, backend)?;
+    // Accepted for compatibility; validated so that a typo is still reported.
+    for flag in [
+        IstioFlag::CniMode,
+        IstioFlag::Reconcile,
+        IstioFlag::ForceApply,
+        IstioFlag::LogAsJson,
+    ] {
+        boolean_value(&input.get(flag))?;
+    }
+    validate(&input, &config, &options)?;
+    Ok(Invocation { config, options })
+}
 
-    let uid_raw = get("proxy-uid");
+/// `-u` and `-g`: the proxy's uids (default: `$ENVOY_USER`'s) and gids (default: the uids, as group ids).
+fn proxy_owners(input: &Inputs) -> Result<(Vec<Owner>, Vec<Owner>), FlagError> {
+    let uid_raw = input.get(IstioFlag::ProxyUid);
     let proxy_uids = match &uid_raw {
         r if r.value.is_empty() && r.origin == Origin::Default => {
-            vec![default_proxy_user(env)]
+            vec![default_proxy_user(input.env)]
         }
         r => owners(r, Ids::User)?,
     };
-    let proxy_gids = match get("proxy-gid") {
+    let proxy_gids = match input.get(IstioFlag::ProxyGid) {
         r if r.value.is_empty() && r.origin == Origin::Default => {
             // istio: "same string as the final ProxyUID", read as group ids; an error names both flags.
             let uids = proxy_uids
@@ -799,27 +909,69 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
         r => owners(&r, Ids::Group)?,
     };
+    Ok((proxy_uids, proxy_gids))
+}
 
-    let mode = {
-        let r = get("istio-inbound-interception-mode");
-        match r.value.as_str() {
-            "" | "REDIRECT" => InterceptionMode::Redirect,
-            "TPROXY" => InterceptionMode::Tproxy,
-            _ => return Err(r.error("expected REDIRECT or TPROXY")),
-        }
+/// The interception mode section.
+struct Mode {
+    mode: InterceptionMode,
+    tproxy_mark: u32,
+    tproxy_route_table: u32,
+}
+
+/// `-m`, `-t`, `-r`.
+fn mode(input: &Inputs) -> Result<Mode, FlagError> {
+    let r = input.get(IstioFlag::IstioInboundInterceptionMode);
+    let mode = match r.value.as_str() {
+        "" | "REDIRECT" => InterceptionMode::Redirect,
+        "TPROXY" => InterceptionMode::Tproxy,
+        _ => return Err(r.error("expected REDIRECT or TPROXY")),
     };
+    Ok(Mode {
+        mode,
+        tproxy_mark: number(&input.get(IstioFlag::IstioInboundTproxyMark))?,
+        tproxy_route_table: number(&input.get(IstioFlag::IstioInboundTproxyRouteTable))?,
+    })
+}
 
-    let inbound_ports = {
-        let r = get("istio-inbound-ports");
-        match r.value.as_str() {
-            "" => InboundPorts::None,
-            "*" => InboundPorts::All,
-            _ => InboundPorts::List(ports(&r)?),
-        }
+/// The inbound section.
+struct Inbound {
+    inbound_capture_port: u16,
+    inbound_tunnel_port: u16,
+    inbound_ports: InboundPorts,
+    inbound_exclude_ports: Vec<u16>,
+}
+
+/// `-z`, `-e`, `-b`, `-d`.
+fn inbound(input: &Inputs) -> Result<Inbound, FlagError> {
+    let r = input.get(IstioFlag::IstioInboundPorts);
+    let inbound_ports = match r.value.as_str() {
+        "" => InboundPorts::None,
+        "*" => InboundPorts::All,
+        _ => InboundPorts::List(ports(&r)?),
     };
+    Ok(Inbound {
+        inbound_capture_port: port(&input.get(IstioFlag::InboundCapturePort))?,
+        inbound_tunnel_port: port(&input.get(IstioFlag::InboundTunnelPort))?,
+        inbound_ports,
+        inbound_exclude_ports: ports(&input.get(IstioFlag::IstioLocalExcludePorts))?,
+    })
+}
 
+/// The outbound section.
+struct Outbound {
+    proxy_port: u16,
+    include_cidrs: IncludeCidrs,
+    exclude_cidrs: Vec<IpNet>,
+    outbound_ports: Vec<u16>,
+    outbound_exclude_ports: Vec<u16>,
+    loopback_cidr_v4: Ipv4Net,
+}
+
+/// `-p`, `-i`, `-x`, `-q`, `-o` and `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`.
+fn outbound(input: &Inputs) -> Result<Outbound, FlagError> {
     let include_cidrs = {
-        let r = get("istio-service-cidr");
+        let r = input.get(IstioFlag::IstioServiceCidr);
         if r.value == "*" {
             IncludeCidrs::All
         } else {
@@ -827,29 +979,14 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
     };
     let exclude_cidrs = {
-        let r = get("istio-service-exclude-cidr");
+        let r = input.get(IstioFlag::IstioServiceExcludeCidr);
         if r.value == "*" {
             return Err(r.error("a wildcard exclude would turn outbound capture off; list CIDRs instead"));
         }
         cidrs(&r)?
     };
-
-    let owner_groups = {
-        let include = env_raw(ENV_OWNER_GROUPS, "*", env);
-        let exclude = env_raw(ENV_OWNER_GROUPS_EXCLUDE, "", env);
-        if include.value == "*" {
-            OwnerGroups::AllExcept(owners(&exclude, Ids::Group)?)
-        } else {
-            let groups = owners(&include, Ids::Group)?;
-            if groups.len() > MAX_OWNER_GROUPS {
-                return Err(include.error(format!("at most {MAX_OWNER_GROUPS} groups, got {}", groups.len())));
-            }
-            OwnerGroups::Only(groups)
-        }
-    };
-
     let loopback_cidr_v4 = {
-        let r = env_raw(ENV_LOOPBACK_CIDR, "127.0.0.1/32", env);
+        let r = input.env_only(ENV_LOOPBACK_CIDR, "127.0.0.1/32");
         let net: Ipv4Net = r
             .value
             .parse()
@@ -859,39 +996,81 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
         }
         net
     };
-
-    let config = Config {
-        proxy_port: port(&get("envoy-port"))?,
-        inbound_capture_port: port(&get("inbound-capture-port"))?,
-        inbound_tunnel_port: port(&get("inbound-tunnel-port"))?,
-        proxy_uids,
-        proxy_gids,
-        mode,
-        tproxy_mark: number(&get("istio-inbound-tproxy-mark"))?,
-        tproxy_route_table: number(&get("istio-inbound-tproxy-route-table"))?,
-        inbound_ports,
-        inbound_exclude_ports: ports(&get("istio-local-exclude-ports"))?,
-        exclude_interfaces: interfaces(&get("istio-exclude-interfaces"))?,
+    Ok(Outbound {
+        proxy_port: port(&input.get(IstioFlag::EnvoyPort))?,
         include_cidrs,
         exclude_cidrs,
-        outbound_ports: ports(&get("istio-outbound-ports"))?,
-        outbound_exclude_ports: ports(&get("istio-local-outbound-ports-exclude"))?,
-        kube_virt_interfaces: interfaces(&get("kube-virt-interfaces"))?,
-        redirect_dns: boolean_value(&get("redirect-dns"))?,
-        capture_all_dns: boolean_value(&get("capture-all-dns"))?,
-        drop_invalid: boolean_value(&get("drop-invalid"))?,
-        dual_stack: boolean_value(&get("dual-stack"))?,
-        owner_groups,
+        outbound_ports: ports(&input.get(IstioFlag::IstioOutboundPorts))?,
+        outbound_exclude_ports: ports(&input.get(IstioFlag::IstioLocalOutboundPortsExclude))?,
         loopback_cidr_v4,
-        loopback_accel: match ours("loopback-accel") {
-            None => false,
-            Some(value) => boolean_value(&Raw {
-                name: "--loopback-accel".into(),
-                value,
-                origin: Origin::Cli,
-            })?,
-        },
+    })
+}
+
+/// `--redirect-dns` and `--capture-all-dns`.
+fn dns(input: &Inputs) -> Result<(bool, bool), FlagError> {
+    Ok((
+        boolean_value(&input.get(IstioFlag::RedirectDns))?,
+        boolean_value(&input.get(IstioFlag::CaptureAllDns))?,
+    ))
+}
+
+/// `ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`.
+fn owner_groups(input: &Inputs) -> Result<OwnerGroups, FlagError> {
+    let include = input.env_only(ENV_OWNER_GROUPS, "*");
+    let exclude = input.env_only(ENV_OWNER_GROUPS_EXCLUDE, "");
+    if include.value == "*" {
+        return Ok(OwnerGroups::AllExcept(owners(&exclude, Ids::Group)?));
+    }
+    let groups = owners(&include, Ids::Group)?;
+    if groups.len() > MAX_OWNER_GROUPS {
+        return Err(include.error(format!("at most {MAX_OWNER_GROUPS} groups, got {}", groups.len())));
+    }
+    Ok(OwnerGroups::Only(groups))
+}
+
+/// How and where to apply: capture's own flags and istio's behaviour flags.
+fn options(input: &Inputs, action: Action, backend: Backend) -> Result<Options, FlagError> {
+    let r = input.get(IstioFlag::ForceIptablesBinary);
+    let iptables_flavour = match r.value.as_str() {
+        "" => IptablesFlavour::Auto,
+        value => IptablesFlavour::from_str(value, false).map_err(|_| {
+            r.error(format!(
+                "expected {}",
+                one_of(&choices::<IptablesFlavour>(), "an empty value")
+            ))
+        })?,
     };
+    let r = input.get(IstioFlag::ProbeTimeout);
+    let probe_timeout =
+        go_duration(&r.value).ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?;
+    let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
+    let cleanup_only = boolean_value(&input.get(IstioFlag::CleanupOnly))?;
+    Ok(Options {
+        action: if cleanup_only { Action::Clean } else { action },
+        backend,
+        cgroup: input.ours("cgroup").map(PathBuf::from),
+        pin_dir: pin_dir(input.ours("pin-dir")),
+        log_level: our_choice("--log-level", input.ours("log-level"), LogLevel::Off)?,
+        resolv_conf: input
+            .ours("resolv-conf")
+            .map_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF), PathBuf::from),
+        dry_run: boolean_value(&input.get(IstioFlag::DryRun))?,
+        dry_run_file: (input.env)(ENV_DRY_RUN_FILE)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+        network_namespace: non_empty_path(input.get(IstioFlag::NetworkNamespace)),
+        run_validation: boolean_value(&input.get(IstioFlag::RunValidation))?,
+        skip_rule_apply: boolean_value(&input.get(IstioFlag::SkipRuleApply))?,
+        probe_port: port(&input.get(IstioFlag::IptablesProbePort))?,
+        probe_timeout,
+        native_nftables: boolean_value(&input.get(IstioFlag::NativeNftables))?,
+        iptables_flavour,
+    })
+}
+
+/// The rules that span sections: what a backend cannot do. Every value has been checked on its own by now.
+fn validate(input: &Inputs, config: &Config, options: &Options) -> Result<(), FlagError> {
+    let backend = options.backend;
     if config.loopback_accel && backend == Backend::Iptables {
         return Err(FlagError {
             origin: "--loopback-accel".into(),
@@ -899,110 +1078,64 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
             reason: "loopback acceleration is an eBPF program; drop the flag or use --backend ebpf".into(),
         });
     }
-
-    let cleanup_only = boolean_value(&get("cleanup-only"))?;
-    let iptables_flavour = {
-        let r = get("force-iptables-binary");
-        match r.value.as_str() {
-            "" => IptablesFlavour::Auto,
-            "legacy" => IptablesFlavour::Legacy,
-            "nft" => IptablesFlavour::Nft,
-            _ => return Err(r.error("expected legacy, nft or an empty value")),
-        }
-    };
-    let probe_timeout = {
-        let r = get("probe-timeout");
-        go_duration(&r.value).ok_or_else(|| r.error("expected a duration such as 5s, 500ms or 1m30s"))?
-    };
-    // Accepted for compatibility; validated so that a typo is still reported.
-    for flag in ["cni-mode", "reconcile", "force-apply", "log_as_json"] {
-        boolean_value(&get(flag))?;
-    }
-    let non_empty_path = |r: Raw| (!r.value.is_empty()).then(|| PathBuf::from(r.value));
-
     // `auto` is held to both backends' limits, so that the same flags are valid on every kernel.
     if backend != Backend::Iptables {
-        for (ids, flag) in [(&config.proxy_uids, "proxy-uid"), (&config.proxy_gids, "proxy-gid")] {
+        for (ids, flag) in [
+            (&config.proxy_uids, IstioFlag::ProxyUid),
+            (&config.proxy_gids, IstioFlag::ProxyGid),
+        ] {
             if ids.len() > MAX_PROXY_IDS {
                 let tokens: Vec<&str> = ids.iter().map(|o| o.token.as_str()).collect();
-                return Err(get(flag).error_for(
+                return Err(input.get(flag).error_for(
                     &tokens.join(","),
                     format!("the eBPF backend takes at most {MAX_PROXY_IDS} ids (use --backend iptables for more)"),
                 ));
             }
         }
     }
+    if options.native_nftables && backend != Backend::Ebpf {
+        // The raw value, so that the error names the env var when that is where it came from.
+        return Err(input
+            .get(IstioFlag::NativeNftables)
+            .error("the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf"));
+    }
+    Ok(())
+}
 
-    let log_level = match ours("log-level").as_deref() {
-        None | Some("off") => LogLevel::Off,
-        Some("error") => LogLevel::Error,
-        Some("warn") => LogLevel::Warn,
-        Some("info") => LogLevel::Info,
-        Some("debug") => LogLevel::Debug,
-        Some("trace") => LogLevel::Trace,
-        Some(other) => {
-            return Err(FlagError {
-                origin: "--log-level".into(),
-                value: other.into(),
-                reason: "expected off, error, warn, info, debug or trace".into(),
-            });
+/// The names of a [`ValueEnum`]'s values, in declaration order.
+fn choices<T: ValueEnum>() -> Vec<String> {
+    T::value_variants()
+        .iter()
+        .filter_map(|v| Some(v.to_possible_value()?.get_name().to_owned()))
+        .collect()
+}
+
+/// `a, b or last`.
+fn one_of(names: &[String], last: &str) -> String {
+    let mut out = names.join(", ");
+    out.push_str(" or ");
+    out.push_str(last);
+    out
+}
+
+/// One of capture's own enum flags: `default` when not given, else one of its values, exactly spelt.
+fn our_choice<T: ValueEnum>(flag: &str, given: Option<String>, default: T) -> Result<T, FlagError> {
+    let Some(value) = given else {
+        return Ok(default);
+    };
+    T::from_str(&value, false).map_err(|_| {
+        let mut names = choices::<T>();
+        let last = names.pop().unwrap_or_default();
+        FlagError {
+            origin: flag.into(),
+            value,
+            reason: format!("expected {}", one_of(&names, &last)),
         }
-    };
-
-    let native_nftables = {
-        let r = get("native-nftables");
-        let on = boolean_value(&r)?;
-        if on && backend != Backend::Ebpf {
-            // The raw value, so that the error names the env var when that is where it came from.
-            return Err(r.error(
-                "the iptables backend writes iptables rules, not nftables; drop the flag or use --backend ebpf",
-            ));
-        }
-        on
-    };
-
-    let options = Options {
-        action: if cleanup_only { Action::Clean } else { action },
-        backend,
-        cgroup: ours("cgroup").map(PathBuf::from),
-        pin_dir: pin_dir(ours("pin-dir")),
-        log_level,
-        resolv_conf: ours("resolv-conf").map_or_else(|| PathBuf::from("/etc/resolv.conf"), PathBuf::from),
-        dry_run: boolean_value(&get("dry-run"))?,
-        dry_run_file: env(ENV_DRY_RUN_FILE).filter(|p| !p.is_empty()).map(PathBuf::from),
-        network_namespace: non_empty_path(get("network-namespace")),
-        run_validation: boolean_value(&get("run-validation"))?,
-        skip_rule_apply: boolean_value(&get("skip-rule-apply"))?,
-        probe_port: port(&get("iptables-probe-port"))?,
-        probe_timeout,
-        native_nftables,
-        iptables_flavour,
-    };
-    Ok(Invocation { config, options })
+    })
 }
 
 fn pin_dir(given: Option<String>) -> PathBuf {
-    given.map_or_else(|| PathBuf::from(crate::ebpf::DEFAULT_PIN_DIR), PathBuf::from)
-}
-
-fn default_options(action: Action) -> Options {
-    Options {
-        action,
-        backend: Backend::Ebpf,
-        cgroup: None,
-        pin_dir: pin_dir(None),
-        log_level: LogLevel::Off,
-        resolv_conf: PathBuf::from("/etc/resolv.conf"),
-        dry_run: false,
-        dry_run_file: None,
-        network_namespace: None,
-        run_validation: false,
-        skip_rule_apply: false,
-        probe_port: 15002,
-        probe_timeout: Duration::from_secs(5),
-        native_nftables: false,
-        iptables_flavour: IptablesFlavour::Auto,
-    }
+    given.map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), PathBuf::from)
 }
 
 /// A pseudo-spec for env-only inputs, so their errors read like the flags'.
@@ -1189,4 +1322,38 @@ pub fn markdown_table() -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_istio_flag_is_listed_once_in_its_own_place() {
+        for (i, flag) in IstioFlag::ALL.into_iter().enumerate() {
+            assert_eq!(flag as usize, i, "{flag:?} is out of place in IstioFlag::ALL");
+        }
+        // The last variant closes the list: a variant added after it would have a larger discriminant.
+        assert_eq!(IstioFlag::LogTarget as usize + 1, IstioFlag::ALL.len());
+    }
+
+    #[test]
+    fn our_enums_are_refused_with_their_values_in_order() {
+        let reason = |args: &[&str]| match parse(args.iter().copied(), &|_| None) {
+            Err(ParseError::Flag(e)) => e.to_string(),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(
+            reason(&["capture", "--backend", "bpf"]),
+            r#"invalid value "bpf" for --backend: expected ebpf, iptables or auto"#
+        );
+        assert_eq!(
+            reason(&["capture", "--log-level=Debug"]),
+            r#"invalid value "Debug" for --log-level: expected off, error, warn, info, debug or trace"#
+        );
+        assert_eq!(
+            reason(&["capture", "--force-iptables-binary", "auto"]),
+            r#"invalid value "auto" for --force-iptables-binary: expected legacy, nft or an empty value"#
+        );
+    }
 }

@@ -1,5 +1,7 @@
 //! Facts about the target network namespace that istio-iptables detects instead of taking as flags: whether
-//! IPv6 capture is on, and the DNS servers; and entering a namespace given by `--network-namespace`.
+//! IPv6 capture is on, and the DNS servers ([`Environment`]); the addresses and interfaces the eBPF backend
+//! needs ([`Facts`]); and entering a namespace given by `--network-namespace`. Depends on [`crate::config`]
+//! only; the backends take these types from here.
 
 use std::{fs::File, net::IpAddr, path::Path};
 
@@ -7,16 +9,64 @@ use anyhow::{Context as _, Result};
 
 use ipnet::IpNet;
 
-use crate::{
-    config::{Config, Environment, Nameserver},
-    ebpf::entries::Facts,
-    rtnl,
-};
+use crate::{config::Config, rtnl};
 
 /// `SO_NETNS_COOKIE` (asm-generic/socket.h): a namespace's cookie, as BPF programs see it.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 /// The proxy's IPv6 inbound-passthrough source address (`::6`), which istio adds to lo when IPv6 is on.
 const PASSTHROUGH_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// A DNS server from resolv.conf. The text is kept because istio pastes it into rules verbatim
+/// (`::127.0.0.53` stays `::127.0.0.53`, where Rust would print `::7f00:35`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nameserver {
+    /// The parsed address.
+    pub addr: IpAddr,
+    /// The address as written in resolv.conf.
+    pub text: String,
+}
+
+/// Facts about the target network namespace that istio-iptables detects rather than takes as flags (see
+/// [`detect`]); both backends use them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// Whether IPv6 capture is on (istio's `EnableIPv6`): detected from the namespace's addresses.
+    pub ipv6: bool,
+    /// resolv.conf nameservers, read only when `--redirect-dns` is on and `--capture-all-dns` is off.
+    pub nameservers: Vec<Nameserver>,
+}
+
+impl Environment {
+    /// Nameservers of one family.
+    pub fn nameservers(&self, v6: bool) -> impl Iterator<Item = &Nameserver> {
+        self.nameservers.iter().filter(move |n| n.addr.is_ipv6() == v6)
+    }
+
+    /// istio's "DNS is effective": `--redirect-dns` and (capture-all or any nameserver of either family).
+    /// It changes the proxy-uid rules of both families.
+    pub fn dns_effective(&self, config: &Config) -> bool {
+        config.redirect_dns && (config.capture_all_dns || !self.nameservers.is_empty())
+    }
+
+    /// DNS capture for one family: effective and (capture-all or a nameserver of that family).
+    pub fn dns_effective_for(&self, config: &Config, v6: bool) -> bool {
+        config.redirect_dns && (config.capture_all_dns || self.nameservers(v6).next().is_some())
+    }
+}
+
+/// What the eBPF backend learns about the namespace's interfaces (see [`facts`]), detected again after
+/// [`add_passthrough_v6`] so that `::6` counts among the local addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Every address of the namespace: a connection to one of them is local (`-o lo` to iptables).
+    pub local: Vec<IpAddr>,
+    /// The subnets of the `-c` interfaces (see `capture_common::maps::CidrKind::ExcludedInterface`).
+    pub excluded_subnets: Vec<IpNet>,
+    /// Indexes of the `-c` interfaces (inbound).
+    pub excluded_ifindexes: Vec<u32>,
+    /// Indexes of the `-k` interfaces.
+    pub virt_ifindexes: Vec<u32>,
+}
 
 /// Moves this process (this thread, before any other thread exists) into the network namespace at `path`.
 pub fn enter(path: &Path) -> Result<()> {

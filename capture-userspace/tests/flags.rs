@@ -14,8 +14,9 @@ type BadCase = (
 );
 
 use capture::{
+    config::{Action, Backend, Invocation, IptablesFlavour},
     config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups},
-    flags::{self, Action, Backend, ISTIO_FLAGS, Invocation, IptablesFlavour, ParseError},
+    flags::{self, ISTIO_FLAGS, ParseError},
 };
 
 /// A user name that exists nowhere, so the default `-u` does not depend on this machine's users.

@@ -16,7 +16,8 @@ use std::{
 
 use capture::{
     agent::{control, registry::Settings},
-    flags::{self, FlagError, ISTIO_FLAGS, Invocation, ParseError},
+    config::Invocation,
+    flags::{self, FlagError, ISTIO_FLAGS, ParseError},
 };
 use proptest::{
     prelude::*,

@@ -4,9 +4,10 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use capture::{
-    config::{Config, Environment, Nameserver, Owner, OwnerGroups},
+    config::{Config, Owner, OwnerGroups},
     flags,
     iptables::render::{Ruleset, render},
+    namespace::{Environment, Nameserver},
 };
 use golden_cases::{CASES, Case};
 

@@ -5,9 +5,9 @@
 use std::net::IpAddr;
 
 use capture::{
-    config::{Environment, Nameserver},
-    ebpf::entries::{EntryLookups, Facts, entries},
+    ebpf::entries::{EntryLookups, entries},
     flags,
+    namespace::{Environment, Facts, Nameserver},
 };
 use capture_common::{
     addr::{self, Addr},

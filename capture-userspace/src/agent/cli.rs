@@ -29,7 +29,7 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
         /// bpffs directory of the programs and maps.
-        #[arg(long, default_value = crate::ebpf::DEFAULT_PIN_DIR)]
+        #[arg(long, default_value = crate::config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// cgroup v2 directory the programs attach to [default: the cgroup v2 root, from /proc/mounts].
         #[arg(long)]

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use self::registry::{PodRecord, Registry, Settings, Source};
-use crate::{ebpf, flags::LogLevel};
+use crate::{config::LogLevel, ebpf};
 
 /// A pod to capture, as a source describes it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -15,9 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::PodSpec;
 use crate::{
-    ebpf,
-    flags::{self, Backend, Invocation},
-    namespace,
+    config::{Backend, Invocation},
+    ebpf, flags, namespace,
 };
 
 /// Flags the agent sets itself: a pod may not choose where the programs live or how they are applied.

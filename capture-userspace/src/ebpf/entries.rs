@@ -14,20 +14,10 @@ use capture_common::{
 };
 use ipnet::IpNet;
 
-use crate::config::{Config, Environment, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups};
-
-/// What the loader learns about the namespace itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Facts {
-    /// Every address of the namespace: a connection to one of them is local (`-o lo` to iptables).
-    pub local: Vec<IpAddr>,
-    /// The subnets of the `-c` interfaces (see [`CidrKind::ExcludedInterface`]).
-    pub excluded_subnets: Vec<IpNet>,
-    /// Indexes of the `-c` interfaces (inbound).
-    pub excluded_ifindexes: Vec<u32>,
-    /// Indexes of the `-k` interfaces.
-    pub virt_ifindexes: Vec<u32>,
-}
+use crate::{
+    config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups},
+    namespace::{Environment, Facts},
+};
 
 /// One CIDR-set entry: an LPM key's prefix length and data.
 pub type CidrEntry = (u32, CidrKeyData);
@@ -89,9 +79,9 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
     };
     set_flag(cfg.include_cidrs == IncludeCidrs::All, flag::INCLUDE_ALL);
     set_flag(cfg.include_cidrs.has_loopback(), flag::INCLUDE_HAS_LOOPBACK);
-    set_flag(cfg.dns_effective(env), flag::DNS);
-    set_flag(cfg.dns_effective_for(env, false), flag::DNS_V4);
-    set_flag(cfg.dns_effective_for(env, true), flag::DNS_V6);
+    set_flag(env.dns_effective(cfg), flag::DNS);
+    set_flag(env.dns_effective_for(cfg, false), flag::DNS_V4);
+    set_flag(env.dns_effective_for(cfg, true), flag::DNS_V6);
     set_flag(cfg.capture_all_dns, flag::CAPTURE_ALL_DNS);
     set_flag(
         matches!(cfg.owner_groups, OwnerGroups::Only(_)),

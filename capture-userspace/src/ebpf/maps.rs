@@ -14,8 +14,11 @@ use capture_common::{
     },
 };
 
-use super::entries::{self, Facts};
-use crate::config::{Config, Environment};
+use super::entries;
+use crate::{
+    config::Config,
+    namespace::{Environment, Facts},
+};
 
 /// The slot of a namespace registered without inbound capture (the benchmark's many namespaces): past
 /// the last real one, so no sk_lookup copy ever serves it.

@@ -20,7 +20,6 @@ mod status;
 mod sys;
 
 pub use maps::Registered;
-pub use pins::DEFAULT_PIN_DIR;
 pub use programs::PROGRAMS;
 pub use register::{attach, register_here, registered, unregister};
 pub use sk_lookup::Spares;
@@ -37,9 +36,8 @@ use self::{
     status::{describe, status},
 };
 use crate::{
-    config::Environment,
-    flags::{Action, Invocation, LogLevel},
-    namespace,
+    config::{Action, Invocation, LogLevel},
+    namespace::{self, Environment},
 };
 
 /// Runs one invocation with the eBPF backend in the current network namespace; returns what to print.

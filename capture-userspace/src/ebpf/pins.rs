@@ -13,8 +13,6 @@ use super::{
     programs::{HOOKS, SK_LOOKUP},
 };
 
-/// Where the pins go unless `--pin-dir` says otherwise.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/capture";
 /// Where bpffs is mounted if no bpffs holds the pin directory yet.
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// statfs(2) magic of bpffs.

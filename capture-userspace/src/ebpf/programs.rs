@@ -25,7 +25,7 @@ use super::{
     pins::{links_pinned, remove_retired_pins},
     sys::{self, AttachType},
 };
-use crate::{cgroup, flags::LogLevel};
+use crate::{cgroup, config::LogLevel};
 
 /// The kernel programs, built by build.rs and embedded in this binary.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture-ebpf"));

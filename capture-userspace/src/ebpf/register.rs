@@ -8,8 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 
 use super::{
-    entries::{self, Facts},
-    listeners,
+    entries, listeners,
     maps::{self, Maps, Registered},
     pins::{from_older_release, lock, remove_pins, sk_lookup_pin},
     probe,
@@ -17,9 +16,8 @@ use super::{
     sk_lookup::{self, Spares},
 };
 use crate::{
-    config::Environment,
-    flags::{Invocation, LogLevel},
-    namespace,
+    config::{Invocation, LogLevel},
+    namespace::{self, Environment, Facts},
 };
 
 /// Loads, attaches and registers the current namespace. On failure nothing stays: a first registration

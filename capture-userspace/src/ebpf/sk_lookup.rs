@@ -23,7 +23,7 @@ use super::{
     programs::{Loader, SK_LOOKUP, load_program},
     sys,
 };
-use crate::flags::LogLevel;
+use crate::config::LogLevel;
 
 /// How many copies the agent keeps loaded ahead. A burst of more new pods than this, faster than the
 /// refill loads copies (about 10 ms each on an idle machine here), has the rest wait for a load of their

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::render::{Family, Rule, Ruleset, Table};
-use crate::flags::IptablesFlavour;
+use crate::config::IptablesFlavour;
 
 /// Prefix of every chain istio-iptables creates; chains with it are ours to flush and delete.
 const CHAIN_PREFIX: &str = "ISTIO_";

@@ -9,8 +9,8 @@ pub mod routes;
 use anyhow::Result;
 
 use crate::{
-    config::Environment,
-    flags::{Action, Invocation},
+    config::{Action, Invocation},
+    namespace::Environment,
 };
 
 /// Runs one invocation with the iptables backend in the current network namespace; returns what to print.

@@ -15,9 +15,12 @@
 
 use ipnet::IpNet;
 
-use crate::config::{
-    Config, DNS_PORT, DNS_PROXY_PORT, Environment, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups,
-    TPROXY_OUTBOUND_MARK,
+use crate::{
+    config::{
+        Config, DNS_PORT, DNS_PROXY_PORT, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups,
+        TPROXY_OUTBOUND_MARK,
+    },
+    namespace::Environment,
 };
 
 // ---- Names --------------------------------------------------------------------------------------------
@@ -475,7 +478,7 @@ impl<'a> FamilyRules<'a> {
         self.append(Table::Nat, OUTPUT, spec! {"-j", ISTIO_OUTPUT});
         self.outbound_port_excludes();
         self.passthrough_return();
-        let dns = self.cfg.dns_effective(self.env);
+        let dns = self.env.dns_effective(self.cfg);
         for (kind, owner) in self.proxy_owners() {
             self.proxy_owner(kind, owner, dns);
         }
@@ -560,7 +563,7 @@ impl<'a> FamilyRules<'a> {
     /// an excluded range is still captured. istio spells the same option `--to-ports` in the TCP rules
     /// and `--to-port` in the UDP ones, and writes every TCP rule before the UDP ones.
     fn dns_redirect(&mut self) {
-        if !self.cfg.dns_effective_for(self.env, self.family.is_v6()) {
+        if !self.env.dns_effective_for(self.cfg, self.family.is_v6()) {
             return;
         }
         self.output(spec! {"-j", ISTIO_OUTPUT_DNS});
@@ -687,7 +690,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::config::Nameserver;
+    use crate::namespace::Nameserver;
 
     fn cidrs(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|c| c.parse().expect("valid CIDR")).collect()

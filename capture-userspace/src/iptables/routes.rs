@@ -5,8 +5,9 @@
 use anyhow::Result;
 
 use crate::{
-    config::{Config, Environment, InboundPorts, InterceptionMode},
+    config::{Config, InboundPorts, InterceptionMode},
     namespace,
+    namespace::Environment,
     rtnl::{self, Family},
 };
 
