@@ -425,9 +425,9 @@ pub fn differential_with<E: Copy + Into<Expect>>(
     differential_in(&|_| {}, flags, env, pod_ports, cases, expect)
 }
 
-/// As [`differential`], in a pod whose scene `prepare` has set before capture is applied (an address
+/// As [`differential`], after `prepare` has set the pod's scene before capture is applied (an address
 /// removed, an earlier apply, say).
-pub fn differential_pinned(
+pub fn differential_after(
     prepare: &dyn Fn(&Scene),
     flags: &str,
     cases: &[Case],

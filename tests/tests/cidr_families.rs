@@ -8,7 +8,7 @@ use std::io::ErrorKind;
 
 use testkit::{
     POD_V4, REMOTE_V4, REMOTE_V6,
-    diff::{APP, Expect, Pin, Scene, differential_pinned, mapped, tcp},
+    diff::{APP, Expect, Pin, Scene, differential_after, mapped, tcp},
     sa,
 };
 
@@ -132,7 +132,7 @@ fn run(stack: Stack) {
             Stack::Ipv4Only => Expect::Port(DIRECT),
             Stack::Dual | Stack::Ipv6Only => Expect::Port(row.v6),
         };
-        differential_pinned(
+        differential_after(
             &prepare,
             &flags,
             &cases,

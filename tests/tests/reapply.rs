@@ -11,7 +11,7 @@ use testkit::{
     diff::{
         APP, Expect,
         Expect::{Failed, Port},
-        PROXY, Pin, Scene, differential_pinned, inbound, tcp,
+        PROXY, Pin, Scene, differential_after, inbound, tcp,
     },
     sa,
 };
@@ -126,7 +126,7 @@ fn matrix(mode_flags: &str, other: &str) {
         ];
         for before in BEFORE {
             eprintln!("{stack:?} pod, {before:?}, then {flags}");
-            differential_pinned(
+            differential_after(
                 &|scene: &Scene| set_scene(scene, stack, before, &flags, other),
                 &flags,
                 &cases,
