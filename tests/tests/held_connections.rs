@@ -192,3 +192,25 @@ fn a_handshake_that_fails_leaves_no_entry() {
     }
     assert_eq!(entries(&pins), baseline, "after 20 refused connections");
 }
+
+#[test]
+fn a_socket_connected_again_after_a_failed_redirect_leaves_no_entry() {
+    // The first connect is redirected and refused (no sidecar), so the socket keeps that original
+    // destination; the same socket then connects to a local app, which is not redirected. That handshake is
+    // not one of ours and must leave nothing behind.
+    let cgroup = Cgroup::new("again");
+    let pins = BpfPins::new("again");
+    let pod = registered_pod("again", &cgroup, &pins);
+    let app = testkit::Listeners::start(&pod.pod, None, None, &[sa([127, 0, 0, 1], 8080)]);
+    let baseline = entries(&pins);
+    for i in 0..5u8 {
+        let how = testkit::Connect {
+            first: Some(sa([10, 64, 0, i], 8080)),
+            ..Default::default()
+        };
+        testkit::connect_with(&pod.pod, Some(&cgroup), APP, sa([127, 0, 0, 1], 8080), how)
+            .unwrap_or_else(|e| panic!("the second connect, to the local app: {e}"));
+        assert!(app.next().is_some(), "the local app got connection {i}");
+    }
+    assert_eq!(entries(&pins), baseline, "after 5 sockets connected again");
+}
