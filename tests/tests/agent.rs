@@ -173,6 +173,14 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The pod's sidecar on 15001 (in `cgroup`) and the remote's server on 8080, for [`lands`].
+fn listening(pod: &Pod, cgroup: &Cgroup) -> (Listeners, Listeners) {
+    (
+        Listeners::start(&pod.pod, Some(cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]),
+        Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]),
+    )
+}
+
 /// Where an app connection to the remote service lands: the sidecar (with the original destination) or
 /// the remote server itself.
 fn lands(pod: &Pod, cgroup: &Cgroup, sidecar: &Listeners, remote: &Listeners) -> &'static str {
@@ -204,8 +212,7 @@ fn pods_added_through_the_socket_are_captured_and_removed_ones_released() {
     let cgroup = Cgroup::new("agent");
     let pins = BpfPins::new("agent");
     let agent = Agent::start("add", &pins, &cgroup);
-    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&pod, &cgroup);
     assert_eq!(
         lands(&pod, &cgroup, &sidecar, &remote),
         "remote",
@@ -359,8 +366,7 @@ fn a_new_pod_never_inherits_entries_an_interrupted_unregistration_left() {
         panic!("{registered:?}")
     };
     assert_ne!(id, gone_id, "the new pod took the id whose entries were left");
-    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&pod, &cgroup);
     assert_eq!(
         lands(&pod, &cgroup, &sidecar, &remote),
         "sidecar",
@@ -440,8 +446,7 @@ fn a_reused_pid_never_gets_a_gone_pods_capture() {
 
     assert_eq!(agent.list(), "", "the record must be released: {}", agent.log());
     assert_eq!(config_ids(&pins).0, [], "nothing may stay registered: {}", agent.log());
-    let remote = Listeners::start(&other.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&other.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&other, &cgroup);
     assert_eq!(
         lands(&other, &cgroup, &sidecar, &remote),
         "remote",
@@ -641,8 +646,7 @@ fn a_reused_pid_never_gets_a_deleted_kubernetes_pods_capture() {
         "{:?}",
         api.requests()
     );
-    let remote = Listeners::start(&gone.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&gone.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&gone, &cgroup);
     assert_eq!(
         lands(&gone, &cgroup, &sidecar, &remote),
         "sidecar",
@@ -680,8 +684,7 @@ fn a_reused_pid_never_gets_a_deleted_kubernetes_pods_capture() {
         "the record was not released by identity: {log}"
     );
     assert!(!log.contains("panicked"), "{log}");
-    let remote = Listeners::start(&other.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&other.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&other, &cgroup);
     assert_eq!(
         lands(&other, &cgroup, &sidecar, &remote),
         "remote",
@@ -781,8 +784,7 @@ fn a_corrupt_record_file_is_set_aside_and_the_records_rebuilt_from_the_kernel() 
 
     assert!(agent.dir.join("state/pods.json.corrupt").exists(), "set aside");
     assert_eq!(agent.list(), listed, "the records rebuilt: {}", agent.log());
-    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&pod, &cgroup);
     assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "sidecar", "still captured");
     let again = agent.add("default/corrupt", &sandbox.netns(), INJECTOR_DEFAULT_FLAGS);
     assert_eq!(
@@ -886,8 +888,7 @@ fn cidr_entries_of_an_older_release_are_upgraded_when_the_programs_are_switched(
     args.extend(["-u", "1337", "-i", "*", "-x", "192.0.2.0/24"]);
     let pod = Pod::new("agent-upgrade");
     ok(testkit::capture(&pod.pod, &args), "capture");
-    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&pod, &cgroup);
     assert_eq!(lands(&pod, &cgroup, &sidecar, &remote), "remote", "excluded by -x");
 
     // The old layout: the kind big-endian in bytes 4 to 7, no family.
@@ -1027,8 +1028,7 @@ fn the_agent_killed_and_restarted_20_times_under_load_drops_and_misses_nothing()
     let cgroup = Cgroup::new("restart");
     let pins = BpfPins::new("restart");
     let mut agent = Agent::start("restart", &pins, &cgroup);
-    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]);
-    let sidecar = Listeners::start(&pod.pod, Some(&cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]);
+    let (sidecar, remote) = listening(&pod, &cgroup);
     ok(
         agent.add("default/app", &pod.pod.path(), INJECTOR_DEFAULT_FLAGS),
         "pod add",
