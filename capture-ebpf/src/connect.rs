@@ -31,7 +31,7 @@ pub const PROCEED: i32 = 1;
 /// The decision for the connect in `ctx` to `dst` from the socket bound to `src`: `None` when the
 /// namespace is not registered or the protocol is neither TCP nor UDP (never touched).
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, u16)> {
+fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, Proto, u16)> {
     // SAFETY: the context pointer is the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read only for the duration of this call.
@@ -65,7 +65,7 @@ fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, 
         },
     };
     log_decision(ctx, &record);
-    Some((netns, verdict, dport))
+    Some((netns, verdict, proto, dport))
 }
 
 /// What [`log_decision`] logs.
@@ -112,6 +112,17 @@ fn remember(ctx: &SockAddrContext, netns: u64, dst: Addr, dport: u16, proxy_port
     if !ORIG_DST.set(socket(ctx), orig) {
         bump(netns, Counter::OrigDstMisses);
     }
+}
+
+/// A connection left alone. A TCP socket may still keep the destination of an earlier redirected connect
+/// that failed; it no longer describes this connection, which must not be handed to the proxy with it. (A
+/// UDP socket keeps its: a captured query's reply may still be on its way.)
+#[inline(always)]
+fn passed(ctx: &SockAddrContext, netns: u64, proto: Proto) {
+    if proto == Proto::Tcp {
+        ORIG_DST.forget(socket(ctx));
+    }
+    bump(netns, Counter::Passed);
 }
 
 /// The DNS proxy's address as a redirected socket sees it reply: 127.0.0.1, ::1 or ::ffff:127.0.0.1.
@@ -173,7 +184,7 @@ pub fn connect4(ctx: &SockAddrContext) {
     } else {
         addr::from_v4_word(src)
     };
-    let Some((netns, verdict, dport)) = decide(ctx, dst, src) else {
+    let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
         return;
     };
     match verdict {
@@ -189,7 +200,7 @@ pub fn connect4(ctx: &SockAddrContext) {
                 bump(netns, Counter::Dns);
             }
         }
-        Verdict::Pass(_) => bump(netns, Counter::Passed),
+        Verdict::Pass(_) => passed(ctx, netns, proto),
     }
 }
 
@@ -205,7 +216,7 @@ pub fn connect6(ctx: &SockAddrContext) {
             addr::from_words(words(&(*sk).src_ip6)),
         )
     };
-    let Some((netns, verdict, dport)) = decide(ctx, dst, src) else {
+    let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
         return;
     };
     match verdict {
@@ -231,6 +242,6 @@ pub fn connect6(ctx: &SockAddrContext) {
                 bump(netns, Counter::Dns);
             }
         }
-        Verdict::Pass(_) => bump(netns, Counter::Passed),
+        Verdict::Pass(_) => passed(ctx, netns, proto),
     }
 }

@@ -5,7 +5,7 @@ use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock},
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
 };
@@ -54,10 +54,11 @@ pub static CIDRS: LpmTrie<CidrKeyData, u8> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0
 /// Where each captured connection was going, kept with the socket for as long as the socket lives: on the
 /// application's redirected TCP socket (from connect), on the proxy's accepted socket (from the end of the
 /// handshake, for `SO_ORIGINAL_DST`), and on a UDP socket whose DNS queries are redirected (for its replies).
-/// No size and nothing to delete: the kernel frees a socket's value with the socket.
+/// No size: the kernel frees a socket's value with the socket.
 /// - key: the socket; value: [`OrigDst`]
 /// - written by: connect4/6 and sendmsg4/6 (the application's socket), sockops (PASSIVE_ESTABLISHED_CB, the
-///   proxy's socket); read by: sockops (TCP_CONNECT_CB, STATE_CB), getsockopt, recvmsg4/6.
+///   proxy's socket); deleted by: connect4/6 when a TCP socket connects again and is not redirected; read
+///   by: sockops (TCP_CONNECT_CB, STATE_CB), getsockopt, recvmsg4/6.
 #[btf_map]
 pub static ORIG_DST: SocketStorage<OrigDst> = SocketStorage::new();
 
@@ -170,6 +171,14 @@ impl<T> SocketStorage<T> {
     {
         // SAFETY: the kernel's value for this socket, valid for the program's run; copied out.
         self.storage(sk, ptr::null_mut(), 0).map(|v| unsafe { *v })
+    }
+
+    /// Drops the value kept with `sk`, if any.
+    #[inline(always)]
+    pub fn forget(&self, sk: *mut bpf_sock) {
+        let map = ptr::from_ref(self).cast_mut().cast::<c_void>();
+        // SAFETY: `sk` is a socket pointer the verifier knows as such; ENOENT (nothing kept) is fine.
+        let _ = unsafe { bpf_sk_storage_delete(map, sk.cast()) };
     }
 
     /// Keeps `value` with `sk`, replacing what it had. Fails only when the kernel cannot allocate (the

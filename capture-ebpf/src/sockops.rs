@@ -104,11 +104,6 @@ fn handshake_starts(ctx: &SockOpsContext) {
     let Some(orig) = socket(ctx).and_then(|sk| ORIG_DST.get(sk)) else {
         return;
     };
-    // A socket keeps its value after a redirected connect that failed; connected again and not redirected,
-    // it goes elsewhere than the proxy's port and has no handshake of ours.
-    if addr::port_from_remote_field(ctx.remote_port()) != orig.proxy_port {
-        return;
-    }
     // A full map evicts its least recently used entry (LRU): the insert itself does not fail for lack of room.
     let _ = ORIG_BY_ADDR.insert(&app_side_key(ctx, &orig), &orig, 0);
     state_callbacks(ctx, true);

@@ -150,6 +150,12 @@ pub const FEATURES: &[Feature] = &[
         Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_get),
     ),
     feature(
+        "sk_storage_delete_sock_addr",
+        "5.3",
+        "forgetting a failed redirect's destination when the socket connects again",
+        Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_delete),
+    ),
+    feature(
         "sk_storage_sockops",
         "5.10",
         "handing the original destination to the proxy's socket",
