@@ -167,17 +167,9 @@ impl Topology {
             for file in files {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
                 let env = capture::namespace::detect(&inv.config, std::path::Path::new("/etc/resolv.conf"))?;
-                let facts = capture::namespace::facts(&inv.config)?;
                 let cookie = capture::namespace::cookie()?;
                 let slot = capture::ebpf::maps::NO_SLOT;
-                maps.register(
-                    cookie,
-                    slot,
-                    &inv.config,
-                    &env,
-                    &facts,
-                    "capture-bench: injector defaults",
-                )?;
+                maps.register(cookie, slot, &inv.config, &env, "capture-bench: injector defaults")?;
             }
             Ok(())
         })

@@ -46,7 +46,7 @@ pub fn run(inv: &Invocation) -> Result<ExitCode> {
     if let Some(ns) = &opts.network_namespace {
         namespace::enter(ns)?;
     }
-    let env = namespace::detect(&inv.config, &opts.resolv_conf)?;
+    let mut env = namespace::detect(&inv.config, &opts.resolv_conf)?;
     if inv.config.redirect_dns && !env.dns_effective(&inv.config) {
         eprintln!(
             "capture: warning: --redirect-dns is on but {} lists no nameserver and --capture-all-dns is off: DNS is not captured",
@@ -54,8 +54,8 @@ pub fn run(inv: &Invocation) -> Result<ExitCode> {
         );
     }
     let output = match chosen_backend(opts.backend, &opts.pin_dir) {
-        Chosen::Iptables => iptables::run(inv, &env)?,
-        Chosen::Ebpf => ebpf::run(inv, &env)?,
+        Chosen::Iptables => iptables::run(inv, &mut env)?,
+        Chosen::Ebpf => ebpf::run(inv, &mut env)?,
     };
     match &opts.dry_run_file {
         Some(path) if opts.dry_run => {

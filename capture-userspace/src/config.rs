@@ -133,41 +133,6 @@ pub use capture_common::model::{DNS_PORT, DNS_PROXY_PORT};
 /// (hard-coded in istio).
 pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
 
-impl Default for Config {
-    /// istio-iptables' defaults with the proxy user resolved to 1337 (see [`crate::flags`] for `ENVOY_USER`).
-    fn default() -> Self {
-        let proxy = Owner {
-            token: "1337".into(),
-            id: 1337,
-        };
-        Config {
-            proxy_port: 15001,
-            inbound_capture_port: 15006,
-            inbound_tunnel_port: 15008,
-            proxy_uids: vec![proxy.clone()],
-            proxy_gids: vec![proxy],
-            mode: InterceptionMode::Redirect,
-            tproxy_mark: 1337,
-            tproxy_route_table: 133,
-            inbound_ports: InboundPorts::None,
-            inbound_exclude_ports: Vec::new(),
-            exclude_interfaces: Vec::new(),
-            include_cidrs: IncludeCidrs::List(Vec::new()),
-            exclude_cidrs: Vec::new(),
-            outbound_ports: Vec::new(),
-            outbound_exclude_ports: Vec::new(),
-            kube_virt_interfaces: Vec::new(),
-            redirect_dns: false,
-            capture_all_dns: false,
-            drop_invalid: false,
-            dual_stack: false,
-            owner_groups: OwnerGroups::AllExcept(Vec::new()),
-            loopback_cidr_v4: "127.0.0.1/32".parse().expect("valid default loopback CIDR"),
-            loopback_accel: false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

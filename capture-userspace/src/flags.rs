@@ -781,6 +781,30 @@ fn raw(matches: &ArgMatches, flag: IstioFlag, env: &dyn Fn(&str) -> Option<Strin
     }
 }
 
+/// istio-iptables' defaults, read from the one place they are written (the flag table, [`IstioFlag::spec`],
+/// and capture's own flags): what `capture` resolves to with no flags and an empty environment. The proxy
+/// user is 1337 whatever this machine's passwd says (istio's fallback when `$ENVOY_USER` names no user).
+impl Default for Invocation {
+    fn default() -> Self {
+        let no_user = |var: &str| (var == ENV_ENVOY_USER).then(String::new);
+        parse(["capture"], &no_user).expect("no flags resolve to the defaults")
+    }
+}
+
+/// [`Invocation::default`]'s configuration.
+impl Default for Config {
+    fn default() -> Self {
+        Invocation::default().config
+    }
+}
+
+/// [`Invocation::default`]'s options: apply with the eBPF backend.
+impl Default for Options {
+    fn default() -> Self {
+        Invocation::default().options
+    }
+}
+
 /// Where [`resolve`] reads its inputs: the parsed command line and the environment.
 struct Inputs<'a> {
     matches: &'a ArgMatches,
@@ -810,15 +834,11 @@ fn resolve(action: Action, m: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
     let input = Inputs { matches: m, env };
     let backend = our_choice("--backend", input.ours("backend"), Backend::Ebpf)?;
     if action == Action::Status {
-        return Ok(Invocation {
-            config: Config::default(),
-            options: Options {
-                backend,
-                action: Action::Status,
-                pin_dir: pin_dir(input.ours("pin-dir")),
-                ..Options::default()
-            },
-        });
+        let mut inv = Invocation::default();
+        inv.options.backend = backend;
+        inv.options.action = Action::Status;
+        inv.options.pin_dir = pin_dir(input.ours("pin-dir"));
+        return Ok(inv);
     }
     let (proxy_uids, proxy_gids) = proxy_owners(&input)?;
     let Mode {

@@ -1,7 +1,8 @@
-//! Facts about the target network namespace that istio-iptables detects instead of taking as flags: whether
-//! IPv6 capture is on, and the DNS servers ([`Environment`]); the addresses and interfaces the eBPF backend
-//! needs ([`Facts`]); and entering a namespace given by `--network-namespace`. Depends on [`crate::config`]
-//! only; the backends take these types from here.
+//! What capture detects in the target network namespace instead of taking it as a flag, in one type
+//! ([`Environment`]): whether IPv6 capture is on and the DNS servers (as istio-iptables detects them), and
+//! the addresses and interfaces the eBPF backend needs; and entering a namespace given by
+//! `--network-namespace`. Depends on [`crate::config`] and [`crate::rtnl`] only; the backends take these
+//! types from here.
 
 use std::{fs::File, net::IpAddr, path::Path};
 
@@ -26,14 +27,22 @@ pub struct Nameserver {
     pub text: String,
 }
 
-/// Facts about the target network namespace that istio-iptables detects rather than takes as flags (see
-/// [`detect`]); both backends use them.
+/// What capture detects in the target network namespace rather than takes as flags (see [`detect`]). The
+/// iptables backend reads the first two fields (istio's own detection); the eBPF backend all of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Environment {
     /// Whether IPv6 capture is on (istio's `EnableIPv6`): detected from the namespace's addresses.
     pub ipv6: bool,
     /// resolv.conf nameservers, read only when `--redirect-dns` is on and `--capture-all-dns` is off.
     pub nameservers: Vec<Nameserver>,
+    /// Every address of the namespace: a connection to one of them is local (`-o lo` to iptables).
+    pub local: Vec<IpAddr>,
+    /// The subnets of the `-c` interfaces (see `capture_common::maps::CidrKind::ExcludedInterface`).
+    pub excluded_subnets: Vec<IpNet>,
+    /// Indexes of the `-c` interfaces (inbound).
+    pub excluded_ifindexes: Vec<u32>,
+    /// Indexes of the `-k` interfaces.
+    pub virt_ifindexes: Vec<u32>,
 }
 
 impl Environment {
@@ -52,20 +61,26 @@ impl Environment {
     pub fn dns_effective_for(&self, config: &Config, v6: bool) -> bool {
         config.redirect_dns && (config.capture_all_dns || self.nameservers(v6).next().is_some())
     }
-}
 
-/// What the eBPF backend learns about the namespace's interfaces (see [`facts`]), detected again after
-/// [`add_passthrough_v6`] so that `::6` counts among the local addresses.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Facts {
-    /// Every address of the namespace: a connection to one of them is local (`-o lo` to iptables).
-    pub local: Vec<IpAddr>,
-    /// The subnets of the `-c` interfaces (see `capture_common::maps::CidrKind::ExcludedInterface`).
-    pub excluded_subnets: Vec<IpNet>,
-    /// Indexes of the `-c` interfaces (inbound).
-    pub excluded_ifindexes: Vec<u32>,
-    /// Indexes of the `-k` interfaces.
-    pub virt_ifindexes: Vec<u32>,
+    /// Adds `::6` to lo when IPv6 is on, as istio does: the proxy binds it as its inbound passthrough
+    /// source. Already there (a second apply, a restarted init container, a re-registration) is success.
+    /// The interfaces are read again after, so that `::6` counts among the namespace's own addresses.
+    pub fn add_passthrough_v6(&mut self, config: &Config) -> Result<()> {
+        if !self.ipv6 {
+            return Ok(());
+        }
+        rtnl::add_loopback_address(IpNet::from(IpAddr::V6(PASSTHROUGH_V6)))?;
+        self.read_interfaces(config)
+    }
+
+    /// Reads the namespace's addresses and the `-c` and `-k` interfaces.
+    fn read_interfaces(&mut self, config: &Config) -> Result<()> {
+        self.local = addresses().context("list the namespace's addresses")?;
+        self.excluded_subnets = subnets(&config.exclude_interfaces)?;
+        self.excluded_ifindexes = ifindexes(&config.exclude_interfaces)?;
+        self.virt_ifindexes = ifindexes(&config.kube_virt_interfaces)?;
+        Ok(())
+    }
 }
 
 /// Moves this process (this thread, before any other thread exists) into the network namespace at `path`.
@@ -75,7 +90,8 @@ pub fn enter(path: &Path) -> Result<()> {
         .with_context(|| format!("enter network namespace {}", path.display()))
 }
 
-/// Detects the [`Environment`] of the current network namespace, as istio's `FillConfigFromEnvironment`.
+/// Detects the [`Environment`] of the current network namespace: IPv6 and nameservers as istio's
+/// `FillConfigFromEnvironment`, then the interfaces.
 pub fn detect(config: &Config, resolv_conf: &Path) -> Result<Environment> {
     let addrs = addresses().context("list the namespace's addresses")?;
     let nameservers = if config.redirect_dns && !config.capture_all_dns {
@@ -88,10 +104,13 @@ pub fn detect(config: &Config, resolv_conf: &Path) -> Result<Environment> {
     } else {
         Vec::new()
     };
-    Ok(Environment {
+    let mut env = Environment {
         ipv6: ipv6_enabled(&addrs, config.dual_stack),
         nameservers,
-    })
+        ..Environment::default()
+    };
+    env.read_interfaces(config)?;
+    Ok(env)
 }
 
 /// The current network namespace's cookie (`bpf_get_netns_cookie`), read through a socket made in it.
@@ -117,16 +136,14 @@ pub fn cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// What the eBPF backend needs to know of the namespace: its addresses, and the subnets of `-c`
-/// interfaces.
-pub fn facts(config: &Config) -> Result<Facts> {
-    let mut excluded_subnets = Vec::new();
+/// The subnets of the interfaces matching `patterns` (the `-c` interfaces), host bits cleared.
+fn subnets(patterns: &[String]) -> Result<Vec<IpNet>> {
+    if patterns.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().context("list interfaces")? {
-        if !config
-            .exclude_interfaces
-            .iter()
-            .any(|name| interface_matches(name, &ifa.interface_name))
-        {
+        if !patterns.iter().any(|p| interface_matches(p, &ifa.interface_name)) {
             continue;
         }
         let (Some(addr), Some(mask)) = (ifa.address, ifa.netmask) else {
@@ -142,14 +159,9 @@ pub fn facts(config: &Config) -> Result<Facts> {
             (_, _, Some(a), Some(m)) => IpNet::with_netmask(IpAddr::V6(a.ip()), IpAddr::V6(m.ip())).ok(),
             _ => None,
         };
-        excluded_subnets.extend(net.map(|n| n.trunc()));
+        out.extend(net.map(|n| n.trunc()));
     }
-    Ok(Facts {
-        local: addresses().context("list the namespace's addresses")?,
-        excluded_subnets,
-        excluded_ifindexes: ifindexes(&config.exclude_interfaces)?,
-        virt_ifindexes: ifindexes(&config.kube_virt_interfaces)?,
-    })
+    Ok(out)
 }
 
 /// The indexes of the interfaces matching `patterns` (iptables' `+` suffix included) that exist now.
@@ -173,15 +185,6 @@ fn interface_matches(pattern: &str, name: &str) -> bool {
         Some(prefix) => name.starts_with(prefix),
         None => pattern == name,
     }
-}
-
-/// Adds `::6` to lo when IPv6 is on, as istio does: the proxy binds it as its inbound passthrough source.
-/// Already there (a second apply, a restarted init container, a re-registration) is success.
-pub fn add_passthrough_v6(env: &Environment) -> Result<()> {
-    if !env.ipv6 {
-        return Ok(());
-    }
-    rtnl::add_loopback_address(IpNet::from(IpAddr::V6(PASSTHROUGH_V6)))
 }
 
 /// Every address of every interface in the current network namespace, in the kernel's order.

@@ -50,6 +50,7 @@ fn render_doc(case: &Case, config: &Config) -> String {
                 text: (*t).to_owned(),
             })
             .collect(),
+        ..Environment::default()
     };
     render(config, &env).iter().map(Ruleset::restore_document).collect()
 }

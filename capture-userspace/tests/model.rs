@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use capture::{
     ebpf::entries::{EntryLookups, entries},
     flags,
-    namespace::{Environment, Facts, Nameserver},
+    namespace::{Environment, Nameserver},
 };
 use capture_common::{
     addr::{self, Addr},
@@ -54,15 +54,13 @@ fn pod_with(flags_line: &str, env_vars: &[(&str, &str)], ipv6: bool, nameservers
                 text: (*t).into(),
             })
             .collect(),
-    };
-    let facts = Facts {
         local: [POD_IP, POD_IP6, "127.0.0.1", "::1"]
             .iter()
             .map(|s| s.parse().unwrap())
             .collect(),
-        ..Facts::default()
+        ..Environment::default()
     };
-    let entries = entries(&inv.config, &env, &facts, 7).unwrap();
+    let entries = entries(&inv.config, &env, 7).unwrap();
     let lookups = EntryLookups::new(&entries);
     Pod { entries, lookups }
 }
@@ -513,11 +511,10 @@ fn a_mapped_loopback_include_removes_the_local_pass_rules() {
 #[test]
 fn a_pod_may_not_take_more_than_its_share_of_the_node_wide_maps() {
     use capture_common::maps::{MAX_CIDR_ENTRIES_PER_POD, MAX_SET_ENTRIES_PER_POD};
-    let facts = Facts {
+    let env = Environment {
         local: vec![POD_IP.parse().unwrap()],
-        ..Facts::default()
+        ..Environment::default()
     };
-    let env = Environment::default();
     let parse = |line: &str| {
         let args = std::iter::once("capture".to_owned()).chain(line.split_whitespace().map(str::to_owned));
         flags::parse(args, &|_| None).unwrap_or_else(|e| panic!("{e}"))
@@ -530,9 +527,9 @@ fn a_pod_may_not_take_more_than_its_share_of_the_node_wide_maps() {
     };
     // The pod's own address takes one entry: the last -x CIDR that fits is the limit less one.
     let fits = parse(&format!("-u 1337 -i * -x {}", cidrs(MAX_CIDR_ENTRIES_PER_POD - 1)));
-    assert!(entries(&fits.config, &env, &facts, 1).is_ok());
+    assert!(entries(&fits.config, &env, 1).is_ok());
     let over = parse(&format!("-u 1337 -i * -x {}", cidrs(MAX_CIDR_ENTRIES_PER_POD)));
-    let err = entries(&over.config, &env, &facts, 1).unwrap_err().to_string();
+    let err = entries(&over.config, &env, 1).unwrap_err().to_string();
     let (n, max) = (MAX_CIDR_ENTRIES_PER_POD + 1, MAX_CIDR_ENTRIES_PER_POD);
     assert!(err.starts_with(&format!("-i/-x: {n} CIDRs")), "{err}");
     assert!(err.contains(&format!("at most {max} per pod")), "{err}");
@@ -540,9 +537,9 @@ fn a_pod_may_not_take_more_than_its_share_of_the_node_wide_maps() {
 
     let ports = |n: u32| (1..=n).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
     let fits = parse(&format!("-u 1337 -b {}", ports(MAX_SET_ENTRIES_PER_POD)));
-    assert!(entries(&fits.config, &env, &facts, 1).is_ok());
+    assert!(entries(&fits.config, &env, 1).is_ok());
     let over = parse(&format!("-u 1337 -b {}", ports(MAX_SET_ENTRIES_PER_POD + 1)));
-    let err = entries(&over.config, &env, &facts, 1).unwrap_err().to_string();
+    let err = entries(&over.config, &env, 1).unwrap_err().to_string();
     assert!(
         err.contains("1025 ports and groups") && err.contains("at most 1024 per pod"),
         "{err}"

@@ -339,8 +339,8 @@ impl Registry {
             if let Some((_, other)) = held.iter().find(|(c, _)| *c == cookie) {
                 bail!("its namespace is already captured for pod {other}");
             }
-            let env = namespace::detect(&inv.config, &resolv_conf)?;
-            ebpf::register_here(&inv, &env, &pin_dir, &spares, &label)
+            let mut env = namespace::detect(&inv.config, &resolv_conf)?;
+            ebpf::register_here(&inv, &mut env, &pin_dir, &spares, &label)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the registration thread panicked"))?

@@ -111,29 +111,6 @@ pub struct Options {
     pub iptables_flavour: IptablesFlavour,
 }
 
-impl Default for Options {
-    /// Apply with the eBPF backend, every setting at its default.
-    fn default() -> Self {
-        Options {
-            action: Action::Apply,
-            backend: Backend::Ebpf,
-            cgroup: None,
-            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
-            log_level: LogLevel::Off,
-            resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF),
-            dry_run: false,
-            dry_run_file: None,
-            network_namespace: None,
-            run_validation: false,
-            skip_rule_apply: false,
-            probe_port: 15002,
-            probe_timeout: Duration::from_secs(5),
-            native_nftables: false,
-            iptables_flavour: IptablesFlavour::Auto,
-        }
-    }
-}
-
 /// A parsed invocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invocation {

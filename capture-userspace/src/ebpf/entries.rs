@@ -16,7 +16,7 @@ use ipnet::IpNet;
 
 use crate::{
     config::{Config, InboundPorts, IncludeCidrs, InterceptionMode, Owner, OwnerGroups},
-    namespace::{Environment, Facts},
+    namespace::Environment,
 };
 
 /// One CIDR-set entry: an LPM key's prefix length and data.
@@ -67,8 +67,8 @@ fn host(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
 }
 
-/// The entries for `cfg` in a namespace with `env` and `facts`, under configuration id `id`.
-pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Result<Entries> {
+/// The entries for `cfg` in a namespace with `env`, under configuration id `id`.
+pub fn entries(cfg: &Config, env: &Environment, id: u32) -> Result<Entries> {
     let (uids, n_uids) = ids(&cfg.proxy_uids, "-u/--proxy-uid")?;
     let (gids, n_gids) = ids(&cfg.proxy_gids, "-g/--proxy-gid")?;
     let mut flags = 0;
@@ -90,7 +90,7 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
     set_flag(env.ipv6, flag::IPV6);
     set_flag(cfg.inbound_ports == InboundPorts::All, flag::INBOUND_ALL);
     set_flag(matches!(cfg.inbound_ports, InboundPorts::List(_)), flag::INBOUND_LIST);
-    set_flag(!facts.excluded_subnets.is_empty(), flag::HAS_EXCLUDED_SUBNETS);
+    set_flag(!env.excluded_subnets.is_empty(), flag::HAS_EXCLUDED_SUBNETS);
     set_flag(!cfg.outbound_exclude_ports.is_empty(), flag::HAS_OUTBOUND_EXCLUDE_PORTS);
     set_flag(
         match &cfg.owner_groups {
@@ -152,13 +152,8 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
                 .iter()
                 .map(|&p| set(SetKind::InboundExcludePort, u32::from(p))),
         )
-        .chain(
-            facts
-                .excluded_ifindexes
-                .iter()
-                .map(|&i| set(SetKind::ExcludedIfindex, i)),
-        )
-        .chain(facts.virt_ifindexes.iter().map(|&i| set(SetKind::VirtIfindex, i)))
+        .chain(env.excluded_ifindexes.iter().map(|&i| set(SetKind::ExcludedIfindex, i)))
+        .chain(env.virt_ifindexes.iter().map(|&i| set(SetKind::VirtIfindex, i)))
         .collect();
 
     let mut cidrs = Vec::new();
@@ -167,12 +162,11 @@ pub fn entries(cfg: &Config, env: &Environment, facts: &Facts, id: u32) -> Resul
     if let IncludeCidrs::List(list) = &cfg.include_cidrs {
         list.iter().for_each(|n| add(CidrKind::Include, n));
     }
-    facts.local.iter().for_each(|&ip| add(CidrKind::Local, &host(ip)));
+    env.local.iter().for_each(|&ip| add(CidrKind::Local, &host(ip)));
     env.nameservers
         .iter()
         .for_each(|n| add(CidrKind::DnsServer, &host(n.addr)));
-    facts
-        .excluded_subnets
+    env.excluded_subnets
         .iter()
         .for_each(|n| add(CidrKind::ExcludedInterface, n));
     within_pod_limits(&sets, &cidrs)?;

@@ -15,10 +15,7 @@ use capture_common::{
 };
 
 use super::entries;
-use crate::{
-    config::Config,
-    namespace::{Environment, Facts},
-};
+use crate::{config::Config, namespace::Environment};
 
 /// The slot of a namespace registered without inbound capture (the benchmark's many namespaces): past
 /// the last real one, so no sk_lookup copy ever serves it.
@@ -217,26 +214,18 @@ impl Maps {
 
     /// Registers (or re-registers) namespace `netns`, whose inbound capture is sk_lookup slot `slot`:
     /// [`Maps::stage`], then [`Maps::commit`].
-    pub fn register(
-        &mut self,
-        netns: u64,
-        slot: u32,
-        cfg: &Config,
-        env: &Environment,
-        facts: &Facts,
-        flags: &str,
-    ) -> Result<()> {
-        let staged = self.stage(netns, slot, cfg, env, facts)?;
+    pub fn register(&mut self, netns: u64, slot: u32, cfg: &Config, env: &Environment, flags: &str) -> Result<()> {
+        let staged = self.stage(netns, slot, cfg, env)?;
         self.commit(staged, flags)
     }
 
     /// Writes everything of a registration of namespace `netns` but its `CONFIG` value: the set and CIDR
     /// entries under a fresh id, and the namespace's counters. Nothing a connection looks at changes: the
     /// programs find a namespace's entries through its `CONFIG` value only. On failure nothing stays.
-    pub fn stage(&mut self, netns: u64, slot: u32, cfg: &Config, env: &Environment, facts: &Facts) -> Result<Staged> {
+    pub fn stage(&mut self, netns: u64, slot: u32, cfg: &Config, env: &Environment) -> Result<Staged> {
         let old = self.config.get(&netns, 0).ok();
         let id = self.fresh_id()?;
-        let mut e = entries::entries(cfg, env, facts, id)?;
+        let mut e = entries::entries(cfg, env, id)?;
         e.config.slot = slot;
         let staged = Staged {
             netns,

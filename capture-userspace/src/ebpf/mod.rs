@@ -41,13 +41,12 @@ use crate::{
 };
 
 /// Runs one invocation with the eBPF backend in the current network namespace; returns what to print.
-pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
+pub fn run(inv: &Invocation, env: &mut Environment) -> Result<String> {
     let opts = &inv.options;
     match opts.action {
         Action::Apply => {
-            let facts = namespace::facts(&inv.config)?;
             // Built first: a configuration the kernel cannot take fails before anything is touched.
-            let entries = entries::entries(&inv.config, env, &facts, 0)?;
+            let entries = entries::entries(&inv.config, env, 0)?;
             if opts.dry_run {
                 return Ok(describe(&entries));
             }
@@ -62,9 +61,8 @@ pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
             probe()?;
             // ::6 first, so that it counts among the namespace's own addresses: the proxy's passthrough
             // from ::6 is local traffic, never inbound.
-            namespace::add_passthrough_v6(env)?;
-            let facts = namespace::facts(&inv.config)?;
-            let mut ebpf = apply(inv, env, &facts, &opts.pin_dir)?;
+            env.add_passthrough_v6(&inv.config)?;
+            let mut ebpf = apply(inv, env, &opts.pin_dir)?;
             if opts.log_level != LogLevel::Off {
                 forward_logs(&mut ebpf, opts.log_level)?;
             }

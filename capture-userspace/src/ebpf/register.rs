@@ -17,12 +17,12 @@ use super::{
 };
 use crate::{
     config::{Invocation, LogLevel},
-    namespace::{self, Environment, Facts},
+    namespace::{self, Environment},
 };
 
 /// Loads, attaches and registers the current namespace. On failure nothing stays: a first registration
 /// that fails removes the pins it made.
-pub(super) fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Path) -> Result<Ebpf> {
+pub(super) fn apply(inv: &Invocation, env: &Environment, dir: &Path) -> Result<Ebpf> {
     let _lock = lock(dir, true)?;
     let fresh = !dir.join(maps::names::CONFIG).exists();
     let result = (|| {
@@ -43,7 +43,7 @@ pub(super) fn apply(inv: &Invocation, env: &Environment, facts: &Facts, dir: &Pa
         let mut ebpf = Loader::new(dir, inv.options.log_level).load(slot)?;
         attach_hooks(&mut ebpf, dir, inv.options.cgroup.as_deref(), upgrade)?;
         let copy = sk_lookup::Loaded::from_object(&mut ebpf, slot)?;
-        register_namespace(Maps::open(dir)?, inv, env, facts, dir, netns, Some(copy), &flags_text())?;
+        register_namespace(Maps::open(dir)?, inv, env, dir, netns, Some(copy), &flags_text())?;
         Ok(ebpf)
     })();
     if result.is_err() && fresh {
@@ -71,12 +71,10 @@ pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<usiz
 /// namespace new to capture gets its sk_lookup copy from `spares`; one registered again keeps its copy.
 /// `label` is kept beside the registration, for `capture status` (the agent's records can be rebuilt from
 /// it). Returns the namespace's cookie.
-pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path, spares: &Spares, label: &str) -> Result<u64> {
-    let facts = namespace::facts(&inv.config)?;
+pub fn register_here(inv: &Invocation, env: &mut Environment, dir: &Path, spares: &Spares, label: &str) -> Result<u64> {
     // Built first: a configuration the kernel cannot take fails before anything is touched.
-    entries::entries(&inv.config, env, &facts, 0)?;
-    namespace::add_passthrough_v6(env)?;
-    let facts = namespace::facts(&inv.config)?;
+    entries::entries(&inv.config, env, 0)?;
+    env.add_passthrough_v6(&inv.config)?;
     let _lock = lock(dir, false)?;
     let netns = namespace::cookie()?;
     let maps = Maps::open(dir)?;
@@ -84,7 +82,7 @@ pub fn register_here(inv: &Invocation, env: &Environment, dir: &Path, spares: &S
         true => None,
         false => Some(spares.take(&maps.slots_in_use()?)?),
     };
-    register_namespace(maps, inv, env, &facts, dir, netns, copy, label)?;
+    register_namespace(maps, inv, env, dir, netns, copy, label)?;
     Ok(netns)
 }
 
@@ -121,7 +119,6 @@ fn register_namespace(
     mut maps: Maps,
     inv: &Invocation,
     env: &Environment,
-    facts: &Facts,
     dir: &Path,
     netns: u64,
     copy: Option<sk_lookup::Loaded>,
@@ -133,7 +130,7 @@ fn register_namespace(
         (None, Some(slot)) => slot,
         (None, None) => bail!("namespace {netns} has no sk_lookup copy"),
     };
-    let staged = maps.stage(netns, slot, &inv.config, env, facts)?;
+    let staged = maps.stage(netns, slot, &inv.config, env)?;
     let ports = [inv.config.inbound_capture_port, inv.config.proxy_port];
     let before_commit = hand_over_listeners(&mut maps, netns, &ports, &[]).and_then(|known| match copy {
         Some(copy) => copy

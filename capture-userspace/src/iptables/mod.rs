@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Runs one invocation with the iptables backend in the current network namespace; returns what to print.
-pub fn run(inv: &Invocation, env: &Environment) -> Result<String> {
+pub fn run(inv: &Invocation, env: &mut Environment) -> Result<String> {
     let rulesets = render::render(&inv.config, env);
     let opts = &inv.options;
     Ok(match opts.action {

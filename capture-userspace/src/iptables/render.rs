@@ -715,6 +715,7 @@ mod tests {
         Environment {
             ipv6: true,
             nameservers,
+            ..Environment::default()
         }
     }
 

@@ -1,12 +1,11 @@
 //! The policy routes istio-iptables sets up beside its rules in TPROXY mode
 //! (`docs/istio-rules.md#routes-and-addresses`), made over rtnetlink ([`rtnl`]). The other half, `::6` on lo,
-//! is shared with the eBPF backend: [`namespace::add_passthrough_v6`].
+//! is shared with the eBPF backend: [`Environment::add_passthrough_v6`].
 
 use anyhow::Result;
 
 use crate::{
     config::{Config, InboundPorts, InterceptionMode},
-    namespace,
     namespace::Environment,
     rtnl::{self, Family},
 };
@@ -17,8 +16,8 @@ fn tproxy_routes(config: &Config) -> bool {
 
 /// Adds what istio adds: `::6` on lo when IPv6 is on; the TPROXY rule and local route when TPROXY
 /// captures inbound. Idempotent: what is already there is left as it is.
-pub fn configure(config: &Config, env: &Environment) -> Result<()> {
-    namespace::add_passthrough_v6(env)?;
+pub fn configure(config: &Config, env: &mut Environment) -> Result<()> {
+    env.add_passthrough_v6(config)?;
     if tproxy_routes(config) {
         let families: &[Family] = if env.ipv6 {
             &[Family::V4, Family::V6]
