@@ -13,6 +13,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Arg, ArgAction, ArgMatches, Command, ValueEnum};
 use ipnet::{IpNet, Ipv4Net};
+use strum::VariantArray as _;
 
 use capture_common::maps::MAX_PROXY_IDS;
 
@@ -85,8 +86,9 @@ const fn boolean(
 }
 
 /// Every flag istio-iptables accepts (`docs/istio-rules.md#capture-flags` and `#behaviour-flags`), in istio's
-/// order: the parser looks flags up by variant, so a flag that is not in the table does not compile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// order: the parser looks flags up by variant, so a flag that is not in the table does not compile, and
+/// `IstioFlag::VARIANTS` (derived) lists every one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::VariantArray)]
 pub enum IstioFlag {
     /// `--envoy-port`.
     EnvoyPort,
@@ -165,47 +167,6 @@ pub enum IstioFlag {
 }
 
 impl IstioFlag {
-    /// Every variant, in istio's order (a test checks that none is missing).
-    pub const ALL: [IstioFlag; 37] = [
-        IstioFlag::EnvoyPort,
-        IstioFlag::InboundCapturePort,
-        IstioFlag::InboundTunnelPort,
-        IstioFlag::ProxyUid,
-        IstioFlag::ProxyGid,
-        IstioFlag::IstioInboundInterceptionMode,
-        IstioFlag::IstioInboundTproxyMark,
-        IstioFlag::IstioInboundTproxyRouteTable,
-        IstioFlag::IstioInboundPorts,
-        IstioFlag::IstioLocalExcludePorts,
-        IstioFlag::IstioExcludeInterfaces,
-        IstioFlag::IstioServiceCidr,
-        IstioFlag::IstioServiceExcludeCidr,
-        IstioFlag::IstioOutboundPorts,
-        IstioFlag::IstioLocalOutboundPortsExclude,
-        IstioFlag::KubeVirtInterfaces,
-        IstioFlag::DryRun,
-        IstioFlag::RedirectDns,
-        IstioFlag::CaptureAllDns,
-        IstioFlag::DropInvalid,
-        IstioFlag::DualStack,
-        IstioFlag::NetworkNamespace,
-        IstioFlag::CniMode,
-        IstioFlag::RunValidation,
-        IstioFlag::SkipRuleApply,
-        IstioFlag::IptablesProbePort,
-        IstioFlag::ProbeTimeout,
-        IstioFlag::Reconcile,
-        IstioFlag::CleanupOnly,
-        IstioFlag::ForceApply,
-        IstioFlag::NativeNftables,
-        IstioFlag::ForceIptablesBinary,
-        IstioFlag::LogOutputLevel,
-        IstioFlag::LogAsJson,
-        IstioFlag::LogCaller,
-        IstioFlag::LogStacktraceLevel,
-        IstioFlag::LogTarget,
-    ];
-
     /// The flag's names, env vars, default and help: the one place they are written.
     pub const fn spec(self) -> FlagSpec {
         match self {
@@ -478,11 +439,11 @@ impl IstioFlag {
 
 /// [`IstioFlag::spec`] of every flag, in istio's order: the clap command, the env lookup and the README's flag
 /// table come from it.
-pub const ISTIO_FLAGS: [FlagSpec; IstioFlag::ALL.len()] = {
-    let mut out = [IstioFlag::ALL[0].spec(); IstioFlag::ALL.len()];
+pub const ISTIO_FLAGS: [FlagSpec; IstioFlag::VARIANTS.len()] = {
+    let mut out = [IstioFlag::VARIANTS[0].spec(); IstioFlag::VARIANTS.len()];
     let mut i = 1;
     while i < out.len() {
-        out[i] = IstioFlag::ALL[i].spec();
+        out[i] = IstioFlag::VARIANTS[i].spec();
         i += 1;
     }
     out
@@ -1347,15 +1308,6 @@ pub fn markdown_table() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_istio_flag_is_listed_once_in_its_own_place() {
-        for (i, flag) in IstioFlag::ALL.into_iter().enumerate() {
-            assert_eq!(flag as usize, i, "{flag:?} is out of place in IstioFlag::ALL");
-        }
-        // The last variant closes the list: a variant added after it would have a larger discriminant.
-        assert_eq!(IstioFlag::LogTarget as usize + 1, IstioFlag::ALL.len());
-    }
 
     #[test]
     fn our_enums_are_refused_with_their_values_in_order() {
