@@ -6,7 +6,6 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock,
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie},
     programs::SockAddrContext,
 };
@@ -20,7 +19,7 @@ use capture_common::{
 };
 
 use crate::{
-    fields::words,
+    fields::{rewrite4, rewrite6, sock_addr_socket, socket_local, user_addr4, user_addr6, user_port},
     lookups::MapLookups,
     maps::{CONFIG, ORIG_DST, bump},
 };
@@ -37,14 +36,13 @@ fn decide(ctx: &SockAddrContext, dst: Addr, src: Addr) -> Option<(u64, Verdict, 
     // SAFETY: read only for the duration of this call.
     let cfg = unsafe { CONFIG.get(&netns) }?;
     // SAFETY: the kernel's context, readable for the program's lifetime.
-    let sa = unsafe { &*ctx.sock_addr };
-    let proto = match sa.protocol {
+    let proto = match unsafe { (*ctx.sock_addr).protocol } {
         sock::IPPROTO_TCP => Proto::Tcp,
         sock::IPPROTO_UDP => Proto::Udp,
         _ => return None,
     };
     let ids = bpf_get_current_uid_gid();
-    let dport = addr::port_from_be_field(sa.user_port);
+    let dport = user_port(ctx);
     let conn = Conn {
         proto,
         dst,
@@ -89,13 +87,6 @@ fn log_decision(ctx: &SockAddrContext, d: &Decision) {
     );
 }
 
-/// The socket the program runs for.
-#[inline(always)]
-fn socket(ctx: &SockAddrContext) -> *mut bpf_sock {
-    // SAFETY: the kernel's context, readable for the program's lifetime.
-    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
-}
-
 /// Keeps where a redirected connection was going with its socket: a TCP socket for sockops to hand to the
 /// proxy's socket, a UDP socket (DNS) for recvmsg to restore the replies' source. If the kernel cannot
 /// allocate it the connection is still redirected: the proxy then finds no original destination and closes
@@ -109,7 +100,7 @@ fn remember(ctx: &SockAddrContext, netns: u64, dst: Addr, dport: u16, proxy_port
         proxy_port,
         v6_socket: u32::from(v6),
     };
-    if !ORIG_DST.set(socket(ctx), orig) {
+    if !ORIG_DST.set(sock_addr_socket(ctx), orig) {
         bump(netns, Counter::OrigDstMisses);
     }
 }
@@ -120,7 +111,7 @@ fn remember(ctx: &SockAddrContext, netns: u64, dst: Addr, dport: u16, proxy_port
 #[inline(always)]
 fn passed(ctx: &SockAddrContext, netns: u64, proto: Proto) {
     if proto == Proto::Tcp {
-        ORIG_DST.forget(socket(ctx));
+        ORIG_DST.forget(sock_addr_socket(ctx));
     }
     bump(netns, Counter::Passed);
 }
@@ -135,54 +126,42 @@ fn is_dns_proxy(src: &Addr, port: u16) -> bool {
 /// the server the application asked.
 #[inline(always)]
 pub fn recvmsg4(ctx: &SockAddrContext) {
-    let Some(orig) = ORIG_DST.get(socket(ctx)) else {
+    let Some(orig) = ORIG_DST.get(sock_addr_socket(ctx)) else {
         return;
     };
-    // SAFETY: the kernel's context; user_ip4 and user_port are readable and writable in recvmsg4.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        let src = addr::from_v4_word(sa.user_ip4);
-        if is_dns_proxy(&src, addr::port_from_be_field(sa.user_port)) && addr::is_v4(&orig.addr) {
-            sa.user_ip4 = u32::from_ne_bytes(addr::v4_octets(&orig.addr));
-            sa.user_port = addr::port_to_be_field(orig.port);
-        }
+    if is_dns_proxy(&user_addr4(ctx), user_port(ctx)) && addr::is_v4(&orig.addr) {
+        rewrite4(ctx, &orig.addr, orig.port);
     }
 }
 
 /// recvmsg6: as [`recvmsg4`], for IPv6 sockets (IPv4-mapped servers included).
 #[inline(always)]
 pub fn recvmsg6(ctx: &SockAddrContext) {
-    let Some(orig) = ORIG_DST.get(socket(ctx)) else {
+    let Some(orig) = ORIG_DST.get(sock_addr_socket(ctx)) else {
         return;
     };
-    // SAFETY: the kernel's context; user_ip6 (word by word) and user_port are writable in recvmsg6.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        let src = addr::from_words(words(&sa.user_ip6));
-        if is_dns_proxy(&src, addr::port_from_be_field(sa.user_port)) {
-            let w = addr::to_words(&orig.addr);
-            sa.user_ip6[0] = w[0];
-            sa.user_ip6[1] = w[1];
-            sa.user_ip6[2] = w[2];
-            sa.user_ip6[3] = w[3];
-            sa.user_port = addr::port_to_be_field(orig.port);
-        }
+    if is_dns_proxy(&user_addr6(ctx), user_port(ctx)) {
+        rewrite6(ctx, &orig.addr, orig.port);
+    }
+}
+
+/// Counts a redirected connection (and a redirected DNS query).
+#[inline(always)]
+fn redirected(netns: u64, rule: Rule) {
+    bump(netns, Counter::Redirected);
+    if rule == Rule::Dns {
+        bump(netns, Counter::Dns);
     }
 }
 
 /// connect4.
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) {
-    // SAFETY: the kernel's context and its socket, both valid for the program's lifetime.
-    let (dst, src) = unsafe {
-        let sa = &*ctx.sock_addr;
-        let sk = sa.__bindgen_anon_1.sk;
-        (addr::from_v4_word(sa.user_ip4), (*sk).src_ip4)
-    };
-    let src = if src == 0 {
-        addr::UNSPECIFIED
-    } else {
-        addr::from_v4_word(src)
+    let dst = user_addr4(ctx);
+    // An unbound socket's source is the model's unspecified address, whatever the family.
+    let src = match socket_local(sock_addr_socket(ctx)) {
+        src if src == addr::from_v4_word(0) => addr::UNSPECIFIED,
+        src => src,
     };
     let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
         return;
@@ -190,15 +169,8 @@ pub fn connect4(ctx: &SockAddrContext) {
     match verdict {
         Verdict::Redirect(port, rule) => {
             remember(ctx, netns, dst, dport, port, false);
-            // SAFETY: user_ip4 and user_port are writable in connect4.
-            unsafe {
-                (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(addr::LOCALHOST_V4);
-                (*ctx.sock_addr).user_port = addr::port_to_be_field(port);
-            }
-            bump(netns, Counter::Redirected);
-            if rule == Rule::Dns {
-                bump(netns, Counter::Dns);
-            }
+            rewrite4(ctx, &addr::from_v4(addr::LOCALHOST_V4), port);
+            redirected(netns, rule);
         }
         Verdict::Pass(_) => passed(ctx, netns, proto),
     }
@@ -207,15 +179,8 @@ pub fn connect4(ctx: &SockAddrContext) {
 /// connect6. An IPv4-mapped destination is an IPv4 connection and is judged and redirected as one.
 #[inline(always)]
 pub fn connect6(ctx: &SockAddrContext) {
-    // SAFETY: the kernel's context and its socket, valid for the program's lifetime.
-    let (dst, src) = unsafe {
-        let sa = &*ctx.sock_addr;
-        let sk = sa.__bindgen_anon_1.sk;
-        (
-            addr::from_words(words(&sa.user_ip6)),
-            addr::from_words(words(&(*sk).src_ip6)),
-        )
-    };
+    let dst = user_addr6(ctx);
+    let src = socket_local(sock_addr_socket(ctx));
     let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
         return;
     };
@@ -227,20 +192,8 @@ pub fn connect6(ctx: &SockAddrContext) {
             } else {
                 addr::LOCALHOST_V6
             };
-            let words = addr::to_words(&target);
-            // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
-            unsafe {
-                let sa = &mut *ctx.sock_addr;
-                sa.user_ip6[0] = words[0];
-                sa.user_ip6[1] = words[1];
-                sa.user_ip6[2] = words[2];
-                sa.user_ip6[3] = words[3];
-                sa.user_port = addr::port_to_be_field(port);
-            }
-            bump(netns, Counter::Redirected);
-            if rule == Rule::Dns {
-                bump(netns, Counter::Dns);
-            }
+            rewrite6(ctx, &target, port);
+            redirected(netns, rule);
         }
         Verdict::Pass(_) => passed(ctx, netns, proto),
     }

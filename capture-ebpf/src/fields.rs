@@ -1,6 +1,10 @@
-//! Reading kernel context and socket fields the way the verifier accepts: the helpers every program uses.
+//! Reading (and, for sock_addr, rewriting) kernel context and socket fields the way the verifier accepts: the
+//! address and port accessors every program uses, so no program reads a context field inline.
 
-use aya_ebpf::programs::SockOpsContext;
+use aya_ebpf::{
+    bindings::bpf_sock,
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
 use capture_common::{
     addr::{self, Addr},
     sock::AF_INET,
@@ -46,5 +50,87 @@ pub fn remote_addr(ctx: &SockOpsContext) -> Addr {
         addr::from_v4_word(ops.remote_ip4)
     } else {
         addr::from_words(words(&ops.remote_ip6))
+    }
+}
+
+/// The address a connect4 or sendmsg4 names (IPv4 mapped).
+#[inline(always)]
+pub fn user_addr4(ctx: &SockAddrContext) -> Addr {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    addr::from_v4_word(unsafe { (*ctx.sock_addr).user_ip4 })
+}
+
+/// The address a connect6, sendmsg6 or recvmsg6 names.
+#[inline(always)]
+pub fn user_addr6(ctx: &SockAddrContext) -> Addr {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    addr::from_words(words(unsafe { &(*ctx.sock_addr).user_ip6 }))
+}
+
+/// The socket a sock_addr program runs for.
+#[inline(always)]
+pub fn sock_addr_socket(ctx: &SockAddrContext) -> *mut bpf_sock {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
+}
+
+/// A socket's local address by its family (IPv4 mapped); an unbound one reads as 0.0.0.0 or `::`.
+#[inline(always)]
+pub fn socket_local(sk: *mut bpf_sock) -> Addr {
+    // SAFETY: a socket pointer the verifier knows as such, valid for the program's lifetime.
+    let sk = unsafe { &*sk };
+    if sk.family == AF_INET {
+        addr::from_v4_word(sk.src_ip4)
+    } else {
+        addr::from_words(words(&sk.src_ip6))
+    }
+}
+
+/// The local and remote addresses of an sk_lookup (IPv4 mapped).
+#[inline(always)]
+pub fn lookup_addrs(ctx: &SkLookupContext) -> (Addr, Addr) {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    let l = unsafe { &*ctx.lookup };
+    if l.family == AF_INET {
+        (addr::from_v4_word(l.local_ip4), addr::from_v4_word(l.remote_ip4))
+    } else {
+        (
+            addr::from_words(words(&l.local_ip6)),
+            addr::from_words(words(&l.remote_ip6)),
+        )
+    }
+}
+
+/// The port a sock_addr program's address names (host order).
+#[inline(always)]
+pub fn user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    addr::port_from_be_field(unsafe { (*ctx.sock_addr).user_port })
+}
+
+/// Rewrites the address of a connect4, sendmsg4 or recvmsg4 to `to` (an IPv4-mapped address) and `port`.
+#[inline(always)]
+pub fn rewrite4(ctx: &SockAddrContext, to: &Addr, port: u16) {
+    // SAFETY: user_ip4 and user_port are writable in these programs' contexts.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        sa.user_ip4 = u32::from_ne_bytes(addr::v4_octets(to));
+        sa.user_port = addr::port_to_be_field(port);
+    }
+}
+
+/// Rewrites the address of a connect6, sendmsg6 or recvmsg6 to `to` and `port`, one word at a time (the
+/// verifier's rule for context stores, as for loads).
+#[inline(always)]
+pub fn rewrite6(ctx: &SockAddrContext, to: &Addr, port: u16) {
+    let w = addr::to_words(to);
+    // SAFETY: user_ip6 (word by word) and user_port are writable in these programs' contexts.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        sa.user_ip6[0] = w[0];
+        sa.user_ip6[1] = w[1];
+        sa.user_ip6[2] = w[2];
+        sa.user_ip6[3] = w[3];
+        sa.user_port = addr::port_to_be_field(port);
     }
 }

@@ -11,7 +11,6 @@
 
 use aya_ebpf::{Global, bindings::sk_action, programs::SkLookupContext};
 use capture_common::{
-    addr::{self, Addr},
     counters::Counter,
     maps::ListenerKey,
     model::{self, InConn, Verdict},
@@ -19,7 +18,7 @@ use capture_common::{
 };
 
 use crate::{
-    fields::words,
+    fields::lookup_addrs,
     lookups::MapLookups,
     maps::{CONFIG, LISTENERS, SLOT_NETNS, bump},
 };
@@ -58,14 +57,7 @@ pub fn lookup(ctx: &SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     let family = l.family;
-    let (local, remote): (Addr, Addr) = if family == AF_INET {
-        (addr::from_v4_word(l.local_ip4), addr::from_v4_word(l.remote_ip4))
-    } else {
-        (
-            addr::from_words(words(&l.local_ip6)),
-            addr::from_words(words(&l.remote_ip6)),
-        )
-    };
+    let (local, remote) = lookup_addrs(ctx);
     let local_port = l.local_port as u16;
     let conn = InConn {
         dst: local,

@@ -19,7 +19,7 @@ use capture_common::{
 };
 
 use crate::{
-    fields::words,
+    fields::socket_local,
     maps::{CONFIG, ORIG_DST, bump},
 };
 
@@ -79,18 +79,11 @@ pub fn getsockopt(ctx: &SockoptContext) {
         return;
     }
     // SAFETY: the socket the option is asked on, valid for the program's lifetime.
-    let (protocol, local, local_port) = unsafe {
-        let sk = &*sk;
-        let local = if sk.family == sock::AF_INET {
-            addr::from_v4_word(sk.src_ip4)
-        } else {
-            addr::from_words(words(&sk.src_ip6))
-        };
-        (sk.protocol, local, sk.src_port as u16)
-    };
+    let (protocol, local_port) = unsafe { ((*sk).protocol, (*sk).src_port as u16) };
     if protocol != sock::IPPROTO_TCP {
         return;
     }
+    let local = socket_local(sk);
     // SAFETY: the context pointer is the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read only for the duration of this call.
