@@ -14,16 +14,10 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::{SkMsgContext, SockOpsContext},
 };
-use capture_common::{
-    addr::{self, Addr},
-    counters::Counter,
-    maps::PeerKey,
-    model,
-    sock::AF_INET,
-};
+use capture_common::{addr, counters::Counter, maps::PeerKey, model};
 
 use crate::{
-    fields::{local_addr, remote_addr, words},
+    fields::{local_addr, msg_addrs, remote_addr},
     lookups::MapLookups,
     maps::{ACCEL_FALLBACK, CONFIG, PEERS, bump},
 };
@@ -72,14 +66,7 @@ pub fn join(ctx: &SockOpsContext) {
 fn sender_key(ctx: &SkMsgContext, netns: u64) -> PeerKey {
     // SAFETY: the kernel's context, readable for the program's lifetime.
     let md = unsafe { &*ctx.msg };
-    let (local, remote): (Addr, Addr) = if md.family == AF_INET {
-        (addr::from_v4_word(md.local_ip4), addr::from_v4_word(md.remote_ip4))
-    } else {
-        (
-            addr::from_words(words(&md.local_ip6)),
-            addr::from_words(words(&md.remote_ip6)),
-        )
-    };
+    let (local, remote) = msg_addrs(ctx);
     PeerKey {
         netns,
         local,

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::bpf_sock,
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use capture_common::{
     addr::{self, Addr},
@@ -132,5 +132,20 @@ pub fn rewrite6(ctx: &SockAddrContext, to: &Addr, port: u16) {
         sa.user_ip6[2] = w[2];
         sa.user_ip6[3] = w[3];
         sa.user_port = addr::port_to_be_field(port);
+    }
+}
+
+/// The local and remote addresses of the socket sending an sk_msg (IPv4 mapped).
+#[inline(always)]
+pub fn msg_addrs(ctx: &SkMsgContext) -> (Addr, Addr) {
+    // SAFETY: the kernel's context, readable for the program's lifetime.
+    let md = unsafe { &*ctx.msg };
+    if md.family == AF_INET {
+        (addr::from_v4_word(md.local_ip4), addr::from_v4_word(md.remote_ip4))
+    } else {
+        (
+            addr::from_words(words(&md.local_ip6)),
+            addr::from_words(words(&md.remote_ip6)),
+        )
     }
 }

@@ -1309,6 +1309,30 @@ pub fn markdown_table() -> String {
 mod tests {
     use super::*;
 
+    /// Every flag of the command (istio's and capture's own) has a long name, short letter and env var of its
+    /// own: two alike would make one of them unreachable, and clap only says so when it builds the command.
+    #[test]
+    fn no_two_flags_share_a_name_letter_or_env_var() {
+        let cmd = command();
+        let mut longs = std::collections::HashSet::new();
+        let mut shorts = std::collections::HashSet::new();
+        for arg in cmd.get_arguments() {
+            if let Some(long) = arg.get_long() {
+                assert!(longs.insert(long), "--{long} twice");
+            }
+            if let Some(short) = arg.get_short() {
+                assert!(shorts.insert(short), "-{short} twice");
+            }
+        }
+        for flag in IstioFlag::VARIANTS {
+            assert!(longs.contains(flag.spec().long), "{flag:?} is not in the command");
+        }
+        let mut envs = std::collections::HashSet::new();
+        for env in ISTIO_FLAGS.iter().flat_map(|s| [s.env, s.extra_env]).flatten() {
+            assert!(envs.insert(env), "${env} read by two flags");
+        }
+    }
+
     #[test]
     fn our_enums_are_refused_with_their_values_in_order() {
         let reason = |args: &[&str]| match parse(args.iter().copied(), &|_| None) {
