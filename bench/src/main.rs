@@ -145,20 +145,20 @@ struct Args {
 
 impl Args {
     fn parse() -> Result<Args> {
-        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy ours|haproxy] (run it with `cargo xtask bench`)";
+        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy haproxy|builtin] (run it with `cargo xtask bench`)";
         let mut args = std::env::args().skip(1);
         let (Some(capture), Some(out_dir)) = (args.next(), args.next()) else {
             bail!(USAGE);
         };
-        let (mut quick, mut proxy) = (false, Proxy::Ours);
+        let (mut quick, mut proxy) = (false, Proxy::Haproxy);
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
                 "--proxy" => {
                     proxy = match args.next().as_deref() {
-                        Some("ours") => Proxy::Ours,
                         Some("haproxy") => Proxy::Haproxy,
-                        other => bail!("--proxy: expected ours or haproxy, got {other:?}\n{USAGE}"),
+                        Some("builtin") => Proxy::Builtin,
+                        other => bail!("--proxy: expected haproxy or builtin, got {other:?}\n{USAGE}"),
                     }
                 }
                 other => bail!("unexpected argument {other:?}\n{USAGE}"),
@@ -178,8 +178,8 @@ impl Args {
         if self.quick {
             cmd.push_str(" --quick");
         }
-        if self.proxy == Proxy::Haproxy {
-            cmd.push_str(" --proxy haproxy");
+        if self.proxy == Proxy::Builtin {
+            cmd.push_str(" --proxy builtin");
         }
         cmd
     }

@@ -256,12 +256,12 @@ impl Results {
             out,
             "{}\n",
             match i.proxy {
-                Proxy::Ours =>
+                Proxy::Builtin =>
                     "Checked after every short-connection run: each connection went through the sidecar, \
                                 with the remote server as its original destination (none in the floor).",
                 Proxy::Haproxy =>
                     "Not checked with HAProxy (it does not report its connections): that each \
-                                   connection went through the sidecar is checked with the bench's own proxy.",
+                                   connection went through the sidecar is checked with `--proxy builtin`.",
             }
         );
         self.goals(&mut out);

@@ -1,6 +1,6 @@
 //! One mode's topology, built alike for every mode: a pod namespace joined by veth to a remote namespace,
 //! an echo server there, the mode's cgroup and bpffs, capture applied with the injector's default flags,
-//! and the sidecar (ours or HAProxy) as the proxy user.
+//! and the sidecar (HAProxy, or the bench's builtin proxy) as the proxy user.
 
 use std::{
     io::{Read as _, Write as _},
@@ -42,16 +42,18 @@ pub const BULK: u8 = b'B';
 /// Which proxy forwards the app's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proxy {
-    /// The harness's forwarding proxy (`testkit/src/sidecar.rs`): a thread per connection, `SO_ORIGINAL_DST`.
-    Ours,
-    /// Debian's HAProxy: `server 0.0.0.0` forwards to the original destination (`SO_ORIGINAL_DST`).
+    /// Debian's HAProxy: `server 0.0.0.0` forwards to the original destination (`SO_ORIGINAL_DST`). The
+    /// default: a real event-driven proxy, so a mode's rate is not capped by the bench's own sidecar.
     Haproxy,
+    /// The harness's forwarding proxy (`testkit/src/sidecar.rs`): a thread per connection, `SO_ORIGINAL_DST`;
+    /// it reports every connection it forwarded, so a run with it checks each one.
+    Builtin,
 }
 
 impl Proxy {
     pub fn about(self) -> &'static str {
         match self {
-            Proxy::Ours => "the bench's forwarding proxy (a thread per connection, reads SO_ORIGINAL_DST)",
+            Proxy::Builtin => "the bench's builtin forwarding proxy (a thread per connection, reads SO_ORIGINAL_DST)",
             Proxy::Haproxy => "HAProxy (Debian), `server 0.0.0.0`: forwards to SO_ORIGINAL_DST",
         }
     }
@@ -99,12 +101,12 @@ impl Topology {
         topology.apply(&default_flags())?;
         let _in = cgroups::enter(&topology.cgroup)?;
         topology._sidecar = match proxy {
-            Proxy::Ours => {
+            Proxy::Builtin => {
                 // The floor's app connects to the sidecar itself, which then has no original destination.
                 let fallback = floor.then_some(sa(REMOTE_V4, REMOTE_PORT));
                 let (tx, rx) = mpsc::channel();
                 topology.forwarded = Some(rx);
-                Forwarder::Ours(Sidecar::start_with_fallback(
+                Forwarder::Builtin(Sidecar::start_with_fallback(
                     &topology.pod.pod,
                     PROXY,
                     &[OUTBOUND_PORT, 15006],
@@ -268,7 +270,7 @@ pub fn default_flags() -> Vec<String> {
 enum Forwarder {
     /// Not started yet (capture is applied first).
     Pending,
-    Ours(#[expect(dead_code, reason = "held for its drop, which stops it")] Sidecar),
+    Builtin(#[expect(dead_code, reason = "held for its drop, which stops it")] Sidecar),
     Haproxy(#[expect(dead_code, reason = "held for its drop, which stops it")] Haproxy),
 }
 

@@ -4,8 +4,8 @@
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
 //! - `cargo xtask fuzz [--seconds N]` — the input fuzz tests (flags, env, control socket), N seconds each.
-//! - `cargo xtask bench [--quick] [--proxy haproxy]` — eBPF vs iptables vs no capture, side by side;
-//!   report and plots in target/bench/.
+//! - `cargo xtask bench [--quick] [--proxy builtin]` — eBPF vs iptables vs no capture, side by side, with
+//!   HAProxy as the sidecar (or the bench's own); report and plots in target/bench/.
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
 //! - `cargo xtask setup` — only the installation step.
 
@@ -50,8 +50,9 @@ enum Cmd {
         /// A run of under a minute (fewer, shorter rounds; fewer scaling points) instead of the full run.
         #[arg(long)]
         quick: bool,
-        /// The sidecar: `ours` (the bench's forwarding proxy) or `haproxy` (Debian's HAProxy).
-        #[arg(long, default_value = "ours")]
+        /// The sidecar: `haproxy` (Debian's HAProxy) or `builtin` (the bench's own thread-per-connection
+        /// proxy, which reports each connection it forwarded, so every one is checked).
+        #[arg(long, default_value = "haproxy")]
         proxy: String,
     },
     /// Build and run every test (unit, golden, integration in throwaway namespaces).
