@@ -1,11 +1,11 @@
-//! The benchmark behind `cargo xtask bench`: an app talking through its sidecar to a remote server, in each
-//! mode of [`modes::MODES`] (no capture, iptables, eBPF), every mode built the same way
-//! ([`topology`]). Workloads ([`workloads`]): short connections, persistent connections (latency
+//! The benchmark behind `cargo xtask bench`: an app talking through its sidecar (HAProxy by default) to a
+//! remote server, in each mode of [`modes::MODES`] (no capture, iptables, eBPF), every mode built the same
+//! way ([`topology`]). Workloads ([`workloads`]): short connections, persistent connections (latency
 //! percentiles), one bulk transfer; for each, the CPU of the mode's own cgroup ([`cgroups`]); during the
-//! short connections, the kernel time of each eBPF program. Then [`scaling`]: the connection rate with
-//! more excluded CIDRs and more registered namespaces. Last, [`registration`]: how long the node agent
-//! takes to register a pod. Output ([`report`], [`plot`]): report.md and SVG
-//! plots in the output directory.
+//! short connections, the kernel time of each eBPF program, and after them the pod's conntrack entries.
+//! Then [`scaling`]: the connection rate with more excluded CIDRs and more registered namespaces. Last,
+//! [`registration`]: how long the node agent takes to register a pod. Output ([`report`], [`plot`]):
+//! report.md and SVG plots in the output directory.
 //!
 //! Modes run interleaved (A B C A B C …) so that machine noise hits them alike; each figure is the median
 //! over rounds, and ratios are taken between medians of the same run. Everything lives in throwaway
@@ -145,7 +145,8 @@ struct Args {
 
 impl Args {
     fn parse() -> Result<Args> {
-        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy haproxy|builtin] (run it with `cargo xtask bench`)";
+        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy haproxy|builtin] \
+                             (run it with `cargo xtask bench`)";
         let mut args = std::env::args().skip(1);
         let (Some(capture), Some(out_dir)) = (args.next(), args.next()) else {
             bail!(USAGE);
@@ -215,11 +216,12 @@ fn main() -> Result<()> {
     let round_seconds = plan.duration.as_secs_f64() * 2.0 + plan.bulk_bytes as f64 / 1e6 / BULK_MB_PER_SECOND;
     for round in 1..=plan.repeats {
         for (t, r) in topologies.iter().zip(&mut results) {
-            let maps = t.map_ids();
-            let before = workloads::program_stats(&maps);
+            let (maps, names) = (t.map_ids(), t.program_names());
+            let before = workloads::program_stats(&maps, &names);
             let short = workloads::short(t, plan.duration)?;
+            r.conntrack = Some(t.conntrack_entries()?);
             if t.mode.backend == Backend::Ebpf {
-                for (name, (time, runs)) in workloads::stats_delta(&before, &workloads::program_stats(&maps)) {
+                for (name, (time, runs)) in workloads::stats_delta(&before, &workloads::program_stats(&maps, &names)) {
                     let e = r.kernel.entry(name).or_default();
                     e.0 += time;
                     e.1 += runs;
@@ -259,17 +261,7 @@ fn main() -> Result<()> {
     let registration = registration::measure(&args.capture, plan.agent_pods, &mut progress)?;
 
     let results = Results {
-        info: RunInfo {
-            command: args.command(),
-            proxy: args.proxy,
-            repeats: plan.repeats,
-            duration: plan.duration,
-            bulk_bytes: plan.bulk_bytes,
-            scaling_repeats: plan.scaling_repeats,
-            scaling_duration: plan.scaling_duration,
-            quick: args.quick,
-            took: progress.started.elapsed(),
-        },
+        info: run_info(&args, &plan, &progress),
         modes: results,
         cidrs,
         namespaces,
@@ -291,4 +283,18 @@ fn main() -> Result<()> {
         clock(progress.started.elapsed().as_secs_f64())
     );
     Ok(())
+}
+
+fn run_info(args: &Args, plan: &Plan, progress: &Progress) -> RunInfo {
+    RunInfo {
+        command: args.command(),
+        proxy: args.proxy,
+        repeats: plan.repeats,
+        duration: plan.duration,
+        bulk_bytes: plan.bulk_bytes,
+        scaling_repeats: plan.scaling_repeats,
+        scaling_duration: plan.scaling_duration,
+        quick: args.quick,
+        took: progress.started.elapsed(),
+    }
 }
