@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 use hdrhistogram::Histogram;
 
 use crate::{
+    connect::{self, ConnectResults, Figure},
     modes::{Backend, EBPF_ACCEL, FLOOR, IPTABLES, Mode},
     registration::{PACE, Registration},
     scaling::Point,
@@ -112,6 +113,8 @@ pub struct Results {
     pub cidrs: Vec<Series<Point>>,
     pub namespaces: Vec<Series<Point>>,
     pub registration: Registration,
+    /// The connect() microbenchmark.
+    pub connect: ConnectResults,
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -144,13 +147,13 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 }
 
 /// `median (min–max)`, rounded.
-fn with_range(v: &[f64]) -> String {
+pub fn with_range(v: &[f64]) -> String {
     let (lo, hi) = min_max(v);
     format!("{:.0} ({lo:.0}–{hi:.0})", median(v.to_vec()))
 }
 
 /// A goal and its verdict: met, or missed by how much.
-fn verdict(measured: f64, target: f64, at_least: bool) -> String {
+pub fn verdict(measured: f64, target: f64, at_least: bool) -> String {
     if measured.is_nan() {
         "not measured".to_owned()
     } else if at_least && measured < target {
@@ -183,7 +186,7 @@ pub fn flatness(values: &[f64]) -> f64 {
     values.iter().map(|v| (v / first - 1.0).abs()).fold(0.0, f64::max)
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -274,6 +277,7 @@ impl Results {
         );
         self.cost(&mut out);
         self.goals(&mut out);
+        connect_section(&self.connect, &mut out);
         self.kernel(&mut out);
         self.scaling(&mut out);
         self.registration(&mut out);
@@ -317,7 +321,7 @@ impl Results {
              figures are `BPF_ENABLE_STATS` run time during the short connections: connect4's `run_time_ns / \
              run_cnt` (its runs are the app's connect, redirected, and the sidecar's upstream connect, passed: the \
              mean of the two paths), and every program's time ÷ connections. The statistics read the clock twice \
-             a run, which weighs on small programs; a wall-clock measurement would not.\n"
+             a run, which weighs on small programs; the connect() microbenchmark below measures by wall clock.\n"
         );
     }
 
@@ -387,6 +391,7 @@ impl Results {
                  such mode yet (`MODES` in bench/src/modes.rs) |"
             );
         }
+        connect_goals(&self.connect, out);
         for (axis, series) in [
             ("excluded CIDRs", &self.cidrs),
             ("registered namespaces (pods)", &self.namespaces),
@@ -595,6 +600,115 @@ fn header(i: &RunInfo, out: &mut String) {
     );
 }
 
+/// The goal rows the connect() microbenchmark answers (wall clock, ebpf redirect − no capture).
+fn connect_goals(c: &ConnectResults, out: &mut String) {
+    let Some(v) = c.find(connect::REDIRECT) else {
+        return;
+    };
+    goal_row(
+        out,
+        "ns per UDP connect() on the redirect path, ebpf redirect − no capture (connect() microbenchmark, wall clock)",
+        "< 300",
+        c.delta(v, Figure::Udp),
+        300.0,
+        false,
+    );
+    goal_row(
+        out,
+        "ns per captured TCP connection end to end, ebpf redirect − no capture (connect() microbenchmark, wall \
+         clock)",
+        "< 2000",
+        c.delta(v, Figure::TcpConnection),
+        2000.0,
+        false,
+    );
+}
+
+/// The connect() microbenchmark's section: what it measures and a row per variant.
+fn connect_section(c: &ConnectResults, out: &mut String) {
+    let p = &c.plan;
+    let _ = writeln!(
+        out,
+        "## connect() microbenchmark\n\n\
+         Wall clock, with `BPF_ENABLE_STATS` off{}. Three pod namespaces of this section's own, each joined by \
+         veth to a remote one, each with a listening socket on 0.0.0.0:15001 (made in the namespace's cgroup as \
+         uid 1337) standing in for the proxy's; iptables and eBPF get the injector's flags plus `--redirect-dns \
+         --capture-all-dns`, so that a UDP connect has a redirect path. Each variant is one thread in its \
+         namespace and cgroup, as the variant's uid, playing both ends of its connections, so no wake-up of \
+         another thread is measured. Variants run interleaved, each round starting one further on, {} rounds; \
+         each figure is the median over rounds with the range, and Δ is the median of the variant's difference \
+         to *no capture* in the same round.\n\n\
+         - *UDP connect()*: one UDP socket connected to 192.0.2.2:53 again and again, {} times a round in \
+         batches of 1,000 (a round's figure: the median batch): each call runs the cgroup connect4 hook and a \
+         route lookup, no packet, no handshake.\n\
+         - *TCP connect()*: the time inside a blocking connect(), {} connections a round (a round's figure: the \
+         median connection). Over loopback the whole handshake runs inside the call, so this includes the \
+         SYN's path: sockops callbacks, sk_lookup, iptables' nat and conntrack.\n\
+         - *TCP connection end to end*: one iteration of socket, connect, accept on the listening socket, \
+         `SO_ORIGINAL_DST` on the accepted one (a proxy asks for every connection), its close, and the \
+         client's close with a reset (`SO_LINGER` 0, so no TIME_WAIT piles up). Its Δ is what capture adds to \
+         the app's leg of a captured connection, every program included (connect4, sockops, sk_lookup, \
+         getsockopt); the proxy's upstream connect, which capture passes, is not in it (its connect4 cost is \
+         about *ebpf pass*'s UDP Δ).\n\n\
+         Checked in every round: a redirected UDP socket ends connected to 127.0.0.1:15053 and any other to \
+         192.0.2.2:53; `SO_ORIGINAL_DST` gave 192.0.2.2:8080 for every redirected TCP connection and for no \
+         other. Once any cgroup on the machine has a connect4 program (here, at least this section's eBPF \
+         namespace), every connect() enters the hook (a node-wide static key), locks the socket and looks for \
+         programs in its cgroup; so *no capture* includes that, as any pod on a node with capture does.\n\n\
+         | variant | what it measures | UDP connect() ns | Δ | TCP connect() ns | Δ | TCP connection end to end \
+         ns | Δ |\n|---|---|---|---|---|---|---|---|",
+        if c.stats_enabled {
+            " (**but something else had turned the statistics on** during it, so every figure with a program \
+             includes their clock reads)"
+        } else {
+            ""
+        },
+        p.repeats,
+        grouped(p.udp_connects),
+        grouped(p.tcp_connections),
+    );
+    for v in &c.variants {
+        let mut line = format!("| {} | {} |", v.variant.name, v.variant.about);
+        for f in [Figure::Udp, Figure::TcpConnect, Figure::TcpConnection] {
+            let delta = if v.variant.name == connect::NO_CAPTURE {
+                "—".to_owned()
+            } else {
+                format!("{:+.0}", c.delta(v, f))
+            };
+            let _ = write!(line, " {} | {delta} |", with_range(v.rounds(f)));
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out);
+}
+
+/// `n` with its thousands separated by commas: 100,000.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// The report of `--only connect`: the header, the microbenchmark and its goals.
+pub fn connect_report(info: &RunInfo, c: &ConnectResults) -> String {
+    let mut out = String::new();
+    header(info, &mut out);
+    connect_section(c, &mut out);
+    let _ = writeln!(
+        out,
+        "## Goals (issue 16, *Capture at the floor*), those this section answers\n\n\
+         | goal | target | measured | verdict |\n|---|---|---|---|"
+    );
+    connect_goals(c, &mut out);
+    out
+}
+
 /// One line per mode for the terminal, besides the report.
 pub fn summary_line(m: &ModeResults) -> String {
     format!(
@@ -608,7 +722,16 @@ pub fn summary_line(m: &ModeResults) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::quantile;
+    use super::{grouped, quantile};
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(3_000), "3,000");
+        assert_eq!(grouped(100_000), "100,000");
+        assert_eq!(grouped(1_000_000), "1,000,000");
+    }
 
     #[test]
     fn quantiles_are_nearest_rank() {

@@ -4,8 +4,9 @@
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
 //! - `cargo xtask fuzz [--seconds N]` — the input fuzz tests (flags, env, control socket), N seconds each.
-//! - `cargo xtask bench [--quick] [--proxy builtin]` — eBPF vs iptables vs no capture, side by side, with
-//!   HAProxy as the sidecar (or the bench's own); report and plots in target/bench/.
+//! - `cargo xtask bench [--quick] [--proxy builtin] [--only connect]` — eBPF vs iptables vs no capture, side
+//!   by side, with HAProxy as the sidecar (or the bench's own); report and plots in target/bench/.
+//!   `--only connect`: the connect() microbenchmark alone, into target/bench/connect.md.
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
 //! - `cargo xtask setup` — only the installation step.
 
@@ -54,6 +55,10 @@ enum Cmd {
         /// proxy, which reports each connection it forwarded, so every one is checked).
         #[arg(long, default_value = "haproxy")]
         proxy: String,
+        /// Only one section: `connect` (the connect() microbenchmark, a few seconds with --quick), written
+        /// to target/bench/connect.md.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Build and run every test (unit, golden, integration in throwaway namespaces).
     Test {
@@ -198,7 +203,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Setup => setup::ensure(),
-        Cmd::Bench { quick, proxy } => {
+        Cmd::Bench { quick, proxy, only } => {
             setup::ensure()?;
             let built = build()?;
             let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -218,7 +223,8 @@ fn main() -> Result<()> {
                     .arg(&built.capture)
                     .arg(&out)
                     .args(quick.then_some("--quick"))
-                    .args(["--proxy", &proxy]),
+                    .args(["--proxy", &proxy])
+                    .args(only.iter().flat_map(|o| ["--only", o])),
             )
         }
         Cmd::Run {
