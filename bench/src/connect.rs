@@ -46,8 +46,8 @@ pub struct Plan {
 /// Planned seconds to build the namespaces and apply capture (for the time-left estimate only).
 const SETUP_SECONDS: f64 = 3.0;
 /// Planned seconds per UDP connect and per TCP connection (for the time-left estimate only).
-const UDP_SECONDS: f64 = 1.5e-6;
-const TCP_SECONDS: f64 = 40e-6;
+const UDP_SECONDS: f64 = 0.6e-6;
+const TCP_SECONDS: f64 = 15e-6;
 
 impl Plan {
     /// Planned seconds of the section.
