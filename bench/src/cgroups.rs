@@ -50,6 +50,11 @@ impl Cgroups {
         write(&path.join("cgroup.type"), "threaded")?;
         Ok(path)
     }
+
+    /// Whether `path` is one of the children this made.
+    pub fn owns(&self, path: &Path) -> bool {
+        self.children.iter().any(|c| c == path)
+    }
 }
 
 /// Moves the calling thread into `child` (a cgroup made by [`Cgroups::child`]) until the guard drops, then

@@ -1,11 +1,13 @@
-//! The benchmark behind `cargo xtask bench`: an app talking through its sidecar to a remote server, in each
-//! mode of [`modes::MODES`] (no capture, iptables, eBPF), every mode built the same way
-//! ([`topology`]). Workloads ([`workloads`]): short connections, persistent connections (latency
-//! percentiles), one bulk transfer; for each, the CPU of the mode's own cgroup ([`cgroups`]); during the
-//! short connections, the kernel time of each eBPF program. Then [`scaling`]: the connection rate with
-//! more excluded CIDRs and more registered namespaces. Last, [`registration`]: how long the node agent
-//! takes to register a pod. Output ([`report`], [`plot`]): report.md and SVG
-//! plots in the output directory.
+//! The benchmark behind `cargo xtask bench`. First [`connect`], the connect() microbenchmark: ns per
+//! connect() and per captured TCP connection by wall clock, without capture, with an empty connect4 program,
+//! iptables and eBPF (`--only connect` runs only this, into connect.md). Then an app talking through its
+//! sidecar (HAProxy by default) to a remote server, in each mode of [`modes::MODES`] (no capture, iptables,
+//! eBPF), every mode built the same way ([`topology`]). Workloads ([`workloads`]): short connections,
+//! persistent connections (latency percentiles), one bulk transfer; for each, the CPU of the mode's own
+//! cgroup ([`cgroups`]); during the short connections, the kernel time of each eBPF program, and after them
+//! the pod's conntrack entries. Then [`scaling`]: the connection rate with more excluded CIDRs and more
+//! registered namespaces. Last, [`registration`]: how long the node agent takes to register a pod. Output
+//! ([`report`], [`plot`]): report.md and SVG plots in the output directory.
 //!
 //! Modes run interleaved (A B C A B C …) so that machine noise hits them alike; each figure is the median
 //! over rounds, and ratios are taken between medians of the same run. Everything lives in throwaway
@@ -13,6 +15,8 @@
 //! every load loop ends at a deadline.
 
 mod cgroups;
+mod connect;
+mod empty_program;
 mod modes;
 mod plot;
 mod registration;
@@ -55,6 +59,7 @@ struct Plan {
     namespace_points: &'static [usize],
     /// Pods the agent registers one at a time, and as many again in a burst.
     agent_pods: usize,
+    connect: connect::Plan,
 }
 
 impl Plan {
@@ -69,6 +74,11 @@ impl Plan {
                 cidr_points: &[1, 4096],
                 namespace_points: &[1, 100],
                 agent_pods: 10,
+                connect: connect::Plan {
+                    repeats: 3,
+                    udp_connects: 100_000,
+                    tcp_connections: 3_000,
+                },
             }
         } else {
             Plan {
@@ -80,6 +90,11 @@ impl Plan {
                 cidr_points: &[1, 16, 256, 4096],
                 namespace_points: &[1, 100, 1000],
                 agent_pods: 40,
+                connect: connect::Plan {
+                    repeats: 5,
+                    udp_connects: 500_000,
+                    tcp_connections: 10_000,
+                },
             }
         }
     }
@@ -94,7 +109,8 @@ impl Plan {
         let round = self.duration.as_secs_f64() * 2.0 + self.bulk_bytes as f64 / 1e6 / BULK_MB_PER_SECOND;
         let scaling = self.scaling_repeats as f64 * self.scaling_duration.as_secs_f64();
         let namespaces = self.namespace_points.last().copied().unwrap_or(1).saturating_sub(1) as f64;
-        modes * SETUP_SECONDS
+        self.connect.seconds()
+            + modes * SETUP_SECONDS
             + self.repeats as f64 * modes * round
             + self.cidr_points.len() as f64 * (modes * scaling + self.scaling_repeats as f64 * APPLY_SECONDS)
             + self.namespace_points.len() as f64 * (ebpf + floor) * scaling
@@ -141,24 +157,31 @@ struct Args {
     out_dir: PathBuf,
     quick: bool,
     proxy: Proxy,
+    /// `--only connect`: only the connect() microbenchmark.
+    only_connect: bool,
 }
 
 impl Args {
     fn parse() -> Result<Args> {
-        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy ours|haproxy] (run it with `cargo xtask bench`)";
+        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy haproxy|builtin] [--only connect] \
+                             (run it with `cargo xtask bench`)";
         let mut args = std::env::args().skip(1);
         let (Some(capture), Some(out_dir)) = (args.next(), args.next()) else {
             bail!(USAGE);
         };
-        let (mut quick, mut proxy) = (false, Proxy::Ours);
+        let (mut quick, mut proxy, mut only_connect) = (false, Proxy::Haproxy, false);
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
+                "--only" => match args.next().as_deref() {
+                    Some("connect") => only_connect = true,
+                    other => bail!("--only: expected connect, got {other:?}\n{USAGE}"),
+                },
                 "--proxy" => {
                     proxy = match args.next().as_deref() {
-                        Some("ours") => Proxy::Ours,
                         Some("haproxy") => Proxy::Haproxy,
-                        other => bail!("--proxy: expected ours or haproxy, got {other:?}\n{USAGE}"),
+                        Some("builtin") => Proxy::Builtin,
+                        other => bail!("--proxy: expected haproxy or builtin, got {other:?}\n{USAGE}"),
                     }
                 }
                 other => bail!("unexpected argument {other:?}\n{USAGE}"),
@@ -169,6 +192,7 @@ impl Args {
             out_dir: out_dir.into(),
             quick,
             proxy,
+            only_connect,
         })
     }
 
@@ -178,8 +202,10 @@ impl Args {
         if self.quick {
             cmd.push_str(" --quick");
         }
-        if self.proxy == Proxy::Haproxy {
-            cmd.push_str(" --proxy haproxy");
+        if self.only_connect {
+            cmd.push_str(" --only connect");
+        } else if self.proxy == Proxy::Builtin {
+            cmd.push_str(" --proxy builtin");
         }
         cmd
     }
@@ -190,9 +216,12 @@ fn main() -> Result<()> {
     // SAFETY: set before any thread that reads the environment is started.
     unsafe { std::env::set_var("CAPTURE_BIN", &args.capture) };
     let plan = Plan::new(args.quick);
+    if args.only_connect {
+        return only_connect(&args, &plan);
+    }
     let mut progress = Progress::new(plan.seconds());
     eprintln!(
-        "bench: {} modes, {} rounds of {} s, then scaling; planned about {}",
+        "bench: the connect() microbenchmark, then {} modes, {} rounds of {} s, then scaling; planned about {}",
         MODES.len(),
         plan.repeats,
         plan.duration.as_secs_f64(),
@@ -201,6 +230,8 @@ fn main() -> Result<()> {
 
     // Declared before the topologies, so dropped after them: their threads leave the cgroups first.
     let mut cgroups = Cgroups::new("bench")?;
+    // First, while BPF statistics are off (they would inflate small programs).
+    let connect = connect::measure(&mut cgroups, plan.connect, &mut progress)?;
     let mut topologies = Vec::new();
     for mode in MODES {
         topologies.push(Topology::new(*mode, args.proxy, &mut cgroups)?);
@@ -215,11 +246,12 @@ fn main() -> Result<()> {
     let round_seconds = plan.duration.as_secs_f64() * 2.0 + plan.bulk_bytes as f64 / 1e6 / BULK_MB_PER_SECOND;
     for round in 1..=plan.repeats {
         for (t, r) in topologies.iter().zip(&mut results) {
-            let maps = t.map_ids();
-            let before = workloads::program_stats(&maps);
+            let (maps, names) = (t.map_ids(), t.program_names());
+            let before = workloads::program_stats(&maps, &names);
             let short = workloads::short(t, plan.duration)?;
+            r.conntrack = Some(t.conntrack_entries()?);
             if t.mode.backend == Backend::Ebpf {
-                for (name, (time, runs)) in workloads::stats_delta(&before, &workloads::program_stats(&maps)) {
+                for (name, (time, runs)) in workloads::stats_delta(&before, &workloads::program_stats(&maps, &names)) {
                     let e = r.kernel.entry(name).or_default();
                     e.0 += time;
                     e.1 += runs;
@@ -259,21 +291,12 @@ fn main() -> Result<()> {
     let registration = registration::measure(&args.capture, plan.agent_pods, &mut progress)?;
 
     let results = Results {
-        info: RunInfo {
-            command: args.command(),
-            proxy: args.proxy,
-            repeats: plan.repeats,
-            duration: plan.duration,
-            bulk_bytes: plan.bulk_bytes,
-            scaling_repeats: plan.scaling_repeats,
-            scaling_duration: plan.scaling_duration,
-            quick: args.quick,
-            took: progress.started.elapsed(),
-        },
+        info: run_info(&args, &plan, &progress),
         modes: results,
         cidrs,
         namespaces,
         registration,
+        connect,
     };
     let report = results.markdown();
     print!("{report}");
@@ -288,6 +311,45 @@ fn main() -> Result<()> {
     eprintln!(
         "bench: report and plots (latency.svg, connections.svg, scaling.svg) written to {} in {}",
         dir.display(),
+        clock(progress.started.elapsed().as_secs_f64())
+    );
+    Ok(())
+}
+
+fn run_info(args: &Args, plan: &Plan, progress: &Progress) -> RunInfo {
+    RunInfo {
+        command: args.command(),
+        proxy: args.proxy,
+        repeats: plan.repeats,
+        duration: plan.duration,
+        bulk_bytes: plan.bulk_bytes,
+        scaling_repeats: plan.scaling_repeats,
+        scaling_duration: plan.scaling_duration,
+        quick: args.quick,
+        took: progress.started.elapsed(),
+    }
+}
+
+/// `--only connect`: the connect() microbenchmark alone, its report in connect.md (report.md, a whole
+/// run's, stays).
+fn only_connect(args: &Args, plan: &Plan) -> Result<()> {
+    let mut progress = Progress::new(plan.connect.seconds());
+    eprintln!(
+        "bench: the connect() microbenchmark only; planned about {}",
+        clock(plan.connect.seconds())
+    );
+    let mut cgroups = Cgroups::new("bench")?;
+    let connect = connect::measure(&mut cgroups, plan.connect, &mut progress)?;
+    drop(cgroups);
+    let report = report::connect_report(&run_info(args, plan, &progress), &connect);
+    print!("{report}");
+    let dir = &args.out_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join("connect.md");
+    std::fs::write(&path, &report).with_context(|| format!("write {}", path.display()))?;
+    eprintln!(
+        "bench: {} written in {}",
+        path.display(),
         clock(progress.started.elapsed().as_secs_f64())
     );
     Ok(())

@@ -1,12 +1,13 @@
 //! One mode's topology, built alike for every mode: a pod namespace joined by veth to a remote namespace,
 //! an echo server there, the mode's cgroup and bpffs, capture applied with the injector's default flags,
-//! and the sidecar (ours or HAProxy) as the proxy user.
+//! and the sidecar (HAProxy, or the bench's builtin proxy) as the proxy user.
 
 use std::{
+    collections::{HashMap, HashSet},
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener},
     os::unix::process::CommandExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
         Arc,
@@ -18,6 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use aya::programs::links::PinnedLink;
 use testkit::{
     BpfPins, INJECTOR_DEFAULT_FLAGS, Netns, Pod, REMOTE_V4, capture_with_env, sa,
     sidecar::{Forwarded, Sidecar},
@@ -31,27 +33,29 @@ use crate::{
 /// The app's uid and gid (captured).
 pub const APP: (u32, u32) = (1000, 1000);
 /// The proxy's uid and gid (never captured: `-u 1337`).
-const PROXY: (u32, u32) = (1337, 1337);
+pub const PROXY: (u32, u32) = (1337, 1337);
 /// The echo server's port in the remote namespace.
-const REMOTE_PORT: u16 = 8080;
+pub const REMOTE_PORT: u16 = 8080;
 /// The sidecar's outbound capture port (`-p`).
-const OUTBOUND_PORT: u16 = 15001;
+pub const OUTBOUND_PORT: u16 = 15001;
 /// The first byte of a bulk transfer: the echo server then reads to the end and answers one byte.
 pub const BULK: u8 = b'B';
 
 /// Which proxy forwards the app's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proxy {
-    /// The harness's forwarding proxy (`testkit/src/sidecar.rs`): a thread per connection, `SO_ORIGINAL_DST`.
-    Ours,
-    /// Debian's HAProxy: `server 0.0.0.0` forwards to the original destination (`SO_ORIGINAL_DST`).
+    /// Debian's HAProxy: `server 0.0.0.0` forwards to the original destination (`SO_ORIGINAL_DST`). The
+    /// default: a real event-driven proxy, so a mode's rate is not capped by the bench's own sidecar.
     Haproxy,
+    /// The harness's forwarding proxy (`testkit/src/sidecar.rs`): a thread per connection, `SO_ORIGINAL_DST`;
+    /// it reports every connection it forwarded, so a run with it checks each one.
+    Builtin,
 }
 
 impl Proxy {
     pub fn about(self) -> &'static str {
         match self {
-            Proxy::Ours => "the bench's forwarding proxy (a thread per connection, reads SO_ORIGINAL_DST)",
+            Proxy::Builtin => "the bench's builtin forwarding proxy (a thread per connection, reads SO_ORIGINAL_DST)",
             Proxy::Haproxy => "HAProxy (Debian), `server 0.0.0.0`: forwards to SO_ORIGINAL_DST",
         }
     }
@@ -99,12 +103,12 @@ impl Topology {
         topology.apply(&default_flags())?;
         let _in = cgroups::enter(&topology.cgroup)?;
         topology._sidecar = match proxy {
-            Proxy::Ours => {
+            Proxy::Builtin => {
                 // The floor's app connects to the sidecar itself, which then has no original destination.
                 let fallback = floor.then_some(sa(REMOTE_V4, REMOTE_PORT));
                 let (tx, rx) = mpsc::channel();
                 topology.forwarded = Some(rx);
-                Forwarder::Ours(Sidecar::start_with_fallback(
+                Forwarder::Builtin(Sidecar::start_with_fallback(
                     &topology.pod.pod,
                     PROXY,
                     &[OUTBOUND_PORT, 15006],
@@ -121,26 +125,16 @@ impl Topology {
     /// Applies capture in the pod with `flags` (the injector's defaults, or a variation), replacing what
     /// was applied before; nothing for the floor.
     pub fn apply(&self, flags: &[String]) -> Result<()> {
-        let (cg, pin) = (
-            self.cgroup.display().to_string(),
-            self.pins.path().display().to_string(),
-        );
-        let mut args: Vec<&str> = match self.mode.backend {
-            Backend::None => return Ok(()),
-            Backend::Iptables => vec!["--backend", "iptables"],
-            Backend::Ebpf => vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin],
-        };
-        args.extend_from_slice(self.mode.extra_args);
+        let mut args = self.mode.extra_args.to_vec();
         args.extend(flags.iter().map(String::as_str));
-        let out = capture_with_env(&self.pod.pod, &args, &[]);
-        if !out.status.success() {
-            bail!(
-                "{}: capture failed: {}",
-                self.mode.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        apply_capture(
+            self.mode.name,
+            self.mode.backend,
+            &self.pod.pod,
+            &self.cgroup,
+            &self.pins,
+            &args,
+        )
     }
 
     /// Registers `namespaces` with this mode's eBPF capture, as `capture` with the injector's flags would
@@ -211,8 +205,82 @@ impl Topology {
         Ok(())
     }
 
+    /// Connections capture has redirected in this mode's pod so far: under eBPF the `redirected` counters of
+    /// the namespaces registered in the mode's pins (only the pod makes connections), under iptables the
+    /// packets of `ISTIO_REDIRECT`'s REDIRECT rule (the nat table sees only a connection's first packet);
+    /// none for the floor, which has no capture.
+    pub fn redirected(&self) -> Result<Option<u64>> {
+        match self.mode.backend {
+            Backend::None => Ok(None),
+            Backend::Ebpf => {
+                let registered = capture::ebpf::registered(self.pins.path())?;
+                let counters = registered.iter().flat_map(|r| &r.counters);
+                Ok(Some(
+                    counters.filter(|(name, _)| *name == "redirected").map(|(_, n)| n).sum(),
+                ))
+            }
+            Backend::Iptables => {
+                let out = testkit::run(self.pod.pod.command("iptables-save").args(["-c", "-t", "nat"]));
+                Ok(Some(redirect_packets(&String::from_utf8_lossy(&out.stdout))))
+            }
+        }
+    }
+
+    /// Checks, after a workload that completed `connections` connections, that capture redirected at least
+    /// as many since `before` (what [`Topology::redirected`] said then): a connection that bypassed capture
+    /// would still reach the echo server, and make the mode look faster. Works with any sidecar.
+    pub fn check_redirected(&self, before: Option<u64>, connections: u64) -> Result<()> {
+        let (Some(before), Some(after)) = (before, self.redirected()?) else {
+            return Ok(());
+        };
+        let redirected = after.saturating_sub(before);
+        ensure!(
+            redirected >= connections,
+            "{}: {connections} connections went through, but capture redirected only {redirected}: capture does \
+             not work as set up, so the figures would mean nothing",
+            self.mode.name
+        );
+        Ok(())
+    }
+
+    /// The number of entries in the pod namespace's conntrack table (`nf_conntrack_count`, read from inside
+    /// it), or `None` where the file is absent: nf_conntrack is not loaded.
+    pub fn conntrack_entries(&self) -> Result<Option<u64>> {
+        const COUNT: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
+        // /proc/sys/net shows the network namespace of the thread that reads it.
+        let read = self.pod.pod.spawn(None, || std::fs::read_to_string(COUNT));
+        match read.join().map_err(|_| anyhow::anyhow!("reading {COUNT} panicked"))? {
+            Ok(text) => Ok(Some(text.trim().parse().with_context(|| format!("{COUNT}: {text:?}"))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {COUNT}")),
+        }
+    }
+
+    /// The full name of each capture program attached through a link pinned in this mode's bpffs, by program
+    /// id: the kernel keeps only 15 characters of a program's name, so `capture_connect4` and
+    /// `capture_connect6` would both read `capture_connect`. A link pinned as `link_<hook>` holds
+    /// `capture_<hook>` (the sk_lookup copies: `link_sk_lookup_<cookie>`).
+    pub fn program_names(&self) -> HashMap<u32, String> {
+        std::fs::read_dir(self.pins.path())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().into_string().ok()?;
+                let hook = name.strip_prefix("link_")?;
+                let hook = if hook.starts_with("sk_lookup") {
+                    "sk_lookup"
+                } else {
+                    hook
+                };
+                let link = aya::programs::links::FdLink::from(PinnedLink::from_pin(e.path()).ok()?);
+                Some((link.info().ok()?.program_id(), format!("capture_{hook}")))
+            })
+            .collect()
+    }
+
     /// The ids of the maps pinned in this mode's bpffs (none without the eBPF backend).
-    pub fn map_ids(&self) -> std::collections::HashSet<u32> {
+    pub fn map_ids(&self) -> HashSet<u32> {
         std::fs::read_dir(self.pins.path())
             .into_iter()
             .flatten()
@@ -251,6 +319,42 @@ impl Topology {
     }
 }
 
+/// Runs `capture` in `ns` with `backend`'s own arguments (eBPF: attached to `cgroup`, pinned in `pins`), then
+/// `args`; nothing for [`Backend::None`]. `what` names the setup in the error.
+pub fn apply_capture(
+    what: &str,
+    backend: Backend,
+    ns: &Netns,
+    cgroup: &Path,
+    pins: &BpfPins,
+    args: &[&str],
+) -> Result<()> {
+    let (cg, pin) = (cgroup.display().to_string(), pins.path().display().to_string());
+    let mut all: Vec<&str> = match backend {
+        Backend::None => return Ok(()),
+        Backend::Iptables => vec!["--backend", "iptables"],
+        Backend::Ebpf => vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin],
+    };
+    all.extend_from_slice(args);
+    let out = capture_with_env(ns, &all, &[]);
+    if !out.status.success() {
+        bail!(
+            "{what}: capture failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The packets counted on `ISTIO_REDIRECT`'s REDIRECT rules in `iptables-save -c` output
+/// (`[packets:bytes] -A ISTIO_REDIRECT … -j REDIRECT …`).
+fn redirect_packets(save: &str) -> u64 {
+    save.lines()
+        .filter(|l| l.contains("-A ISTIO_REDIRECT ") && l.contains("-j REDIRECT"))
+        .filter_map(|l| l.strip_prefix('[')?.split_once(':')?.0.parse::<u64>().ok())
+        .sum()
+}
+
 /// The injector's default flags, owned (the scaling runs vary `-x`).
 pub fn default_flags() -> Vec<String> {
     INJECTOR_DEFAULT_FLAGS.iter().map(|s| s.to_string()).collect()
@@ -260,7 +364,7 @@ pub fn default_flags() -> Vec<String> {
 enum Forwarder {
     /// Not started yet (capture is applied first).
     Pending,
-    Ours(#[expect(dead_code, reason = "held for its drop, which stops it")] Sidecar),
+    Builtin(#[expect(dead_code, reason = "held for its drop, which stops it")] Sidecar),
     Haproxy(#[expect(dead_code, reason = "held for its drop, which stops it")] Haproxy),
 }
 
@@ -400,5 +504,19 @@ impl Drop for EchoServer {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
         })
         .join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_packets;
+
+    #[test]
+    fn redirect_packets_counts_only_istio_redirect() {
+        let save = "*nat\n:ISTIO_REDIRECT - [0:0]\n[12:720] -A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
+                    [12:720] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n\
+                    [3:180] -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\nCOMMIT\n";
+        assert_eq!(redirect_packets(save), 12);
+        assert_eq!(redirect_packets(""), 0);
     }
 }

@@ -41,12 +41,13 @@ impl Short {
     }
 }
 
-/// Short connections from [`CLIENTS`] app threads for `duration`; checks that they went through the
-/// sidecar as the mode means them to.
+/// Short connections from [`CLIENTS`] app threads for `duration`; checks that capture redirected them
+/// (any sidecar) and, with the builtin one, that they went through it as the mode means them to.
 pub fn short(t: &Topology, duration: Duration) -> Result<Short> {
     let dst = t.app_destination();
     let done = Arc::new(AtomicU64::new(0));
     t.forget_forwarded();
+    let redirected = t.redirected()?;
     let deadline = Instant::now() + duration;
     let cpu = t.cpu()?;
     let started = Instant::now();
@@ -77,6 +78,7 @@ pub fn short(t: &Topology, duration: Duration) -> Result<Short> {
         cpu: t.cpu()?.saturating_sub(cpu),
     };
     t.check_forwarded(short.connections)?;
+    t.check_redirected(redirected, short.connections)?;
     Ok(short)
 }
 
@@ -186,9 +188,10 @@ pub fn bulk(t: &Topology, bytes: usize) -> Result<Bulk> {
 }
 
 /// Run time and run count of the loaded programs that use one of `maps` (a mode's pinned maps), by program
-/// id (`BPF_ENABLE_STATS` must be on). Filtering by map keeps out every other capture program on the
-/// machine: another mode's, or another test run's.
-pub fn program_stats(maps: &HashSet<u32>) -> HashMap<u32, (String, Duration, u64)> {
+/// id (`BPF_ENABLE_STATS` must be on), each named as `names` says (else by the kernel's 15 characters).
+/// Filtering by map keeps out every other capture program on the machine: another mode's, or another test
+/// run's.
+pub fn program_stats(maps: &HashSet<u32>, names: &HashMap<u32, String>) -> HashMap<u32, (String, Duration, u64)> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| {
@@ -198,7 +201,10 @@ pub fn program_stats(maps: &HashSet<u32>) -> HashMap<u32, (String, Duration, u64
                 .is_some_and(|ids| ids.iter().any(|id| maps.contains(id)))
         })
         .filter_map(|p| {
-            let name = p.name_as_str()?.to_owned();
+            let name = names
+                .get(&p.id())
+                .cloned()
+                .or_else(|| Some(p.name_as_str()?.to_owned()))?;
             Some((p.id(), (name, p.run_time(), p.run_count())))
         })
         .collect()

@@ -4,8 +4,9 @@
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
 //! - `cargo xtask fuzz [--seconds N]` — the input fuzz tests (flags, env, control socket), N seconds each.
-//! - `cargo xtask bench [--quick] [--proxy haproxy]` — eBPF vs iptables vs no capture, side by side;
-//!   report and plots in target/bench/.
+//! - `cargo xtask bench [--quick] [--proxy builtin] [--only connect]` — eBPF vs iptables vs no capture, side
+//!   by side, with HAProxy as the sidecar (or the bench's own); report and plots in target/bench/.
+//!   `--only connect`: the connect() microbenchmark alone, into target/bench/connect.md.
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
 //! - `cargo xtask setup` — only the installation step.
 
@@ -50,9 +51,14 @@ enum Cmd {
         /// A run of under a minute (fewer, shorter rounds; fewer scaling points) instead of the full run.
         #[arg(long)]
         quick: bool,
-        /// The sidecar: `ours` (the bench's forwarding proxy) or `haproxy` (Debian's HAProxy).
-        #[arg(long, default_value = "ours")]
+        /// The sidecar: `haproxy` (Debian's HAProxy) or `builtin` (the bench's own thread-per-connection
+        /// proxy, which reports each connection it forwarded, so every one is checked).
+        #[arg(long, default_value = "haproxy")]
         proxy: String,
+        /// Only one section: `connect` (the connect() microbenchmark, a few seconds with --quick), written
+        /// to target/bench/connect.md.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Build and run every test (unit, golden, integration in throwaway namespaces).
     Test {
@@ -197,7 +203,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Setup => setup::ensure(),
-        Cmd::Bench { quick, proxy } => {
+        Cmd::Bench { quick, proxy, only } => {
             setup::ensure()?;
             let built = build()?;
             let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -217,7 +223,8 @@ fn main() -> Result<()> {
                     .arg(&built.capture)
                     .arg(&out)
                     .args(quick.then_some("--quick"))
-                    .args(["--proxy", &proxy]),
+                    .args(["--proxy", &proxy])
+                    .args(only.iter().flat_map(|o| ["--only", o])),
             )
         }
         Cmd::Run {
