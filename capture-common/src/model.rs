@@ -324,6 +324,15 @@ pub fn accelerate<L: Lookups>(cfg: &PodConfig, peer: &Addr, quiet: bool, lookups
     has(cfg, flag::LOOPBACK_ACCEL) && quiet && is_local(peer, addr::is_v4(peer), lookups)
 }
 
+/// Whether a connection accepted on local port `port` may be the proxy's end of a redirected one: every
+/// redirect of [`outbound`] lands on the outbound capture port (`-p`), the inbound capture port (`-z`, the
+/// proxy's own connections to a local non-loopback address) or the DNS proxy's. sockops looks for a
+/// handshake's original destination only there, so the app's own accepted connections cost no lookup.
+#[inline(always)]
+pub fn lands_on_capture_port(cfg: &PodConfig, port: u16) -> bool {
+    port == cfg.proxy_port || port == cfg.inbound_capture_port || port == DNS_PROXY_PORT
+}
+
 /// What `SO_ORIGINAL_DST` answers on a TCP socket of a registered namespace that has no original
 /// destination kept with it, at local address `local` and port `local_port`: that address. It is where the
 /// peer connected to, which is conntrack's answer for a connection that was not rewritten and the original

@@ -14,24 +14,23 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::{SkMsgContext, SockOpsContext},
 };
-use capture_common::{addr, counters::Counter, maps::PeerKey, model};
+use capture_common::{
+    addr,
+    counters::Counter,
+    maps::{PeerKey, PodConfig},
+    model,
+};
 
 use crate::{
     fields::{local_addr, msg_addrs, remote_addr},
     lookups::MapLookups,
-    maps::{ACCEL_FALLBACK, CONFIG, PEERS, bump},
+    maps::{ACCEL_FALLBACK, PEERS, bump},
 };
 
-/// Adds a socket that has just become established (either side) to `PEERS` if its namespace asks for
-/// acceleration and the connection qualifies.
+/// Adds a socket of registered namespace `netns` (configuration `cfg`) that has just become established
+/// (either side) to `PEERS` if the namespace asks for acceleration and the connection qualifies.
 #[inline(always)]
-pub fn join(ctx: &SockOpsContext) {
-    // SAFETY: the context pointer is the program's own context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read only for the duration of this call.
-    let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
-        return;
-    };
+pub fn join(ctx: &SockOpsContext, netns: u64, cfg: &PodConfig) {
     // SAFETY: the kernel's context, readable for the program's lifetime.
     let ops = unsafe { &*ctx.ops };
     // SAFETY: fields of the kernel's context (0 unless the socket is a full TCP socket, which it is here).

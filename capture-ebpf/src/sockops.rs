@@ -22,7 +22,8 @@ use aya_ebpf::{
 use capture_common::{
     addr,
     counters::Counter,
-    maps::{ConnKey, ListenerKey, OrigDst},
+    maps::{ConnKey, ListenerKey, OrigDst, PodConfig},
+    model,
 };
 
 use crate::{
@@ -36,11 +37,10 @@ const TCP_ESTABLISHED: u32 = 1;
 /// `TCP_SYN_SENT` in the kernel's TCP state numbering.
 const TCP_SYN_SENT: u32 = 2;
 
-/// The key of a proxy-side socket: its peer is the application, its local port the proxy's listener.
+/// The key of a proxy-side socket in namespace `netns`: its peer is the application, its local port the
+/// proxy's listener.
 #[inline(always)]
-fn proxy_side_key(ctx: &SockOpsContext) -> ConnKey {
-    // SAFETY: the context pointer is the program's own context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+fn proxy_side_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
     ConnKey::new(
         netns,
         remote_addr(ctx),
@@ -49,13 +49,19 @@ fn proxy_side_key(ctx: &SockOpsContext) -> ConnKey {
     )
 }
 
+/// The namespace of the callback's socket and its configuration, if it is registered.
+#[inline(always)]
+fn registered(ctx: &SockOpsContext) -> Option<(u64, &'static PodConfig)> {
+    // SAFETY: the context pointer is the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read only for the duration of the callback.
+    unsafe { CONFIG.get(&netns) }.map(|cfg| (netns, cfg))
+}
+
 /// Keeps a socket that starts listening on a capture port of a registered namespace, for sk_lookup.
 #[inline(always)]
 fn remember_listener(ctx: &SockOpsContext) {
-    // SAFETY: the context pointer is the program's own context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read only for the duration of this call.
-    let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
+    let Some((netns, cfg)) = registered(ctx) else {
         return;
     };
     let port = ctx.local_port();
@@ -109,11 +115,15 @@ fn handshake_starts(ctx: &SockOpsContext) {
     state_callbacks(ctx, true);
 }
 
-/// PASSIVE_ESTABLISHED_CB: if the new socket is the proxy's end of a redirected connection, the original
-/// destination moves onto it.
+/// PASSIVE_ESTABLISHED_CB in registered namespace `netns`: if the new socket is the proxy's end of a
+/// redirected connection, the original destination moves onto it. Only a socket accepted on a port a
+/// redirect lands on can be one: the app's own accepted connections cost no lookup.
 #[inline(always)]
-fn handshake_ends(ctx: &SockOpsContext) {
-    let key = proxy_side_key(ctx);
+fn handshake_ends(ctx: &SockOpsContext, netns: u64, cfg: &PodConfig) {
+    if !model::lands_on_capture_port(cfg, ctx.local_port() as u16) {
+        return;
+    }
+    let key = proxy_side_key(ctx, netns);
     // SAFETY: copied out before the entry is removed.
     let Some(orig) = (unsafe { ORIG_BY_ADDR.get(&key) }).copied() else {
         return;
@@ -140,15 +150,23 @@ fn state_changes(ctx: &SockOpsContext) {
     state_callbacks(ctx, false);
 }
 
-/// Handles one sockops callback.
+/// Handles one sockops callback. The kernel calls the program for every TCP socket of the cgroup several
+/// times a connection (timeout, window and ECN queries among them); those it has no use for return at once,
+/// and the established callbacks look the namespace up once for both of their uses.
 #[inline(always)]
 pub fn handle(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => handshake_starts(ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => accel::join(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            if let Some((netns, cfg)) = registered(ctx) {
+                accel::join(ctx, netns, cfg);
+            }
+        }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            handshake_ends(ctx);
-            accel::join(ctx);
+            if let Some((netns, cfg)) = registered(ctx) {
+                handshake_ends(ctx, netns, cfg);
+                accel::join(ctx, netns, cfg);
+            }
         }
         BPF_SOCK_OPS_STATE_CB => state_changes(ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => remember_listener(ctx),

@@ -83,15 +83,21 @@ pub fn getsockopt(ctx: &SockoptContext) {
     if protocol != sock::IPPROTO_TCP {
         return;
     }
-    let local = socket_local(sk);
     // SAFETY: the context pointer is the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read only for the duration of this call.
-    let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
-        return;
+    // A kept destination is the answer (only capture keeps one); the namespace's configuration is looked up
+    // only for a socket without one, the rarer case: a proxy asks on every connection it accepts.
+    let found = match ORIG_DST.get(sk) {
+        Some(orig) => Some((orig.addr, orig.port)),
+        None => {
+            // SAFETY: read only for the duration of this call.
+            let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
+                return;
+            };
+            model::unkept_original_dst(cfg, &socket_local(sk), local_port)
+        }
     };
-    let kept = ORIG_DST.get(sk).map(|orig| (orig.addr, orig.port));
-    let Some((addr, port)) = kept.or_else(|| model::unkept_original_dst(cfg, &local, local_port)) else {
+    let Some((addr, port)) = found else {
         bump(netns, Counter::OrigDstMisses);
         return;
     };

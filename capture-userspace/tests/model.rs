@@ -545,3 +545,42 @@ fn a_pod_may_not_take_more_than_its_share_of_the_node_wide_maps() {
         "{err}"
     );
 }
+
+/// Every redirect lands on a port sockops looks at for the proxy's end of the handshake
+/// (`model::lands_on_capture_port`): under other capture ports, with DNS capture, for the app and the
+/// proxy, to local and remote addresses of both families. A redirect landing elsewhere would reach the proxy
+/// without its original destination.
+#[test]
+fn every_redirect_lands_on_a_port_sockops_looks_at() {
+    use capture_common::model::lands_on_capture_port;
+    let flag_lines = [
+        INJECTOR.to_owned(),
+        "-p 15101 -z 15106 -u 1337 -i * -b *".to_owned(),
+        "-p 15001 -z 15006 -u 1337 -i 10.0.0.0/8 -q 25,587".to_owned(),
+    ];
+    let mut redirects = 0;
+    for line in &flag_lines {
+        let p = pod_with(line, &[("REDIRECT_DNS", "true")], true, &["10.96.0.10"]);
+        for (proto, dst, dport) in [
+            (Proto::Tcp, "10.2.3.4", 8080),
+            (Proto::Tcp, "10.2.3.4", 25),
+            (Proto::Tcp, POD_IP, 8080),
+            (Proto::Tcp, POD_IP6, 8080),
+            (Proto::Tcp, "2001:db8::1", 443),
+            (Proto::Udp, "10.96.0.10", 53),
+            (Proto::Tcp, "10.96.0.10", 53),
+        ] {
+            for uid in [APP, PROXY] {
+                if let Redirect(port, rule) = p.decide(proto, dst, dport, uid, uid, None) {
+                    redirects += 1;
+                    assert!(
+                        lands_on_capture_port(&p.entries.config, port),
+                        "{line}: {proto:?} {dst}:{dport} as {uid} → {port} ({rule:?})"
+                    );
+                }
+            }
+        }
+    }
+    // The app's, the proxy's to its own pod (-z) and DNS's are all among them.
+    assert!(redirects >= 15, "only {redirects} redirects: the cases no longer exercise the rule");
+}
