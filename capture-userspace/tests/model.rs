@@ -582,5 +582,8 @@ fn every_redirect_lands_on_a_port_sockops_looks_at() {
         }
     }
     // The app's, the proxy's to its own pod (-z) and DNS's are all among them.
-    assert!(redirects >= 15, "only {redirects} redirects: the cases no longer exercise the rule");
+    assert!(
+        redirects >= 15,
+        "only {redirects} redirects: the cases no longer exercise the rule"
+    );
 }
