@@ -547,8 +547,9 @@ struct BlockingReads {
     reset_rcvtimeo: (Vec<Got>, bool),
     /// A signal with an `SA_RESTART` handler arrives while the read waits; the reply comes later.
     signal: Vec<Got>,
-    /// Another thread sends 8 MiB on the reader's socket while the read waits for the reply.
-    own_sends: Vec<Got>,
+    /// Another thread sends 16 MiB (more than TCP's socket buffers take) on the reader's socket while the
+    /// read waits for the reply; and whether those sends waited for the peer to read.
+    own_sends: (Vec<Got>, bool),
 }
 
 /// Blocking reads in the shapes an app uses them, pinned on the kernel this runs on (6.18, as the kernel
@@ -557,8 +558,9 @@ struct BlockingReads {
 /// with nothing there, waits once (`tcp_msg_wait_data`): woken without data it returns EAGAIN, and with
 /// some data it returns that at once. So a reset or a signal makes a blocking read fail with EAGAIN, even
 /// with SO_RCVTIMEO set (over TCP: ECONNRESET, and the interrupted read restarts); MSG_WAITALL and
-/// SO_RCVLOWAT come back short; a reply in pieces, a FIN, and sends of the reader's own socket (which
-/// never wait for buffer space when accelerated) read as over TCP.
+/// SO_RCVLOWAT come back short; a reply in pieces, a FIN, and sends of the reader's own socket read as
+/// over TCP. Those sends do not wait for the peer to read when accelerated (nothing wakes the reader when
+/// buffer space frees), where TCP's do.
 #[test]
 fn blocking_reads() {
     // SAFETY: a handler that does nothing, for a signal nothing else in this process uses.
@@ -636,10 +638,10 @@ fn blocking_reads() {
         own_sends: local_pair(
             w,
             |mut s| {
-                // Reads the 8 MiB after a pause, then replies.
+                // Reads the 16 MiB after a pause, then replies.
                 std::thread::sleep(PAUSE);
                 let mut buf = vec![0u8; 64 << 10];
-                let mut left = 8usize << 20;
+                let mut left = 16usize << 20;
                 while left > 0 {
                     match s.read(&mut buf) {
                         Ok(0) | Err(_) => break,
@@ -650,10 +652,13 @@ fn blocking_reads() {
             },
             |s| {
                 let mut writer = s.try_clone().expect("clone");
-                let sender = std::thread::spawn(move || writer.write_all(&vec![1u8; 8 << 20]).is_ok());
+                let sender = std::thread::spawn(move || {
+                    let started = Instant::now();
+                    writer.write_all(&vec![1u8; 16 << 20]).expect("own sends");
+                    started.elapsed() >= PAUSE
+                });
                 let got = recv_all(&s, 64 << 10, 0);
-                assert!(sender.join().expect("sender"), "own sends");
-                got
+                (got, sender.join().expect("sender"))
             },
         ),
     });
@@ -669,7 +674,7 @@ fn blocking_reads() {
             reset: vec![reset],
             reset_rcvtimeo: (vec![reset], true),
             signal: vec![Got::Bytes(1000), Got::Eof],
-            own_sends: vec![Got::Bytes(1000), Got::Eof],
+            own_sends: (vec![Got::Bytes(1000), Got::Eof], true),
         },
         "tcp"
     );
@@ -688,6 +693,7 @@ fn blocking_reads() {
             reset: vec![eagain, reset],
             reset_rcvtimeo: (vec![eagain, reset], true),
             signal: vec![eagain, Got::Bytes(1000), Got::Eof],
+            own_sends: (vec![Got::Bytes(1000), Got::Eof], false),
             ..tcp
         },
         "accel"
