@@ -552,8 +552,8 @@ struct BlockingReads {
     own_sends: (Vec<Got>, bool),
 }
 
-/// Blocking reads in the shapes an app uses them, pinned on the kernel this runs on (6.18, as the kernel
-/// source of every version read predicts, 5.10 to 2026's bpf-next: see the README). An accelerated socket
+/// Blocking reads in the shapes an app uses them, pinned on the kernel this runs on (measured on 6.18; the
+/// source of 5.10, 6.1, 6.6 and 2026's bpf-next reads the same, see the README). An accelerated socket
 /// reads through `tcp_bpf_recvmsg` (net/ipv4/tcp_bpf.c), which copies what the peer's sends queued and,
 /// with nothing there, waits once (`tcp_msg_wait_data`): woken without data it returns EAGAIN, and with
 /// some data it returns that at once. So a reset or a signal makes a blocking read fail with EAGAIN, even
