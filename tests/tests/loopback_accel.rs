@@ -1,7 +1,8 @@
 //! Loopback acceleration (`--loopback-accel`): sends between the app and its sidecar skip the loopback
 //! TCP/IP path, and nothing else changes. Every scenario runs twice, once without acceleration and once with
 //! it, and must give the same result: large transfers byte for byte, half-close, reset, many concurrent
-//! pairs, TCP Fast Open, and a proxy restart. Loopback's own byte counters show the path was skipped.
+//! pairs, TCP Fast Open, and a proxy restart. Loopback's own byte counters show the path was skipped. One
+//! test pins where blocking reads do differ ([`blocking_reads`]).
 //!
 //! The sidecar runs on threads of this process, which must be in the attach cgroup for sockops to see its
 //! sockets; scenarios therefore take turns (one process-wide cgroup at a time).
@@ -153,8 +154,9 @@ const MAX_EARLY_EAGAIN: u32 = 1000;
 
 /// Reads `s` to its end (EOF or an error), checking each byte against stream `seed`. A blocking read in
 /// the accelerated receive path can return EAGAIN long before its timeout (the kernel's sockmap receive
-/// wakes on a reset, or on send-buffer space, without data; see the README): such an early `WouldBlock`
-/// is counted and read again, as a careful application would; one at the timeout ends the stream.
+/// gives up when woken without data, as by a reset or a signal; see [`blocking_reads`]): such an early
+/// `WouldBlock` is counted and read again, as a careful application would; one at the timeout ends the
+/// stream.
 fn read_checked(mut s: TcpStream, seed: u64) -> Echoed {
     s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
     let mut out = Echoed {
@@ -294,6 +296,27 @@ fn many_concurrent_pairs_keep_their_own_streams() {
     assert_eq!(accel.1["accel_fallbacks"], 0, "{:?}", accel.1);
 }
 
+/// SO_LINGER with a zero time: close resets the connection.
+const ABORT: libc::linger = libc::linger {
+    l_onoff: 1,
+    l_linger: 0,
+};
+
+/// Sets the `SOL_SOCKET` option `option` of `s` to `value`.
+fn set_socket_option<T>(s: &TcpStream, option: libc::c_int, value: T) {
+    // SAFETY: a valid socket and an option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&raw const value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
+}
+
 /// A local server in the pod (uid 1000, in the cgroup) that accepts one connection and, after `delay`, reads
 /// it to its end (see [`read_checked`]).
 fn local_reader(w: &World, seed: u64, delay: Duration) -> JoinHandle<Echoed> {
@@ -323,21 +346,7 @@ fn half_close_and_reset_end_streams_as_tcp_does() {
             s.write_all(&data).expect("write");
             // Let the reader drain the data before the reset arrives: a reset may drop unread data.
             std::thread::sleep(Duration::from_millis(500));
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: a valid socket and a correctly sized option value.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&raw const linger).cast(),
-                    size_of::<libc::linger>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "SO_LINGER");
+            set_socket_option(&s, libc::SO_LINGER, ABORT);
         });
         let reset = server.join().expect("local server");
         (half_closed, reset, w.counters())
@@ -450,5 +459,243 @@ fn acceleration_is_refused_with_the_iptables_backend() {
         ns.iptables_rules().is_empty(),
         "rules were applied: {:?}",
         ns.iptables_rules()
+    );
+}
+
+/// What one `recv(2)` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    Bytes(usize),
+    Eof,
+    Errno(i32),
+}
+
+/// One `recv(2)` of up to `len` bytes with `flags` on `s`.
+fn recv_once(s: &TcpStream, len: usize, flags: i32) -> Got {
+    let mut buf = vec![0u8; len];
+    // SAFETY: a valid socket and a buffer of the length passed.
+    let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), len, flags) };
+    match n {
+        0 => Got::Eof,
+        n if n > 0 => Got::Bytes(n as usize),
+        _ => Got::Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
+    }
+}
+
+/// Blocking reads of `s` (no timeout) until EOF or an error other than EAGAIN, at most 64: the first of
+/// `first_len` bytes with `first_flags`, the others of 64 KiB without flags.
+fn recv_all(s: &TcpStream, first_len: usize, first_flags: i32) -> Vec<Got> {
+    let mut got = vec![recv_once(s, first_len, first_flags)];
+    while got.len() < 64 && matches!(got.last(), Some(Got::Bytes(_) | Got::Errno(libc::EAGAIN))) {
+        got.push(recv_once(s, 64 << 10, 0));
+    }
+    got
+}
+
+/// A connection between two sockets of the pod (both accelerated when the namespace asks for it, as the
+/// app's and the sidecar's are): `peer` runs on the accepted end, `reader` on the connecting one, a
+/// blocking socket without a read timeout; returns what `reader` returns.
+fn local_pair<T: Send + 'static>(
+    w: &World,
+    peer: impl FnOnce(TcpStream) + Send + 'static,
+    reader: impl FnOnce(TcpStream) -> T + Send + 'static,
+) -> T {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = w.pod.pod.spawn(Some(APP), move || {
+        let listener = TcpListener::bind(sa(Ipv4Addr::LOCALHOST, LOCAL_PORT)).expect("peer: listen");
+        ready_tx.send(()).expect("ready");
+        let (conn, _) = listener.accept().expect("peer: accept");
+        peer(conn);
+    });
+    ready_rx.recv_timeout(IO_TIMEOUT).expect("peer did not start");
+    let out = w.app(move || {
+        let s = TcpStream::connect_timeout(&sa(Ipv4Addr::LOCALHOST, LOCAL_PORT), IO_TIMEOUT).expect("connect");
+        s.set_read_timeout(None).expect("no read timeout");
+        reader(s)
+    });
+    server.join().expect("peer");
+    out
+}
+
+/// Pauses between the peer's steps: long enough for the reader to be waiting in `recv` at each.
+const PAUSE: Duration = Duration::from_millis(200);
+
+/// The peer writes 8 pieces of 1000 bytes, each after a pause, then closes: a reply written in pieces.
+fn in_pieces(mut s: TcpStream) {
+    for _ in 0..8 {
+        std::thread::sleep(PAUSE);
+        s.write_all(&[7u8; 1000]).expect("peer: write");
+    }
+}
+
+extern "C" fn do_nothing(_: libc::c_int) {}
+
+/// What blocking reads without a timeout returned, in the shapes an application meets.
+#[derive(Debug, PartialEq, Eq)]
+struct BlockingReads {
+    /// The reply written in pieces: (bytes, early EAGAINs, how it ended).
+    pieces: (usize, usize, Got),
+    /// The first read of the same reply with `recv(8000, MSG_WAITALL)`.
+    waitall: Got,
+    /// The first read of the same reply with SO_RCVLOWAT 8000.
+    rcvlowat: Got,
+    /// The peer closes (FIN) while the read waits.
+    fin: Vec<Got>,
+    /// The peer resets while the read waits.
+    reset: Vec<Got>,
+    /// The same with SO_RCVTIMEO 10 s, and whether the first read returned within a second.
+    reset_rcvtimeo: (Vec<Got>, bool),
+    /// A signal with an `SA_RESTART` handler arrives while the read waits; the reply comes later.
+    signal: Vec<Got>,
+    /// Another thread sends 16 MiB (more than TCP's socket buffers take) on the reader's socket while the
+    /// read waits for the reply; and whether those sends waited for the peer to read.
+    own_sends: (Vec<Got>, bool),
+}
+
+/// Blocking reads in the shapes an app uses them, pinned on the kernel this runs on (measured on 6.18; the
+/// source of 5.10, 6.1, 6.6 and 2026's bpf-next reads the same, see the README). An accelerated socket
+/// reads through `tcp_bpf_recvmsg` (net/ipv4/tcp_bpf.c), which copies what the peer's sends queued and,
+/// with nothing there, waits once (`tcp_msg_wait_data`): woken without data it returns EAGAIN, and with
+/// some data it returns that at once. So a reset or a signal makes a blocking read fail with EAGAIN, even
+/// with SO_RCVTIMEO set (over TCP: ECONNRESET, and the interrupted read restarts); MSG_WAITALL and
+/// SO_RCVLOWAT come back short; a reply in pieces, a FIN, and sends of the reader's own socket read as
+/// over TCP. Those sends do not wait for the peer to read when accelerated (nothing wakes the reader when
+/// buffer space frees), where TCP's do.
+#[test]
+fn blocking_reads() {
+    // SAFETY: a handler that does nothing, for a signal nothing else in this process uses.
+    unsafe {
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+        let action = SigAction::new(SigHandler::Handler(do_nothing), SaFlags::SA_RESTART, SigSet::empty());
+        sigaction(Signal::SIGUSR1, &action).expect("sigaction");
+    }
+    let [tcp, accel] = both("acc-block", |w| BlockingReads {
+        pieces: local_pair(w, in_pieces, |s| {
+            let got = recv_all(&s, 64 << 10, 0);
+            let bytes = got.iter().map(|g| if let Got::Bytes(n) = g { *n } else { 0 }).sum();
+            let eagain = got.iter().filter(|g| **g == Got::Errno(libc::EAGAIN)).count();
+            (bytes, eagain, *got.last().expect("a read"))
+        }),
+        // The rest of the reply is read too, so that the peer's writes succeed.
+        waitall: local_pair(w, in_pieces, |s| recv_all(&s, 8000, libc::MSG_WAITALL)[0]),
+        rcvlowat: local_pair(w, in_pieces, |s| {
+            set_socket_option(&s, libc::SO_RCVLOWAT, 8000 as libc::c_int);
+            recv_all(&s, 64 << 10, 0)[0]
+        }),
+        fin: local_pair(
+            w,
+            |s| {
+                std::thread::sleep(PAUSE);
+                drop(s);
+            },
+            |s| recv_all(&s, 64 << 10, 0),
+        ),
+        reset: local_pair(
+            w,
+            |s| {
+                std::thread::sleep(PAUSE);
+                set_socket_option(&s, libc::SO_LINGER, ABORT);
+            },
+            |s| recv_all(&s, 64 << 10, 0),
+        ),
+        reset_rcvtimeo: local_pair(
+            w,
+            |s| {
+                std::thread::sleep(PAUSE);
+                set_socket_option(&s, libc::SO_LINGER, ABORT);
+            },
+            |s| {
+                s.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+                let started = Instant::now();
+                let first = recv_once(&s, 64 << 10, 0);
+                let early = started.elapsed() < Duration::from_secs(1);
+                let mut got = vec![first];
+                if first == Got::Errno(libc::EAGAIN) {
+                    got.extend(recv_all(&s, 64 << 10, 0));
+                }
+                (got, early)
+            },
+        ),
+        signal: local_pair(
+            w,
+            |mut s| {
+                std::thread::sleep(3 * PAUSE);
+                s.write_all(&[7u8; 1000]).expect("peer: write");
+            },
+            |s| {
+                // SAFETY: the calling thread's own id.
+                let me = unsafe { libc::pthread_self() };
+                let kicker = std::thread::spawn(move || {
+                    std::thread::sleep(PAUSE);
+                    // SAFETY: `me` is alive: it joins this thread before it returns.
+                    unsafe { libc::pthread_kill(me, libc::SIGUSR1) }
+                });
+                let got = recv_all(&s, 64 << 10, 0);
+                assert_eq!(kicker.join().expect("kicker"), 0, "pthread_kill");
+                got
+            },
+        ),
+        own_sends: local_pair(
+            w,
+            |mut s| {
+                // Reads the 16 MiB after a pause, then replies.
+                std::thread::sleep(PAUSE);
+                let mut buf = vec![0u8; 64 << 10];
+                let mut left = 16usize << 20;
+                while left > 0 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+                s.write_all(&[7u8; 1000]).expect("peer: reply");
+            },
+            |s| {
+                let mut writer = s.try_clone().expect("clone");
+                let sender = std::thread::spawn(move || {
+                    let started = Instant::now();
+                    writer.write_all(&vec![1u8; 16 << 20]).expect("own sends");
+                    started.elapsed() >= PAUSE
+                });
+                let got = recv_all(&s, 64 << 10, 0);
+                (got, sender.join().expect("sender"))
+            },
+        ),
+    });
+    let eagain = Got::Errno(libc::EAGAIN);
+    let reset = Got::Errno(libc::ECONNRESET);
+    assert_eq!(
+        tcp,
+        BlockingReads {
+            pieces: (8000, 0, Got::Eof),
+            waitall: Got::Bytes(8000),
+            rcvlowat: Got::Bytes(8000),
+            fin: vec![Got::Eof],
+            reset: vec![reset],
+            reset_rcvtimeo: (vec![reset], true),
+            signal: vec![Got::Bytes(1000), Got::Eof],
+            own_sends: (vec![Got::Bytes(1000), Got::Eof], true),
+        },
+        "tcp"
+    );
+    // Each of the first reads returns as soon as any piece is there (how many depends on timing).
+    for (what, got) in [("MSG_WAITALL", accel.waitall), ("SO_RCVLOWAT", accel.rcvlowat)] {
+        assert!(
+            matches!(got, Got::Bytes(n) if n < 8000),
+            "accel: {what} read {got:?}, not short"
+        );
+    }
+    assert_eq!(
+        accel,
+        BlockingReads {
+            waitall: accel.waitall,
+            rcvlowat: accel.rcvlowat,
+            reset: vec![eagain, reset],
+            reset_rcvtimeo: (vec![eagain, reset], true),
+            signal: vec![eagain, Got::Bytes(1000), Got::Eof],
+            own_sends: (vec![Got::Bytes(1000), Got::Eof], false),
+            ..tcp
+        },
+        "accel"
     );
 }
