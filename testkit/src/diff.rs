@@ -219,6 +219,10 @@ impl Scene<'_> {
     }
 }
 
+/// [`crate::capture::INJECTOR_DEFAULT_FLAGS`] as a flags line, the form the differential suites take (a test
+/// below keeps the two alike).
+pub const INJECTOR: &str = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x '' -b * -d 15090,15021,15020";
+
 /// A flags line as words; `''` stands for an empty value.
 fn flag_words(flags: &str) -> impl Iterator<Item = String> + '_ {
     flags
@@ -507,4 +511,15 @@ fn differential_in<E: Copy + Into<Expect>>(
 
 fn format_ids((uid, gid): (u32, u32)) -> String {
     format!("uid {uid} gid {gid}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_injector_line_is_the_injector_flags() {
+        let words: Vec<String> = flag_words(INJECTOR).collect();
+        assert_eq!(words, crate::capture::INJECTOR_DEFAULT_FLAGS);
+    }
 }

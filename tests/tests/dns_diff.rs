@@ -6,11 +6,9 @@ use std::net::Ipv6Addr;
 
 use testkit::{
     POD_V4, REMOTE_V4, REMOTE_V6,
-    diff::{APP, PROXY, REMOTE2_V4, differential, mapped, sendto, tcp, udp},
+    diff::{APP, INJECTOR, PROXY, REMOTE2_V4, differential, mapped, sendto, tcp, udp},
     sa,
 };
-
-const INJECTOR: &str = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x '' -b * -d 15090,15021,15020";
 
 /// A resolv.conf for the pod, removed on drop.
 struct ResolvConf(std::path::PathBuf);

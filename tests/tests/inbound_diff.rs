@@ -8,12 +8,10 @@ use testkit::{
     diff::{
         APP, Expect,
         Expect::{Failed, Port},
-        PROXY, differential, differential_with, inbound, inbound_udp, tcp,
+        INJECTOR, PROXY, differential, differential_with, inbound, inbound_udp, tcp,
     },
     sa,
 };
-
-const INJECTOR: &str = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x '' -b * -d 15090,15021,15020";
 
 #[test]
 fn injector_defaults_inbound() {

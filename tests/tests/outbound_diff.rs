@@ -6,13 +6,11 @@ use std::net::Ipv6Addr;
 use testkit::{
     POD_V4, POD_V6, REMOTE_V4, REMOTE_V6,
     diff::{
-        APP, PROXY, PROXY_GROUP, REMOTE2_V4, REMOTE2_V6, after_failure, bound, differential, fastopen, mapped,
-        reuseport, tcp, udp,
+        APP, INJECTOR, PROXY, PROXY_GROUP, REMOTE2_V4, REMOTE2_V6, after_failure, bound, differential, fastopen,
+        mapped, reuseport, tcp, udp,
     },
     sa,
 };
-
-const INJECTOR: &str = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x '' -b * -d 15090,15021,15020";
 
 #[test]
 fn injector_defaults() {

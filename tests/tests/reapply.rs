@@ -11,12 +11,11 @@ use testkit::{
     diff::{
         APP, Expect,
         Expect::{Failed, Port},
-        PROXY, Pin, Scene, differential_after, inbound, tcp,
+        INJECTOR, PROXY, Pin, Scene, differential_after, inbound, tcp,
     },
     sa,
 };
 
-const REDIRECT: &str = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x '' -b * -d 15090,15021,15020";
 const TPROXY: &str = "-p 15001 -z 15006 -u 1337 -g 1337 -m TPROXY -i * -b * -d 15090";
 /// A different flag set applied first: other mode, other lists.
 const OTHER_FOR_REDIRECT: &str = "-u 1337 -g 1337 -m TPROXY -i 10.0.0.0/8 -x 192.0.2.0/24 -b 9090 -o 8080";
@@ -138,7 +137,7 @@ fn matrix(mode_flags: &str, other: &str) {
 
 #[test]
 fn redirect_mode_applies_again_over_anything() {
-    matrix(REDIRECT, OTHER_FOR_REDIRECT);
+    matrix(INJECTOR, OTHER_FOR_REDIRECT);
 }
 
 #[test]
