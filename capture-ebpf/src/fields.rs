@@ -26,8 +26,9 @@ pub fn words(field: &[u32; 4]) -> [u32; 4] {
     }
 }
 
-// local_addr and remote_addr look alike on purpose: a shared helper taking the two field references
-// compiles to a pointer chosen at run time, which the verifier rejects for context loads.
+// The readers below look alike on purpose (local_addr and remote_addr; lookup_addrs and msg_addrs, one per
+// context type): a shared helper taking field references compiles to a pointer chosen at run time, which the
+// verifier rejects for context loads.
 
 /// The socket's local address (IPv4 mapped).
 #[inline(always)]
