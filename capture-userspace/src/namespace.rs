@@ -90,26 +90,20 @@ pub fn enter(path: &Path) -> Result<()> {
         .with_context(|| format!("enter network namespace {}", path.display()))
 }
 
-/// Detects the [`Environment`] of the current network namespace: IPv6 and nameservers as istio's
-/// `FillConfigFromEnvironment`, then the interfaces.
+/// Detects the [`Environment`] of the current network namespace: the interfaces, then IPv6 (from the addresses
+/// just read) and the nameservers as istio's `FillConfigFromEnvironment`.
 pub fn detect(config: &Config, resolv_conf: &Path) -> Result<Environment> {
-    let addrs = addresses().context("list the namespace's addresses")?;
-    let nameservers = if config.redirect_dns && !config.capture_all_dns {
-        match std::fs::read_to_string(resolv_conf) {
+    let mut env = Environment::default();
+    env.read_interfaces(config)?;
+    env.ipv6 = ipv6_enabled(&env.local, config.dual_stack);
+    if config.redirect_dns && !config.capture_all_dns {
+        env.nameservers = match std::fs::read_to_string(resolv_conf) {
             Ok(text) => nameservers(&text),
             // istio: no resolv.conf means no servers, and DNS capture silently off (with a warning).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("read {}", resolv_conf.display())),
-        }
-    } else {
-        Vec::new()
-    };
-    let mut env = Environment {
-        ipv6: ipv6_enabled(&addrs, config.dual_stack),
-        nameservers,
-        ..Environment::default()
-    };
-    env.read_interfaces(config)?;
+        };
+    }
     Ok(env)
 }
 
