@@ -1309,8 +1309,9 @@ pub fn markdown_table() -> String {
 mod tests {
     use super::*;
 
-    /// Every flag of the command (istio's and capture's own) has a long name, short letter and env var of its
-    /// own: two alike would make one of them unreachable, and clap only says so when it builds the command.
+    /// Every flag of the command (istio's and capture's own) has a long name and short letter of its own, and
+    /// every istio flag its own env vars: two alike would make one of them unreachable (clap's own check runs
+    /// only when a debug build parses, and none looks at env vars, which capture reads itself).
     #[test]
     fn no_two_flags_share_a_name_letter_or_env_var() {
         let cmd = command();
