@@ -15,6 +15,8 @@ pub mod names {
     pub const ORIG_DST: &str = "ORIG_DST";
     /// Original destination of a connection in its handshake, by the connection as the proxy sees it.
     pub const ORIG_BY_ADDR: &str = "ORIG_BY_ADDR";
+    /// Each namespace's own addresses, the source of its redirected connections.
+    pub const POD_SOURCES: &str = "POD_SOURCES";
     /// Maps of older releases that no program uses any more; their pins are removed once the current
     /// programs are attached.
     pub const RETIRED: &[&str] = &["ORIG_BY_COOKIE", "DNS_ORIG"];
@@ -349,6 +351,18 @@ impl PeerKey {
 /// Longest flags text kept for `capture status`.
 pub const FLAGS_TEXT_LEN: usize = 1024;
 
+/// Value of `POD_SOURCES`: the addresses a namespace's redirected TCP connections come from, one per
+/// family, as [`crate::model::redirect_source`] picks between them. [`crate::addr::UNSPECIFIED`] where the
+/// namespace has no address of that family (its connections then come from loopback, as before).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSources {
+    /// The pod's IPv4 address, IPv4 mapped.
+    pub v4: Addr,
+    /// The pod's IPv6 address.
+    pub v6: Addr,
+}
+
 /// Value of `FLAGS_TEXT`: the command line a namespace was registered with, NUL-padded.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -363,6 +377,7 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::FlagsText {}
+    unsafe impl aya::Pod for super::PodSources {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for crate::counters::NetnsCounters {}
 }
@@ -383,6 +398,7 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<PeerKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<PodSources>(), 16 + 16);
     }
 
     /// sockops writes the handshake key from the application's socket (its local address and host-order

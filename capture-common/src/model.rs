@@ -9,7 +9,7 @@
 
 use crate::{
     addr::{self, Addr},
-    maps::{CidrKind, MAX_PROXY_IDS, PodConfig, SetKind, flag},
+    maps::{CidrKind, MAX_PROXY_IDS, PodConfig, PodSources, SetKind, flag},
 };
 
 /// The DNS port.
@@ -135,8 +135,8 @@ pub trait Lookups {
 
 const PASSTHROUGH_V4: Addr = addr::from_v4([127, 0, 0, 6]);
 const PASSTHROUGH_V6: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
-const LOOPBACK_NET_V4: Addr = addr::from_v4([127, 0, 0, 0]);
-const LOOPBACK_NET_V4_BITS: u32 = addr::V4_MAPPED_PREFIX_BITS + 8;
+/// The first octet of IPv4's loopback network, 127.0.0.0/8: an address in it is loopback.
+const LOOPBACK_NET_V4_FIRST_OCTET: u8 = 127;
 
 /// `LOOP4`/`LOOP6`: what istio's `-d 127.0.0.1/32` (or the configured CIDR) and `-d ::1/128` match.
 #[inline(always)]
@@ -153,12 +153,18 @@ fn in_loopback_cidr(cfg: &PodConfig, dst: &Addr, v4: bool) -> bool {
 /// unspecified address (connecting to it reaches the local host), and the namespace's own addresses.
 #[inline(always)]
 fn is_local<L: Lookups>(dst: &Addr, v4: bool, lookups: &L) -> bool {
-    let loopback = if v4 {
-        addr::in_prefix(dst, &LOOPBACK_NET_V4, LOOPBACK_NET_V4_BITS) || *dst == addr::from_v4([0; 4])
+    reaches_loopback(dst, v4) || lookups.in_cidrs(CidrKind::Local, dst)
+}
+
+/// A loopback address or the unspecified one (connecting to it reaches the local host over loopback).
+#[inline(always)]
+fn reaches_loopback(dst: &Addr, v4: bool) -> bool {
+    if v4 {
+        let octets = addr::v4_octets(dst);
+        octets[0] == LOOPBACK_NET_V4_FIRST_OCTET || octets == [0; 4]
     } else {
         *dst == addr::LOCALHOST_V6 || *dst == addr::UNSPECIFIED
-    };
-    loopback || lookups.in_cidrs(CidrKind::Local, dst)
+    }
 }
 
 /// Whether the configuration has a flag set.
@@ -343,7 +349,7 @@ pub fn lands_on_capture_port(cfg: &PodConfig, port: u16) -> bool {
 #[inline(always)]
 pub fn unkept_original_dst(cfg: &PodConfig, local: &Addr, local_port: u16) -> Option<(Addr, u16)> {
     let loopback = if addr::is_v4(local) {
-        addr::in_prefix(local, &LOOPBACK_NET_V4, LOOPBACK_NET_V4_BITS)
+        addr::v4_octets(local)[0] == LOOPBACK_NET_V4_FIRST_OCTET
     } else {
         *local == addr::LOCALHOST_V6
     };
@@ -352,6 +358,30 @@ pub fn unkept_original_dst(cfg: &PodConfig, local: &Addr, local_port: u16) -> Op
     } else {
         Some((*local, local_port))
     }
+}
+
+/// The address the application's socket of a redirected TCP connection to `dst` is bound to before its
+/// destination becomes the proxy's, so that the proxy sees the peer iptables' REDIRECT shows it: the source
+/// the kernel would have chosen for the original destination (routing picks it before NAT rewrites the
+/// destination; a connect rewritten to loopback would otherwise come from loopback). `None` leaves the
+/// socket as it is:
+///
+/// - a socket bound to an address (`bound`) keeps it, under REDIRECT too; one bound to the wildcard with
+///   a port (`bound_port`) can no longer be bound, and comes from loopback (the README lists it);
+/// - a loopback or unspecified destination: the kernel picks loopback for it either way;
+/// - otherwise the namespace's address of the destination's family (`sources`), if it has one: the
+///   kernel's choice for any destination off the pod, and for the pod's own address (its local route
+///   answers with the address itself). Another of the pod's own addresses gets it too, where the kernel
+///   would pick that address: telling them apart would cost this path a second CIDR lookup.
+#[inline(always)]
+pub fn redirect_source(sources: &PodSources, dst: &Addr, bound: &Addr, bound_port: u16) -> Option<Addr> {
+    let v4 = addr::is_v4(dst);
+    let unbound = (*bound == addr::UNSPECIFIED || *bound == addr::from_v4([0; 4])) && bound_port == 0;
+    if !unbound || reaches_loopback(dst, v4) {
+        return None;
+    }
+    let own = if v4 { sources.v4 } else { sources.v6 };
+    (own != addr::UNSPECIFIED).then_some(own)
 }
 
 /// istio's inbound decision (`ISTIO_INBOUND` in REDIRECT mode,

@@ -19,13 +19,26 @@ use capture_common::{
 };
 
 use crate::{
-    fields::{rewrite4, rewrite6, sock_addr_socket, socket_local, user_addr4, user_addr6, user_port},
+    fields::{
+        bind4, bind6, rewrite4, rewrite6, sock_addr_socket, socket_local, socket_local_port, user_addr4, user_addr6,
+        user_port,
+    },
     lookups::MapLookups,
-    maps::{CONFIG, ORIG_DST, bump},
+    maps::{CONFIG, ORIG_DST, POD_SOURCES, bump},
 };
 
 /// Lets the connect proceed (a cgroup sock_addr program that returns 0 fails it with EPERM).
 pub const PROCEED: i32 = 1;
+
+/// The hook the decision runs in: only connect4/connect6 may bind the socket (`bpf_bind`); sendmsg4/6 run
+/// the same decision for unconnected UDP, which is never bound.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// connect(2), or sendto with `MSG_FASTOPEN`.
+    Connect,
+    /// sendmsg on an unconnected UDP socket.
+    Sendmsg,
+}
 
 /// The decision for the connect in `ctx` to `dst` from the socket bound to `src`: `None` when the
 /// namespace is not registered or the protocol is neither TCP nor UDP (never touched).
@@ -154,9 +167,54 @@ fn redirected(netns: u64, rule: Rule) {
     }
 }
 
-/// connect4.
+/// What [`connect4`] and [`connect6`] return when the socket is not to be bound.
+const NO_BIND: u64 = 0;
+
+/// The namespace in which a redirected connection's socket is to be bound to the pod's address: only in
+/// connect(2) (the verifier allows `bpf_bind` nowhere else), and only TCP, whose proxy reads its peer.
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) {
+fn bind_in(hook: Hook, netns: u64, proto: Proto) -> u64 {
+    if hook == Hook::Connect && proto == Proto::Tcp {
+        netns
+    } else {
+        NO_BIND
+    }
+}
+
+/// The address to bind the socket of a redirected connection in namespace `netns` to, where
+/// [`model::redirect_source`] says so for its original destination.
+#[inline(always)]
+fn pod_source(ctx: &SockAddrContext, netns: u64) -> Option<Addr> {
+    let sk = sock_addr_socket(ctx);
+    let orig = ORIG_DST.get(sk)?;
+    // SAFETY: read only for the duration of this call.
+    let sources = unsafe { POD_SOURCES.get(&netns) }?;
+    model::redirect_source(sources, &orig.addr, &socket_local(sk), socket_local_port(sk))
+}
+
+/// Binds the socket of a connect4 redirected in namespace `netns` (its original destination just kept with
+/// it) as [`pod_source`] says. Called by the connect4 program after [`connect4`]: in connect4's body, LLVM
+/// ran short of registers and emitted code the verifier rejects. If the bind fails the connection still
+/// goes, from loopback.
+#[inline(never)]
+pub fn bind_source4(ctx: &SockAddrContext, netns: u64) {
+    if let Some(source) = pod_source(ctx, netns) {
+        bind4(ctx, &source);
+    }
+}
+
+/// As [`bind_source4`], for a connect6.
+#[inline(never)]
+pub fn bind_source6(ctx: &SockAddrContext, netns: u64) {
+    if let Some(source) = pod_source(ctx, netns) {
+        bind6(ctx, &source);
+    }
+}
+
+/// connect4 (`hook`: which program runs it). Returns the namespace of a redirected TCP connect(2), whose
+/// socket the caller binds with [`bind_source4`]; 0 (no namespace's cookie) otherwise.
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext, hook: Hook) -> u64 {
     let dst = user_addr4(ctx);
     // An unbound socket's source is the model's unspecified address, whatever the family.
     let src = match socket_local(sock_addr_socket(ctx)) {
@@ -164,25 +222,30 @@ pub fn connect4(ctx: &SockAddrContext) {
         src => src,
     };
     let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
-        return;
+        return NO_BIND;
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
             remember(ctx, netns, dst, dport, port, false);
             rewrite4(ctx, &addr::from_v4(addr::LOCALHOST_V4), port);
             redirected(netns, rule);
+            bind_in(hook, netns, proto)
         }
-        Verdict::Pass(_) => passed(ctx, netns, proto),
+        Verdict::Pass(_) => {
+            passed(ctx, netns, proto);
+            NO_BIND
+        }
     }
 }
 
-/// connect6. An IPv4-mapped destination is an IPv4 connection and is judged and redirected as one.
+/// connect6 (`hook`: which program runs it). An IPv4-mapped destination is an IPv4 connection and is judged
+/// and redirected as one. Returns as [`connect4`] does, for [`bind_source6`].
 #[inline(always)]
-pub fn connect6(ctx: &SockAddrContext) {
+pub fn connect6(ctx: &SockAddrContext, hook: Hook) -> u64 {
     let dst = user_addr6(ctx);
     let src = socket_local(sock_addr_socket(ctx));
     let Some((netns, verdict, proto, dport)) = decide(ctx, dst, src) else {
-        return;
+        return NO_BIND;
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
@@ -194,7 +257,11 @@ pub fn connect6(ctx: &SockAddrContext) {
             };
             rewrite6(ctx, &target, port);
             redirected(netns, rule);
+            bind_in(hook, netns, proto)
         }
-        Verdict::Pass(_) => passed(ctx, netns, proto),
+        Verdict::Pass(_) => {
+            passed(ctx, netns, proto);
+            NO_BIND
+        }
     }
 }

@@ -2,12 +2,13 @@
 //! address and port accessors every program uses, so no program reads a context field inline.
 
 use aya_ebpf::{
-    bindings::bpf_sock,
+    bindings::{bpf_sock, sockaddr},
+    helpers::generated::bpf_bind,
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use capture_common::{
     addr::{self, Addr},
-    sock::AF_INET,
+    sock::{AF_INET, SockaddrIn, SockaddrIn6},
 };
 
 /// Reads the four words of an IPv6 address field of a context or socket, one volatile load each: the
@@ -85,6 +86,36 @@ pub fn socket_local(sk: *mut bpf_sock) -> Addr {
     } else {
         addr::from_words(words(&sk.src_ip6))
     }
+}
+
+/// A socket's local port (host order); 0 while it is not bound to one.
+#[inline(always)]
+pub fn socket_local_port(sk: *mut bpf_sock) -> u16 {
+    // SAFETY: a socket pointer the verifier knows as such, valid for the program's lifetime.
+    unsafe { (*sk).src_port as u16 }
+}
+
+/// Binds the socket of a connect4 to `source` (IPv4 mapped), its port left for the connect to choose
+/// (`bpf_bind` with port 0 defers it, as `IP_BIND_ADDRESS_NO_PORT` does). Only connect4 and connect6 may
+/// call `bpf_bind`: the verifier rejects it in any other sock_addr program. Returns whether it bound.
+#[inline(always)]
+pub fn bind4(ctx: &SockAddrContext, source: &Addr) -> bool {
+    let mut sa = SockaddrIn::new(source, 0);
+    bind(ctx, (&raw mut sa).cast(), size_of::<SockaddrIn>())
+}
+
+/// As [`bind4`], for the socket of a connect6 (an IPv4-mapped `source` for an IPv4-mapped destination).
+#[inline(always)]
+pub fn bind6(ctx: &SockAddrContext, source: &Addr) -> bool {
+    let mut sa = SockaddrIn6::new(source, 0);
+    bind(ctx, (&raw mut sa).cast(), size_of::<SockaddrIn6>())
+}
+
+/// `bpf_bind` of the sockaddr at `sa`, `len` bytes long.
+#[inline(always)]
+fn bind(ctx: &SockAddrContext, sa: *mut sockaddr, len: usize) -> bool {
+    // SAFETY: the program's own context; `sa` points to a sockaddr of `len` bytes on the caller's stack.
+    unsafe { bpf_bind(ctx.sock_addr, sa, len as i32) == 0 }
 }
 
 /// The local and remote addresses of an sk_lookup (IPv4 mapped).

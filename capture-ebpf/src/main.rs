@@ -19,28 +19,34 @@ use aya_ebpf::{
 /// Outbound capture for IPv4 sockets.
 #[cgroup_sock_addr(connect4)]
 pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
-    connect::connect4(&ctx);
+    let netns = connect::connect4(&ctx, connect::Hook::Connect);
+    if netns != 0 {
+        connect::bind_source4(&ctx, netns);
+    }
     connect::PROCEED
 }
 
 /// Outbound capture for IPv6 sockets (IPv4-mapped destinations included).
 #[cgroup_sock_addr(connect6)]
 pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
-    connect::connect6(&ctx);
+    let netns = connect::connect6(&ctx, connect::Hook::Connect);
+    if netns != 0 {
+        connect::bind_source6(&ctx, netns);
+    }
     connect::PROCEED
 }
 
 /// Unconnected UDP (DNS capture): the same decision as connect4.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn capture_sendmsg4(ctx: SockAddrContext) -> i32 {
-    connect::connect4(&ctx);
+    let _ = connect::connect4(&ctx, connect::Hook::Sendmsg);
     connect::PROCEED
 }
 
 /// Unconnected UDP (DNS capture): the same decision as connect6.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn capture_sendmsg6(ctx: SockAddrContext) -> i32 {
-    connect::connect6(&ctx);
+    let _ = connect::connect6(&ctx, connect::Hook::Sendmsg);
     connect::PROCEED
 }
 

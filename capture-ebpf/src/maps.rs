@@ -13,7 +13,7 @@ use capture_common::{
     counters::{Counter, NetnsCounters},
     maps::{
         CidrKeyData, ConnKey, FlagsText, ListenerKey, MAX_CIDR_ENTRIES, MAX_NAMESPACES, MAX_SET_ENTRIES, OrigDst,
-        PeerKey, PodConfig, SetKey,
+        PeerKey, PodConfig, PodSources, SetKey,
     },
 };
 
@@ -29,6 +29,15 @@ const MAX_PEERS: u32 = 65536;
 /// - written by: the loader (`capture`, `capture clean`); read by: connect4/connect6.
 #[map]
 pub static CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(MAX_NAMESPACES, 0);
+
+/// Each namespace's own addresses, one per family: a redirected TCP connection's socket is bound to one
+/// before its destination is rewritten, so the proxy sees the pod's address as its peer, as under REDIRECT
+/// (see [`capture_common::model::redirect_source`]).
+/// - key: network-namespace cookie (`u64`); value: [`PodSources`]
+/// - written by: the loader, with the namespace's other entries, before its `CONFIG` value; deleted when
+///   the namespace is unregistered. Read by: connect4/connect6, for a redirect only.
+#[map]
+pub static POD_SOURCES: HashMap<u64, PodSources> = HashMap::pinned(MAX_NAMESPACES, 0);
 
 /// Which namespace each sk_lookup copy serves.
 /// - key: slot (`u32`: the copy's `CAPTURE_SLOT`, the namespace's [`PodConfig::slot`]); value:

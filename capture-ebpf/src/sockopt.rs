@@ -12,10 +12,10 @@
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, programs::SockoptContext};
 use capture_common::{
-    addr::{self, Addr},
+    addr,
     counters::Counter,
     model::{self, SO_ORIGINAL_DST},
-    sock,
+    sock::{self, SockaddrIn, SockaddrIn6},
 };
 
 use crate::{
@@ -28,25 +28,6 @@ pub const PROCEED: i32 = 1;
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
-
-/// `struct sockaddr_in`.
-#[repr(C)]
-struct SockaddrIn {
-    family: u16,
-    port: u16,
-    addr: [u8; 4],
-    zero: [u8; 8],
-}
-
-/// `struct sockaddr_in6`.
-#[repr(C)]
-struct SockaddrIn6 {
-    family: u16,
-    port: u16,
-    flowinfo: u32,
-    addr: Addr,
-    scope_id: u32,
-}
 
 /// Writes `value` as the option's answer if the buffer has room; returns whether it did.
 #[inline(always)]
@@ -103,27 +84,9 @@ pub fn getsockopt(ctx: &SockoptContext) {
     };
     let answered = if level == SOL_IP {
         // IPv4 only, like conntrack: an IPv6 connection has no IPv4 original destination.
-        addr::is_v4(&addr)
-            && answer(
-                ctx,
-                SockaddrIn {
-                    family: sock::AF_INET as u16,
-                    port: port.to_be(),
-                    addr: addr::v4_octets(&addr),
-                    zero: [0; 8],
-                },
-            )
+        addr::is_v4(&addr) && answer(ctx, SockaddrIn::new(&addr, port))
     } else {
-        answer(
-            ctx,
-            SockaddrIn6 {
-                family: sock::AF_INET6 as u16,
-                port: port.to_be(),
-                flowinfo: 0,
-                addr,
-                scope_id: 0,
-            },
-        )
+        answer(ctx, SockaddrIn6::new(&addr, port))
     };
     bump(
         netns,

@@ -46,6 +46,19 @@ pub struct Environment {
 }
 
 impl Environment {
+    /// The namespace's own address of one family, the source of its redirected connections
+    /// ([`capture_common::model::redirect_source`]): its first global address in the kernel's order (not
+    /// loopback, not link-local, as istio's IPv6 detection counts them, and not in `::/96`, where the
+    /// passthrough address `::6` that capture adds to lo is). In a pod, eth0's: the address the kernel picks
+    /// for any destination off the pod. A pod with several interfaces gets this one for every destination,
+    /// which the README states.
+    pub fn pod_address(&self, v6: bool) -> Option<IpAddr> {
+        self.local.iter().copied().find(|a| {
+            let compatible = matches!(a, IpAddr::V6(v6) if v6.segments()[..6] == [0; 6]);
+            a.is_ipv6() == v6 && !a.is_loopback() && !is_link_local(a) && !compatible
+        })
+    }
+
     /// Nameservers of one family.
     pub fn nameservers(&self, v6: bool) -> impl Iterator<Item = &Nameserver> {
         self.nameservers.iter().filter(move |n| n.addr.is_ipv6() == v6)

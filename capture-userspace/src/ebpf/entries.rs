@@ -8,7 +8,7 @@ use capture_common::{
     addr::{self, Addr},
     maps::{
         CIDR_KEY_HEADER_BITS, CidrKeyData, CidrKind, Family, MAX_CIDR_ENTRIES_PER_POD, MAX_PROXY_IDS,
-        MAX_SET_ENTRIES_PER_POD, PodConfig, SetKey, SetKind, flag,
+        MAX_SET_ENTRIES_PER_POD, PodConfig, PodSources, SetKey, SetKind, flag,
     },
     model::Lookups,
 };
@@ -31,6 +31,8 @@ pub struct Entries {
     pub sets: Vec<SetKey>,
     /// `CIDRS` keys.
     pub cidrs: Vec<CidrEntry>,
+    /// The `POD_SOURCES` value.
+    pub sources: PodSources,
 }
 
 fn ids(owners: &[Owner], flag: &str) -> Result<([u32; MAX_PROXY_IDS], u32)> {
@@ -61,6 +63,14 @@ pub fn cidr_entry(id: u32, kind: CidrKind, net: &IpNet) -> CidrEntry {
         IpNet::V6(v6) => (Family::V6, v6.addr().octets(), u32::from(v6.prefix_len())),
     };
     (CIDR_KEY_HEADER_BITS + bits, CidrKeyData::new(id, kind, family, a))
+}
+
+/// `ip` as the kernel programs hold an address: IPv6, or IPv4 mapped.
+fn mapped(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => addr::from_v4(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 fn host(ip: IpAddr) -> IpNet {
@@ -170,7 +180,17 @@ pub fn entries(cfg: &Config, env: &Environment, id: u32) -> Result<Entries> {
         .iter()
         .for_each(|n| add(CidrKind::ExcludedInterface, n));
     within_pod_limits(&sets, &cidrs)?;
-    Ok(Entries { config, sets, cidrs })
+    let source = |v6| env.pod_address(v6).map_or(addr::UNSPECIFIED, mapped);
+    let sources = PodSources {
+        v4: source(false),
+        v6: source(true),
+    };
+    Ok(Entries {
+        config,
+        sets,
+        cidrs,
+        sources,
+    })
 }
 
 /// Fails with one line if a namespace's entries exceed what one pod may take of the node-wide maps

@@ -10,7 +10,7 @@ use capture_common::{
     counters::{Counter, NetnsCounters},
     maps::{
         CIDR_KEY_HEADER_BITS, CidrKeyData, ConnKey, FLAGS_TEXT_LEN, Family, FlagsText, ListenerKey, MAX_NAMESPACES,
-        OrigDst, PodConfig, SetKey,
+        OrigDst, PodConfig, PodSources, SetKey,
     },
 };
 
@@ -34,6 +34,8 @@ pub struct Maps {
     /// Missing where the pins were made by a release before it, until the next load pins it: only a new
     /// registration needs it.
     config_ids: Option<Array<MapData, u32>>,
+    /// Missing, like `config_ids`, where the pins are older than the release that added it.
+    sources: Option<HashMap<MapData, u64, PodSources>>,
 }
 
 /// A registration whose entries are written but whose `CONFIG` value is not: no connection can see any of
@@ -79,6 +81,7 @@ impl Maps {
             listeners: open(dir, names::LISTENERS)?,
             slot_netns: open(dir, names::SLOT_NETNS)?,
             config_ids: open(dir, names::CONFIG_IDS).ok(),
+            sources: open(dir, names::POD_SOURCES).ok(),
         })
     }
 
@@ -220,7 +223,7 @@ impl Maps {
     }
 
     /// Writes everything of a registration of namespace `netns` but its `CONFIG` value: the set and CIDR
-    /// entries under a fresh id, and the namespace's counters. Nothing a connection looks at changes: the
+    /// entries under a fresh id, the namespace's addresses (`POD_SOURCES`) and its counters. Nothing a connection looks at changes: the
     /// programs find a namespace's entries through its `CONFIG` value only. On failure nothing stays.
     pub fn stage(&mut self, netns: u64, slot: u32, cfg: &Config, env: &Environment) -> Result<Staged> {
         let old = self.config.get(&netns, 0).ok();
@@ -233,6 +236,13 @@ impl Maps {
             old,
         };
         let written = self.write(&e).and_then(|()| {
+            // Read only through the namespace's `CONFIG` value: a registration in progress changes no
+            // connection, and a re-registration writes the same addresses unless the pod's changed.
+            self.sources
+                .as_mut()
+                .context("the pinned POD_SOURCES map is missing (pins of an older capture, not loaded again)")?
+                .insert(netns, e.sources, 0)
+                .context("POD_SOURCES")?;
             if self.counters.get(&netns, 0).is_err() {
                 let zero = PerCpuValues::try_from(vec![
                     NetnsCounters::default();
@@ -276,8 +286,16 @@ impl Maps {
     pub fn abort(&mut self, staged: Staged) -> Result<()> {
         if staged.old.is_none() {
             let _ = self.counters.remove(&staged.netns);
+            self.forget_sources(staged.netns);
         }
         self.remove_entries(staged.config.id)
+    }
+
+    /// Removes namespace `netns`'s addresses, if any.
+    fn forget_sources(&mut self, netns: u64) {
+        if let Some(sources) = self.sources.as_mut() {
+            let _ = sources.remove(&netns);
+        }
     }
 
     fn write(&mut self, e: &entries::Entries) -> Result<()> {
@@ -333,6 +351,7 @@ impl Maps {
         self.remove_entries(cfg.id)?;
         let _ = self.counters.remove(&netns);
         let _ = self.flags.remove(&netns);
+        self.forget_sources(netns);
         let pending: Vec<ConnKey> = self
             .orig_by_addr
             .keys()
