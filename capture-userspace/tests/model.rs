@@ -11,7 +11,8 @@ use capture::{
 };
 use capture_common::{
     addr::{self, Addr},
-    model::{Conn, Proto, Rule, Verdict, accelerate, outbound, unkept_original_dst},
+    maps::PodSources,
+    model::{Conn, Proto, Rule, Verdict, accelerate, outbound, redirect_source, unkept_original_dst},
 };
 
 const POD_IP: &str = "10.1.1.5";
@@ -586,4 +587,83 @@ fn every_redirect_lands_on_a_port_sockops_looks_at() {
         redirects >= 15,
         "only {redirects} redirects: the cases no longer exercise the rule"
     );
+}
+
+/// The source a redirected connection's socket is bound to: the pod's address of the destination's family,
+/// as routing picks it before REDIRECT; nothing for a socket bound already or a loopback destination.
+#[test]
+fn a_redirected_connection_comes_from_the_pods_address() {
+    let sources = PodSources {
+        v4: ip(POD_IP),
+        v6: ip(POD_IP6),
+    };
+    let unbound = addr::UNSPECIFIED;
+    let source = |dst: &str, bound: &str, port: u16| redirect_source(&sources, &ip(dst), &ip(bound), port);
+    // Off the pod, either family (an IPv4-mapped destination is IPv4); and the pod's own address.
+    for (dst, want) in [
+        ("10.9.9.9", POD_IP),
+        ("::ffff:10.9.9.9", POD_IP),
+        ("2001:db8::9", POD_IP6),
+        (POD_IP, POD_IP),
+        (POD_IP6, POD_IP6),
+    ] {
+        assert_eq!(
+            redirect_source(&sources, &ip(dst), &unbound, 0),
+            Some(ip(want)),
+            "{dst}"
+        );
+        assert_eq!(
+            source(dst, "0.0.0.0", 0),
+            Some(ip(want)),
+            "{dst}, socket bound to 0.0.0.0 without a port"
+        );
+    }
+    // Loopback or unspecified destinations: the kernel picks loopback under REDIRECT too.
+    for dst in ["127.0.0.6", "127.0.0.1", "::1", "::ffff:127.0.0.6", "0.0.0.0", "::"] {
+        assert_eq!(source(dst, "::", 0), None, "{dst}");
+    }
+    // A socket bound to an address keeps it; one bound to a port cannot be bound again.
+    assert_eq!(source("10.9.9.9", POD_IP, 0), None);
+    assert_eq!(source("10.9.9.9", "127.0.0.6", 0), None);
+    assert_eq!(source("10.9.9.9", "0.0.0.0", 40000), None);
+    assert_eq!(source("2001:db8::9", "::", 40000), None);
+    // A pod without an address of the family: left as it is.
+    let v4_only = PodSources {
+        v4: ip(POD_IP),
+        v6: addr::UNSPECIFIED,
+    };
+    assert_eq!(redirect_source(&v4_only, &ip("2001:db8::9"), &unbound, 0), None);
+}
+
+/// The loader's `POD_SOURCES` value: each family's first global address, not loopback, link-local or the
+/// passthrough address `::6` capture adds to lo.
+#[test]
+fn the_pods_sources_are_its_first_global_addresses() {
+    let env = Environment {
+        local: [
+            "127.0.0.1",
+            "::1",
+            "::6",
+            "fe80::1",
+            "169.254.1.1",
+            POD_IP,
+            "10.1.1.6",
+            POD_IP6,
+            "fd00::6",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect(),
+        ..Environment::default()
+    };
+    let e = entries(&capture::config::Config::default(), &env, 7).unwrap();
+    assert_eq!(
+        e.sources,
+        PodSources {
+            v4: ip(POD_IP),
+            v6: ip(POD_IP6)
+        }
+    );
+    let none = entries(&capture::config::Config::default(), &Environment::default(), 7).unwrap();
+    assert_eq!(none.sources, PodSources::default());
 }

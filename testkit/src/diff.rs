@@ -1,7 +1,9 @@
 //! The differential machinery: the same connection cases under the iptables backend and under the eBPF
 //! backend, each in fresh throwaway namespaces with the same flags; outcomes must be equal.
 //!
-//! The original destination is compared where a proxy reads it: on the capture ports. On a connection that
+//! The peer address of every accepted TCP connection is compared too: a proxy's access logs, telemetry and
+//! source-based policy read it. The original destination is compared where a proxy reads it: on the capture
+//! ports. On a connection that
 //! was not redirected, iptables' conntrack answers `SO_ORIGINAL_DST` with the connection's own destination
 //! and the eBPF backend with the socket's local address (the same thing on an accepted socket, but not on the
 //! outbound capture port at loopback, where it answers nothing); the README lists the difference.
@@ -47,11 +49,14 @@ pub enum Backend {
 /// Where a connection ended up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// A TCP listener in `side` on `port` accepted it and read this original destination.
+    /// A TCP listener in `side` on `port` accepted it from `peer` and read this original destination.
     Accepted {
         side: &'static str,
         port: u16,
         original_dst: Option<SocketAddr>,
+        /// The connection's source as the listener saw it: for a redirected connection, the address
+        /// REDIRECT leaves (the one routing chose for the original destination), not loopback.
+        peer: IpAddr,
     },
     /// A UDP socket in `side` on `port` got the datagram, and the probe got the echo from `reply_from`.
     Datagram {
@@ -320,6 +325,7 @@ fn observe(w: &World, udp: Option<Option<SocketAddr>>, client_port: u16) -> Outc
                     side,
                     port: a.listener,
                     original_dst: a.original_dst.filter(|_| asked),
+                    peer: a.peer.ip(),
                 };
             }
         }
@@ -413,7 +419,7 @@ pub fn differential<E: Copy + Into<Expect>>(
     env: &[(&str, &str)],
     cases: &[Case],
     expect: &[(&str, E)],
-) -> Vec<Outcome> {
+) -> Outcomes {
     differential_in(&|_| {}, flags, env, POD_PORTS, cases, expect)
 }
 
@@ -425,18 +431,13 @@ pub fn differential_with<E: Copy + Into<Expect>>(
     pod_ports: &[u16],
     cases: &[Case],
     expect: &[(&str, E)],
-) -> Vec<Outcome> {
+) -> Outcomes {
     differential_in(&|_| {}, flags, env, pod_ports, cases, expect)
 }
 
 /// As [`differential`], after `prepare` has set the pod's scene before capture is applied (an address
 /// removed, an earlier apply, say).
-pub fn differential_after(
-    prepare: &dyn Fn(&Scene),
-    flags: &str,
-    cases: &[Case],
-    every: &[(&str, Expect)],
-) -> Vec<Outcome> {
+pub fn differential_after(prepare: &dyn Fn(&Scene), flags: &str, cases: &[Case], every: &[(&str, Expect)]) -> Outcomes {
     differential_in(prepare, flags, &[], POD_PORTS, cases, every)
 }
 
@@ -447,7 +448,7 @@ fn differential_in<E: Copy + Into<Expect>>(
     pod_ports: &[u16],
     cases: &[Case],
     expect: &[(&str, E)],
-) -> Vec<Outcome> {
+) -> Outcomes {
     // Every case pinned: a suite must not pass by both backends going wrong alike.
     for case in cases {
         assert!(
@@ -506,7 +507,16 @@ fn differential_in<E: Copy + Into<Expect>>(
         "{flags}: {} cases, as pinned and identical under both backends",
         cases.len()
     );
-    outcomes.into_iter().next().expect("two backends")
+    let [iptables, ebpf]: [Vec<Outcome>; 2] = outcomes.try_into().expect("two backends");
+    Outcomes { iptables, ebpf }
+}
+
+/// Each backend's outcomes of a differential run, in the order of its cases.
+pub struct Outcomes {
+    /// Under the iptables backend.
+    pub iptables: Vec<Outcome>,
+    /// Under the eBPF backend.
+    pub ebpf: Vec<Outcome>,
 }
 
 fn format_ids((uid, gid): (u32, u32)) -> String {
