@@ -10,8 +10,8 @@
 //!
 //! One module per concern: [`time`] (the time scale), [`netns`] (namespaces, the pod topology),
 //! [`cgroup`], [`pins`] (private bpffs mounts), [`probe`] (the client/listener process), [`protocol`] (its output, line by line), [`capture`] (the
-//! binary under test), plus [`diff`] (both backends side by side), [`echo`], [`hold`], [`runnable`] and
-//! [`sidecar`]. Everything is re-exported here.
+//! binary under test), plus [`diff`] (both backends side by side), [`echo`], [`hold`], [`runnable`],
+//! [`sidecar`] and [`sock_addr`] (hand-assembled cgroup programs). Everything is re-exported here.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -30,6 +30,7 @@ pub mod probe;
 pub mod protocol;
 pub mod runnable;
 pub mod sidecar;
+pub mod sock_addr;
 pub mod time;
 
 pub use crate::{
