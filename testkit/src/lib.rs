@@ -11,7 +11,7 @@
 //! One module per concern: [`time`] (the time scale), [`netns`] (namespaces, the pod topology),
 //! [`cgroup`], [`pins`] (private bpffs mounts), [`probe`] (the client/listener process), [`protocol`] (its output, line by line), [`capture`] (the
 //! binary under test), plus [`diff`] (both backends side by side), [`echo`], [`hold`], [`runnable`],
-//! [`sidecar`] and [`sock_addr`] (hand-assembled cgroup programs). Everything is re-exported here.
+//! [`resolv`], [`sidecar`] and [`sock_addr`] (hand-assembled cgroup programs). Everything is re-exported here.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -28,6 +28,7 @@ pub mod netns;
 pub mod pins;
 pub mod probe;
 pub mod protocol;
+pub mod resolv;
 pub mod runnable;
 pub mod sidecar;
 pub mod sock_addr;
@@ -40,6 +41,7 @@ pub use crate::{
     pins::BpfPins,
     probe::{Connect, Exchange, Listeners, connect_as, connect_with, exchange, probe_bin, run_as},
     protocol::{Accepted, Datagram},
+    resolv::ResolvConf,
     time::{CONNECT_TIMEOUT, TIME_SCALE_ENV, connect_timeout, patient, time_scale},
 };
 
