@@ -86,6 +86,26 @@ fn the_chart_lints_and_renders_what_the_agent_needs() {
     let docs = parse(&String::from_utf8_lossy(&rendered.stdout), "helm template");
     check_daemonset(&docs);
     check_rbac(&docs);
+    // attachCgroup names the attach point below the host's cgroup root.
+    let attached = Command::new(helm())
+        .args(["template", "capture"])
+        .arg(&chart)
+        .args(["--set", "agent.attachCgroup=/kubepods.slice/kubepods-burstable.slice"])
+        .output()
+        .expect("run helm template");
+    assert!(
+        attached.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&attached.stderr)
+    );
+    let docs_attached = parse(&String::from_utf8_lossy(&attached.stdout), "helm template");
+    assert_eq!(
+        agent_args(&docs_attached)
+            .iter()
+            .filter(|a| a.starts_with("--cgroup="))
+            .collect::<Vec<_>>(),
+        ["--cgroup=/host/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice"]
+    );
     let ds: DaemonSet = object(&docs, "DaemonSet");
     let image = ds.spec.unwrap().template.spec.unwrap().containers[0].image.clone();
     assert_eq!(
@@ -149,9 +169,20 @@ fn check_daemonset(docs: &[serde_json::Value]) {
     let mounts = container.volume_mounts.unwrap();
     let cgroup = mounts.iter().find(|m| m.name == "cgroup").unwrap();
     assert!(
-        args.contains(&format!("--cgroup={}", cgroup.mount_path)),
-        "--cgroup points at the host's root"
+        args.contains(&format!("--cgroup-root={}", cgroup.mount_path)),
+        "--cgroup-root points at the host's root"
     );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--cgroup=")),
+        "no --cgroup: the agent attaches to the pods' cgroup it finds, not to the root"
+    );
+}
+
+/// The agent container's arguments.
+fn agent_args(docs: &[serde_json::Value]) -> Vec<String> {
+    let ds: DaemonSet = object(docs, "DaemonSet");
+    let [container]: [Container; 1] = ds.spec.unwrap().template.spec.unwrap().containers.try_into().unwrap();
+    container.args.unwrap()
 }
 
 /// The agent's account may only get, list and watch pods.

@@ -3,13 +3,19 @@
 //! parent cgroup as those attach at the root). Capture attached to a cgroup below sees the VIP first: the
 //! app's connection reaches the proxy with the VIP as its original destination, and the proxy's own
 //! connection to the VIP is load-balanced. Attached at the load balancer's own cgroup, after it, capture
-//! would only see the backend: that is refused, with nothing applied.
+//! would only see the backend: that is refused, with nothing applied. And the node agent under Kubernetes
+//! attaches to the pods' parent cgroup (`kubepods.slice` or `kubepods`) by default, so below such a load
+//! balancer at the root.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use testkit::{
-    Accepted, BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, POD_V4, Pod, REMOTE_V4, ResolvConf,
-    SocketLb, capture, connect_as, exchange, sa,
+    Accepted, BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, ResolvConf,
+    SocketLb, capture, capture_bin, connect_as, exchange, sa,
 };
 
 const APP: (u32, u32) = (1000, 1000);
@@ -215,4 +221,129 @@ fn capture_after_the_load_balancer_at_its_own_cgroup_is_refused_and_applies_noth
     );
     let accepted = world.tcp_to_vip(APP);
     assert!(at_sidecar_with_vip(&accepted), "{accepted:?}");
+}
+
+/// A `capture agent --kubernetes` in its own namespace, with the cgroup v2 root given as `root`, private
+/// pins, records and socket, and an API server on a closed loopback port (its pod watch retries; the
+/// control socket serves meanwhile). Killed on drop, its files removed.
+struct Agent {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    socket: String,
+    _ns: Netns,
+}
+
+impl Agent {
+    fn start(tag: &str, root: &Cgroup, pins: &BpfPins) -> Agent {
+        let ns = Netns::new(tag);
+        let dir = std::env::temp_dir().join(format!("capture-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"http://127.0.0.1:9\"}}]\n\
+             users: [{name: u, user: {}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n\
+             current-context: x\n",
+        )
+        .unwrap();
+        let socket = dir.join("agent.sock").display().to_string();
+        let child = ns
+            .command(capture_bin())
+            .args(["agent", "--kubernetes", "--listen", "127.0.0.1:0", "--socket", &socket])
+            .arg("--cgroup-root")
+            .arg(root.path())
+            .arg("--pin-dir")
+            .arg(pins.path())
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env_clear()
+            .env("NODE_NAME", "node")
+            .env("KUBECONFIG", &kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start capture agent");
+        Agent {
+            child,
+            dir,
+            socket,
+            _ns: ns,
+        }
+    }
+
+    /// `capture pod ARGS` against this agent.
+    fn pod(&self, args: &[&str]) -> std::process::Output {
+        Command::new(capture_bin())
+            .args(["pod", "--socket", &self.socket])
+            .args(args)
+            .output()
+            .expect("run capture pod")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn the_kubernetes_agent_attaches_to_the_pods_cgroup_by_default() {
+    // A test cgroup stands for the host's cgroup v2 root, with the systemd driver's kubepods.slice and a
+    // system.slice beside it.
+    let pod = Pod::new("vip-agent");
+    let root = Cgroup::new("vip-agent");
+    let pods = root.child("kubepods.slice/kubepods-besteffort.slice");
+    let system = root.child("system.slice");
+    let pins = BpfPins::new("vip-agent");
+    let agent = Agent::start("vip-agent", &root, &pins);
+    let deadline = Instant::now() + testkit::patient(Duration::from_secs(10));
+    while !agent.pod(&["list"]).status.success() {
+        assert!(Instant::now() < deadline, "the agent did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let netns = pod.pod.path().display().to_string();
+    let mut args = vec!["add", "web", &netns, "--"];
+    args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    let out = agent.pod(&args);
+    assert!(
+        out.status.success(),
+        "pod add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sidecar = Listeners::start(&pod.pod, Some(&pods), Some(PROXY), &[sa(Ipv6Addr::UNSPECIFIED, 15001)]);
+    let remote = Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 80)]);
+    // The pod's app in kubepods.slice is captured; the same namespace's process in system.slice is not:
+    // the programs are attached to kubepods.slice, not to the root.
+    for (cgroup, port) in [(&pods, 15001), (&system, 80)] {
+        connect_as(&pod.pod, Some(cgroup), APP, sa(REMOTE_V4, 80)).unwrap();
+        let accepted = sidecar.next().or_else(|| remote.next());
+        assert_eq!(
+            accepted.map(|a| a.listener),
+            Some(port),
+            "from {}",
+            cgroup.path().display()
+        );
+    }
+}
+
+#[test]
+fn the_kubernetes_agent_without_a_pods_cgroup_refuses_in_one_line() {
+    let root = Cgroup::new("vip-nopods");
+    let pins = BpfPins::new("vip-nopods");
+    let mut agent = Agent::start("vip-nopods", &root, &pins);
+    let status = agent.child.wait().expect("wait for capture agent");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut agent.child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let path = root.path().display().to_string();
+    for text in ["--cgroup-root", path.as_str(), "kubepods.slice", "kubepods", "--cgroup"] {
+        assert!(stderr.contains(text), "{text:?} not in: {stderr}");
+    }
+    assert!(!pins.path().exists(), "pins were made");
+    assert!(!agent.dir.join("state").exists(), "records were made");
 }
