@@ -8,12 +8,9 @@
 use std::path::Path;
 
 use anyhow::{Result, ensure};
-use testkit::sock_addr::{self, Hook, Insn};
+use testkit::sock_addr::{self, Hook, PROCEED};
 
 use crate::cgroups::Cgroups;
-
-/// Let the connect proceed, and nothing else.
-const PROGRAM: [Insn; 2] = [Insn::mov64_r0(1), Insn::exit()];
 
 /// The empty connect4 program, attached to one cgroup while this lives.
 pub struct EmptyConnect4 {
@@ -30,7 +27,7 @@ impl EmptyConnect4 {
             cgroup.display()
         );
         Ok(EmptyConnect4 {
-            _attached: sock_addr::attach(&PROGRAM, "bench_empty", Hook::Connect4, cgroup)?,
+            _attached: sock_addr::attach(&PROCEED, "bench_empty", Hook::Connect4, cgroup)?,
         })
     }
 }

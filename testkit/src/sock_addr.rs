@@ -3,9 +3,10 @@
 //!
 //! There is no second eBPF crate to build such programs from, and aya 0.14 loads programs only from an
 //! object file, so a program of a few instructions is loaded with bpf(2) directly (`BPF_PROG_LOAD`) and
-//! attached with a BPF link (`BPF_LINK_CREATE`, Linux 5.7), not `BPF_PROG_ATTACH`: a link detaches when its
-//! last descriptor closes, so the program leaves the cgroup when [`Attached`] drops, and also if the test
-//! process dies.
+//! attached with a BPF link (`BPF_LINK_CREATE`, Linux 5.7): a link detaches when its last descriptor
+//! closes, so the program leaves the cgroup when [`Attached`] drops, and also if the test process dies.
+//! [`attach_legacy`] attaches the older way (`BPF_PROG_ATTACH` with flags, as Cilium before 1.14 did),
+//! which only an explicit detach (or the cgroup's removal) undoes: [`Legacy`] detaches on drop.
 
 use std::{
     io,
@@ -17,7 +18,11 @@ use anyhow::{Context as _, Result};
 
 /// bpf(2) commands (include/uapi/linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_LINK_CREATE: libc::c_long = 28;
+/// `BPF_F_ALLOW_OVERRIDE`: a program attached so gives way to one attached below it.
+pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
 /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 
@@ -40,6 +45,9 @@ pub mod ctx {
     /// `user_port`: the port, network order in the low 16 bits.
     pub const USER_PORT: i16 = 24;
 }
+
+/// A program that lets every call proceed and does nothing else.
+pub const PROCEED: [Insn; 2] = [Insn::mov64_r0(1), Insn::exit()];
 
 /// One eBPF instruction (`struct bpf_insn`): opcode, registers (dst low nibble, src high), offset, immediate.
 #[repr(C)]
@@ -124,15 +132,31 @@ struct LinkCreateAttr {
     flags: u32,
 }
 
-/// bpf(2) with `attr`; the new descriptor it returns.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+/// The `BPF_PROG_ATTACH` / `BPF_PROG_DETACH` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+/// bpf(2) with `attr`; what it returned.
+fn bpf_unit<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised #[repr(C)] struct of the size passed.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(rc)
+}
+
+/// bpf(2) with `attr`; the new descriptor it returns.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    let fd = bpf_unit(cmd, attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// A program attached to one cgroup while this lives.
@@ -146,20 +170,7 @@ pub struct Attached {
 /// show) and attaches it to `cgroup` by link. Callers pass only cgroups they made: attached anywhere else
 /// it would run for other processes' sockets.
 pub fn attach(program: &[Insn], name: &str, hook: Hook, cgroup: &Path) -> Result<Attached> {
-    let license = c"GPL";
-    let mut prog_name = [0u8; 16];
-    anyhow::ensure!(name.len() < prog_name.len(), "program name {name:?} is over 15 bytes");
-    prog_name[..name.len()].copy_from_slice(name.as_bytes());
-    let mut load = ProgLoadAttr {
-        prog_type: PROG_TYPE_CGROUP_SOCK_ADDR,
-        insn_cnt: program.len() as u32,
-        insns: program.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name,
-        expected_attach_type: hook as u32,
-        ..ProgLoadAttr::default()
-    };
-    let loaded = bpf(BPF_PROG_LOAD, &mut load).with_context(|| format!("BPF_PROG_LOAD of {name} ({hook:?})"))?;
+    let loaded = load(program, name, hook)?;
     let dir = std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
     let mut link = LinkCreateAttr {
         prog_fd: loaded.as_raw_fd() as u32,
@@ -173,4 +184,61 @@ pub fn attach(program: &[Insn], name: &str, hook: Hook, cgroup: &Path) -> Result
         _link: link,
         _program: loaded,
     })
+}
+
+/// A program attached with `BPF_PROG_ATTACH`; detached on drop.
+pub struct Legacy {
+    cgroup: std::fs::File,
+    program: OwnedFd,
+    hook: Hook,
+}
+
+/// As [`attach`], with `BPF_PROG_ATTACH` and `flags` (0: exclusive, the kernel refuses any program below;
+/// [`BPF_F_ALLOW_OVERRIDE`]: one below replaces it there).
+pub fn attach_legacy(program: &[Insn], name: &str, hook: Hook, cgroup: &Path, flags: u32) -> Result<Legacy> {
+    let program = load(program, name, hook)?;
+    let dir = std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+    let mut attr = ProgAttachAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type: hook as u32,
+        attach_flags: flags,
+    };
+    bpf_unit(BPF_PROG_ATTACH, &mut attr)
+        .with_context(|| format!("BPF_PROG_ATTACH of {name} ({hook:?}) to {}", cgroup.display()))?;
+    Ok(Legacy {
+        cgroup: dir,
+        program,
+        hook,
+    })
+}
+
+impl Drop for Legacy {
+    fn drop(&mut self) {
+        let mut attr = ProgAttachAttr {
+            target_fd: self.cgroup.as_raw_fd() as u32,
+            attach_bpf_fd: self.program.as_raw_fd() as u32,
+            attach_type: self.hook as u32,
+            attach_flags: 0,
+        };
+        let _ = bpf_unit(BPF_PROG_DETACH, &mut attr);
+    }
+}
+
+/// Loads `program` for `hook` under `name`.
+fn load(program: &[Insn], name: &str, hook: Hook) -> Result<OwnedFd> {
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    anyhow::ensure!(name.len() < prog_name.len(), "program name {name:?} is over 15 bytes");
+    prog_name[..name.len()].copy_from_slice(name.as_bytes());
+    let mut load = ProgLoadAttr {
+        prog_type: PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: program.len() as u32,
+        insns: program.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        expected_attach_type: hook as u32,
+        ..ProgLoadAttr::default()
+    };
+    bpf(BPF_PROG_LOAD, &mut load).with_context(|| format!("BPF_PROG_LOAD of {name} ({hook:?})"))
 }

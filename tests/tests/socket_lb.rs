@@ -16,6 +16,7 @@ use std::{
 use testkit::{
     Accepted, BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, ResolvConf,
     SocketLb, capture, capture_bin, connect_as, exchange, sa,
+    sock_addr::{self, Hook},
 };
 
 const APP: (u32, u32) = (1000, 1000);
@@ -221,6 +222,42 @@ fn capture_after_the_load_balancer_at_its_own_cgroup_is_refused_and_applies_noth
     );
     let accepted = world.tcp_to_vip(APP);
     assert!(at_sidecar_with_vip(&accepted), "{accepted:?}");
+}
+
+#[test]
+fn an_ancestor_program_capture_would_replace_or_that_bars_it_is_refused() {
+    // Programs attached to an ancestor the old way (BPF_PROG_ATTACH, as Cilium before 1.14): exclusive (no
+    // flag) makes the kernel refuse any program below; BPF_F_ALLOW_OVERRIDE makes one below replace it.
+    // Either way capture at the child is refused before it attaches anything.
+    let ns = Netns::new("vip-anc");
+    let node = Cgroup::new("vip-anc");
+    let pods = node.child("kubepods");
+    for (flags, says) in [
+        (0, "exclusively"),
+        (sock_addr::BPF_F_ALLOW_OVERRIDE, "BPF_F_ALLOW_OVERRIDE"),
+    ] {
+        let pins = BpfPins::new("vip-anc");
+        let _lb = sock_addr::attach_legacy(
+            &sock_addr::PROCEED,
+            "test_lb_legacy",
+            Hook::Connect4,
+            node.path(),
+            flags,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let (cg, pin) = (pods.path().display().to_string(), pins.path().display().to_string());
+        let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
+        args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+        let out = capture(&ns, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{says}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{says}: {stderr}");
+        let node = node.path().display().to_string();
+        for text in [node.as_str(), "test_lb_legacy", "connect4", says, "nothing was applied"] {
+            assert!(stderr.contains(text), "{text:?} not in: {stderr}");
+        }
+        assert!(!pins.path().exists(), "{says}: pins were made");
+    }
 }
 
 /// A `capture agent --kubernetes` in its own namespace, with the cgroup v2 root given as `root`, private
