@@ -72,35 +72,13 @@ fn the_chart_lints_and_renders_what_the_agent_needs() {
         String::from_utf8_lossy(&lint.stdout),
         String::from_utf8_lossy(&lint.stderr)
     );
-    let rendered = Command::new(helm())
-        .args(["template", "capture"])
-        .arg(&chart)
-        .args(["--set", "image.repository=registry.example/capture,image.tag=9.9.9"])
-        .output()
-        .expect("run helm template");
-    assert!(
-        rendered.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let docs = parse(&String::from_utf8_lossy(&rendered.stdout), "helm template");
+    let docs = template(&chart, "image.repository=registry.example/capture,image.tag=9.9.9");
     check_daemonset(&docs);
     check_rbac(&docs);
     // attachCgroup names the attach point below the host's cgroup root.
-    let attached = Command::new(helm())
-        .args(["template", "capture"])
-        .arg(&chart)
-        .args(["--set", "agent.attachCgroup=/kubepods.slice/kubepods-burstable.slice"])
-        .output()
-        .expect("run helm template");
-    assert!(
-        attached.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&attached.stderr)
-    );
-    let docs_attached = parse(&String::from_utf8_lossy(&attached.stdout), "helm template");
+    let attached = template(&chart, "agent.attachCgroup=/kubepods.slice/kubepods-burstable.slice");
     assert_eq!(
-        agent_args(&docs_attached)
+        agent_args(&attached)
             .iter()
             .filter(|a| a.starts_with("--cgroup="))
             .collect::<Vec<_>>(),
@@ -113,6 +91,22 @@ fn the_chart_lints_and_renders_what_the_agent_needs() {
         Some("registry.example/capture:9.9.9"),
         "values reach the image"
     );
+}
+
+/// The objects `helm template` renders from `chart` with `--set values`.
+fn template(chart: &Path, values: &str) -> Vec<serde_json::Value> {
+    let rendered = Command::new(helm())
+        .args(["template", "capture"])
+        .arg(chart)
+        .args(["--set", values])
+        .output()
+        .expect("run helm template");
+    assert!(
+        rendered.status.success(),
+        "helm template --set {values}: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    parse(&String::from_utf8_lossy(&rendered.stdout), "helm template")
 }
 
 /// What the agent's DaemonSet must have: the host's PIDs (not its network), every taint tolerated, the node

@@ -170,8 +170,7 @@ pub struct Attached {
 /// show) and attaches it to `cgroup` by link. Callers pass only cgroups they made: attached anywhere else
 /// it would run for other processes' sockets.
 pub fn attach(program: &[Insn], name: &str, hook: Hook, cgroup: &Path) -> Result<Attached> {
-    let loaded = load(program, name, hook)?;
-    let dir = std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+    let (loaded, dir) = (load(program, name, hook)?, open(cgroup)?);
     let mut link = LinkCreateAttr {
         prog_fd: loaded.as_raw_fd() as u32,
         target_fd: dir.as_raw_fd() as u32,
@@ -196,33 +195,38 @@ pub struct Legacy {
 /// As [`attach`], with `BPF_PROG_ATTACH` and `flags` (0: exclusive, the kernel refuses any program below;
 /// [`BPF_F_ALLOW_OVERRIDE`]: one below replaces it there).
 pub fn attach_legacy(program: &[Insn], name: &str, hook: Hook, cgroup: &Path, flags: u32) -> Result<Legacy> {
-    let program = load(program, name, hook)?;
-    let dir = std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
-    let mut attr = ProgAttachAttr {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_bpf_fd: program.as_raw_fd() as u32,
-        attach_type: hook as u32,
-        attach_flags: flags,
-    };
-    bpf_unit(BPF_PROG_ATTACH, &mut attr)
-        .with_context(|| format!("BPF_PROG_ATTACH of {name} ({hook:?}) to {}", cgroup.display()))?;
-    Ok(Legacy {
-        cgroup: dir,
-        program,
+    let legacy = Legacy {
+        program: load(program, name, hook)?,
+        cgroup: open(cgroup)?,
         hook,
-    })
+    };
+    legacy
+        .call(BPF_PROG_ATTACH, flags)
+        .with_context(|| format!("BPF_PROG_ATTACH of {name} ({hook:?}) to {}", cgroup.display()))?;
+    Ok(legacy)
 }
 
-impl Drop for Legacy {
-    fn drop(&mut self) {
+impl Legacy {
+    /// `BPF_PROG_ATTACH` or `BPF_PROG_DETACH` of this program at this cgroup.
+    fn call(&self, cmd: libc::c_long, flags: u32) -> io::Result<libc::c_long> {
         let mut attr = ProgAttachAttr {
             target_fd: self.cgroup.as_raw_fd() as u32,
             attach_bpf_fd: self.program.as_raw_fd() as u32,
             attach_type: self.hook as u32,
-            attach_flags: 0,
+            attach_flags: flags,
         };
-        let _ = bpf_unit(BPF_PROG_DETACH, &mut attr);
+        bpf_unit(cmd, &mut attr)
     }
+}
+
+impl Drop for Legacy {
+    fn drop(&mut self) {
+        let _ = self.call(BPF_PROG_DETACH, 0);
+    }
+}
+
+fn open(cgroup: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))
 }
 
 /// Loads `program` for `hook` under `name`.

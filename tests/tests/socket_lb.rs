@@ -27,6 +27,24 @@ const VIP_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 const DNS_PORT: u16 = 53;
 
+/// `capture --backend ebpf --cgroup CGROUP --pin-dir PINS` with the injector's flags and `extra`, in `ns`.
+fn apply(ns: &Netns, cgroup: &Cgroup, pins: &BpfPins, extra: &[&str]) -> std::process::Output {
+    let (cg, pin) = (cgroup.path().display().to_string(), pins.path().display().to_string());
+    let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
+    args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
+    args.extend_from_slice(extra);
+    capture(ns, &args)
+}
+
+/// Asserts exit code 1 and one line of `stderr` that holds each of `texts`.
+fn assert_refused(status: std::process::ExitStatus, stderr: &str, texts: &[&str]) {
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    for text in texts {
+        assert!(stderr.contains(text), "{text:?} not in: {stderr}");
+    }
+}
+
 /// Whether `accepted` is a backend's: its listener, the pod's address as the peer (the connection came over
 /// the wire, not through the sidecar).
 fn at_backend(accepted: &Accepted) -> bool {
@@ -97,18 +115,29 @@ impl World {
         }
     }
 
-    /// `capture --backend ebpf --cgroup CGROUP --pin-dir …` with the injector's flags and DNS capture of
-    /// `resolv`'s servers, in the pod.
+    /// [`apply`] in the pod, with DNS capture of `resolv`'s servers.
     fn capture(&self, cgroup: &Cgroup, resolv: &ResolvConf) -> std::process::Output {
-        let (cg, pin, conf) = (
-            cgroup.path().display().to_string(),
-            self.pins.path().display().to_string(),
-            resolv.path().display().to_string(),
+        let conf = resolv.path().display().to_string();
+        apply(
+            &self.pod.pod,
+            cgroup,
+            &self.pins,
+            &["--redirect-dns", "--resolv-conf", &conf],
+        )
+    }
+
+    /// Applies capture to the pods' cgroup, and asserts that the app's connection to the VIP then reaches
+    /// the sidecar, which reads the VIP as the original destination (the load balancer ran after capture and
+    /// saw the redirect, not the VIP).
+    fn capture_below_the_load_balancer(&self, resolv: &ResolvConf) {
+        let out = self.capture(&self.pods, resolv);
+        assert!(
+            out.status.success(),
+            "capture: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
-        args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
-        args.extend(["--redirect-dns", "--resolv-conf", &conf]);
-        capture(&self.pod.pod, &args)
+        let accepted = self.tcp_to_vip(APP);
+        assert!(at_sidecar_with_vip(&accepted), "{accepted:?}");
     }
 
     /// A TCP connection from the pods' cgroup as `ids` to the web VIP: what accepted it, the sidecar or a
@@ -159,16 +188,7 @@ fn below_the_load_balancer_the_app_is_captured_with_the_vip_and_the_proxy_is_loa
     assert!(at_backend(&accepted), "{accepted:?}");
     assert_eq!(world.dns_to_vip(APP), (DNS_PORT, Some(dns_vip)));
 
-    let out = world.capture(&world.pods, &resolv);
-    assert!(
-        out.status.success(),
-        "capture: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The app's connection reaches the sidecar, which reads the VIP as the original destination (the
-    // load balancer ran after capture and saw the redirect, not the VIP).
-    let accepted = world.tcp_to_vip(APP);
-    assert!(at_sidecar_with_vip(&accepted), "{accepted:?}");
+    world.capture_below_the_load_balancer(&resolv);
     // The proxy's own connection to the VIP is not captured, and the load balancer takes it to a backend.
     let accepted = world.tcp_to_vip(PROXY);
     assert!(at_backend(&accepted), "{accepted:?}");
@@ -184,24 +204,13 @@ fn capture_after_the_load_balancer_at_its_own_cgroup_is_refused_and_applies_noth
     let resolv = ResolvConf::new("vip-same", &[&VIP.to_string()]);
     // The opposite order: the load balancer is already on `node`, and capture is asked to attach there too,
     // after it. It would see only the backend's address: refused.
-    let out = world.capture(&world.node, &resolv);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "capture at the load balancer's cgroup: {stderr}"
-    );
-    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     let node = world.node.path().display().to_string();
-    for text in [
-        node.as_str(),
-        "test_lb_conn4",
-        "connect4",
-        "--cgroup",
-        "nothing was applied",
-    ] {
-        assert!(stderr.contains(text), "{text:?} not in: {stderr}");
-    }
+    let out = world.capture(&world.node, &resolv);
+    assert_refused(
+        out.status,
+        &String::from_utf8_lossy(&out.stderr),
+        &[&node, "test_lb_conn4", "connect4", "--cgroup", "nothing was applied"],
+    );
     // Nothing was applied: no pins, and the app's connection still goes straight to the load balancer's
     // backend, from the pods' cgroup and from the load balancer's own.
     assert!(
@@ -214,14 +223,7 @@ fn capture_after_the_load_balancer_at_its_own_cgroup_is_refused_and_applies_noth
         assert!(at_backend(&accepted), "from {}: {accepted:?}", cgroup.path().display());
     }
     // Attached below instead, as the error says, capture takes the app's connection with the VIP.
-    let out = world.capture(&world.pods, &resolv);
-    assert!(
-        out.status.success(),
-        "capture: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let accepted = world.tcp_to_vip(APP);
-    assert!(at_sidecar_with_vip(&accepted), "{accepted:?}");
+    world.capture_below_the_load_balancer(&resolv);
 }
 
 #[test]
@@ -245,17 +247,13 @@ fn an_ancestor_program_capture_would_replace_or_that_bars_it_is_refused() {
             flags,
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
-        let (cg, pin) = (pods.path().display().to_string(), pins.path().display().to_string());
-        let mut args = vec!["--backend", "ebpf", "--cgroup", &cg, "--pin-dir", &pin];
-        args.extend_from_slice(INJECTOR_DEFAULT_FLAGS);
-        let out = capture(&ns, &args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{says}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{says}: {stderr}");
+        let out = apply(&ns, &pods, &pins, &[]);
         let node = node.path().display().to_string();
-        for text in [node.as_str(), "test_lb_legacy", "connect4", says, "nothing was applied"] {
-            assert!(stderr.contains(text), "{text:?} not in: {stderr}");
-        }
+        assert_refused(
+            out.status,
+            &String::from_utf8_lossy(&out.stderr),
+            &[&node, "test_lb_legacy", "connect4", says, "nothing was applied"],
+        );
         assert!(!pins.path().exists(), "{says}: pins were made");
     }
 }
@@ -375,12 +373,12 @@ fn the_kubernetes_agent_without_a_pods_cgroup_refuses_in_one_line() {
     let status = agent.child.wait().expect("wait for capture agent");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut agent.child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let path = root.path().display().to_string();
-    for text in ["--cgroup-root", path.as_str(), "kubepods.slice", "kubepods", "--cgroup"] {
-        assert!(stderr.contains(text), "{text:?} not in: {stderr}");
-    }
+    assert_refused(
+        status,
+        &stderr,
+        &["--cgroup-root", &path, "kubepods.slice", "kubepods", "--cgroup"],
+    );
     assert!(!pins.path().exists(), "pins were made");
     assert!(!agent.dir.join("state").exists(), "records were made");
 }
