@@ -72,20 +72,18 @@ fn the_chart_lints_and_renders_what_the_agent_needs() {
         String::from_utf8_lossy(&lint.stdout),
         String::from_utf8_lossy(&lint.stderr)
     );
-    let rendered = Command::new(helm())
-        .args(["template", "capture"])
-        .arg(&chart)
-        .args(["--set", "image.repository=registry.example/capture,image.tag=9.9.9"])
-        .output()
-        .expect("run helm template");
-    assert!(
-        rendered.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let docs = parse(&String::from_utf8_lossy(&rendered.stdout), "helm template");
+    let docs = template(&chart, "image.repository=registry.example/capture,image.tag=9.9.9");
     check_daemonset(&docs);
     check_rbac(&docs);
+    // attachCgroup names the attach point below the host's cgroup root.
+    let attached = template(&chart, "agent.attachCgroup=/kubepods.slice/kubepods-burstable.slice");
+    assert_eq!(
+        agent_args(&attached)
+            .iter()
+            .filter(|a| a.starts_with("--cgroup="))
+            .collect::<Vec<_>>(),
+        ["--cgroup=/host/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice"]
+    );
     let ds: DaemonSet = object(&docs, "DaemonSet");
     let image = ds.spec.unwrap().template.spec.unwrap().containers[0].image.clone();
     assert_eq!(
@@ -93,6 +91,22 @@ fn the_chart_lints_and_renders_what_the_agent_needs() {
         Some("registry.example/capture:9.9.9"),
         "values reach the image"
     );
+}
+
+/// The objects `helm template` renders from `chart` with `--set values`.
+fn template(chart: &Path, values: &str) -> Vec<serde_json::Value> {
+    let rendered = Command::new(helm())
+        .args(["template", "capture"])
+        .arg(chart)
+        .args(["--set", values])
+        .output()
+        .expect("run helm template");
+    assert!(
+        rendered.status.success(),
+        "helm template --set {values}: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    parse(&String::from_utf8_lossy(&rendered.stdout), "helm template")
 }
 
 /// What the agent's DaemonSet must have: the host's PIDs (not its network), every taint tolerated, the node
@@ -149,9 +163,20 @@ fn check_daemonset(docs: &[serde_json::Value]) {
     let mounts = container.volume_mounts.unwrap();
     let cgroup = mounts.iter().find(|m| m.name == "cgroup").unwrap();
     assert!(
-        args.contains(&format!("--cgroup={}", cgroup.mount_path)),
-        "--cgroup points at the host's root"
+        args.contains(&format!("--cgroup-root={}", cgroup.mount_path)),
+        "--cgroup-root points at the host's root"
     );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--cgroup=")),
+        "no --cgroup: the agent attaches to the pods' cgroup it finds, not to the root"
+    );
+}
+
+/// The agent container's arguments.
+fn agent_args(docs: &[serde_json::Value]) -> Vec<String> {
+    let ds: DaemonSet = object(docs, "DaemonSet");
+    let [container]: [Container; 1] = ds.spec.unwrap().template.spec.unwrap().containers.try_into().unwrap();
+    container.args.unwrap()
 }
 
 /// The agent's account may only get, list and watch pods.

@@ -10,8 +10,9 @@
 //!
 //! One module per concern: [`time`] (the time scale), [`netns`] (namespaces, the pod topology),
 //! [`cgroup`], [`pins`] (private bpffs mounts), [`probe`] (the client/listener process), [`protocol`] (its output, line by line), [`capture`] (the
-//! binary under test), plus [`diff`] (both backends side by side), [`echo`], [`hold`], [`runnable`] and
-//! [`sidecar`]. Everything is re-exported here.
+//! binary under test), plus [`diff`] (both backends side by side), [`echo`], [`hold`], [`runnable`],
+//! [`resolv`], [`sidecar`], [`sock_addr`] (hand-assembled cgroup programs) and [`socket_lb`] (a socket load balancer
+//! built from them). Everything is re-exported here.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -28,8 +29,11 @@ pub mod netns;
 pub mod pins;
 pub mod probe;
 pub mod protocol;
+pub mod resolv;
 pub mod runnable;
 pub mod sidecar;
+pub mod sock_addr;
+pub mod socket_lb;
 pub mod time;
 
 pub use crate::{
@@ -39,6 +43,8 @@ pub use crate::{
     pins::BpfPins,
     probe::{Connect, Exchange, Listeners, connect_as, connect_with, exchange, probe_bin, run_as},
     protocol::{Accepted, Datagram},
+    resolv::ResolvConf,
+    socket_lb::SocketLb,
     time::{CONNECT_TIMEOUT, TIME_SCALE_ENV, connect_timeout, patient, time_scale},
 };
 

@@ -5,32 +5,10 @@
 use std::net::Ipv6Addr;
 
 use testkit::{
-    POD_V4, REMOTE_V4, REMOTE_V6,
+    POD_V4, REMOTE_V4, REMOTE_V6, ResolvConf,
     diff::{APP, INJECTOR, PROXY, REMOTE2_V4, differential, mapped, sendto, tcp, udp},
     sa,
 };
-
-/// A resolv.conf for the pod, removed on drop.
-struct ResolvConf(std::path::PathBuf);
-
-impl ResolvConf {
-    fn new(tag: &str, servers: &[&str]) -> ResolvConf {
-        let path = std::env::temp_dir().join(format!("capture-resolv-{tag}-{}", std::process::id()));
-        let text: String = servers.iter().map(|s| format!("nameserver {s}\n")).collect();
-        std::fs::write(&path, text).expect("write resolv.conf");
-        ResolvConf(path)
-    }
-
-    fn flag(&self) -> String {
-        format!("--resolv-conf {}", self.0.display())
-    }
-}
-
-impl Drop for ResolvConf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 #[test]
 fn dns_to_the_listed_server() {

@@ -31,9 +31,14 @@ enum Command {
         /// bpffs directory of the programs and maps.
         #[arg(long, default_value = crate::config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// cgroup v2 directory the programs attach to [default: the cgroup v2 root, from /proc/mounts].
+        /// cgroup v2 directory the programs attach to [default: with --kubernetes, the pods' parent cgroup,
+        /// kubepods.slice or kubepods under --cgroup-root; else --cgroup-root itself].
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// The root of the host's cgroup v2 hierarchy, where the default --cgroup is found [default: from
+        /// /proc/mounts].
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
         /// Directory of the agent's records (tmpfs, like the pins).
         #[arg(long, default_value = "/run/capture/agent")]
         state_dir: PathBuf,
@@ -111,6 +116,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             socket,
             pin_dir,
             cgroup,
+            cgroup_root,
             state_dir,
             listen,
             log_json,
@@ -125,9 +131,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 subscriber.init();
             }
+            let root = move || cgroup_root.map_or_else(crate::cgroup::cgroup2_root, Ok);
             let cgroup = match cgroup {
                 Some(c) => c,
-                None => crate::cgroup::cgroup2_root()?,
+                None if kubernetes => crate::cgroup::kubepods(&root()?)?,
+                None => root()?,
             };
             super::run(Options {
                 settings: Settings {

@@ -5,6 +5,7 @@
 //! kernel after the loader exits, like iptables rules. The first namespace registered attaches the
 //! programs; `capture clean` in the last one detaches them and removes every pin.
 
+mod attach_order;
 pub mod entries;
 pub mod features;
 mod listeners;

@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     os::fd::AsFd as _,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,6 +21,7 @@ use capture_common::maps::MAX_NAMESPACES;
 use nix::poll::{PollFd, PollFlags, poll};
 
 use super::{
+    attach_order,
     maps::{self, Maps},
     pins::{links_pinned, remove_retired_pins},
     sys::{self, AttachType},
@@ -190,10 +191,28 @@ pub(super) fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<std::os::fd::
         .with_context(|| format!("duplicate the fd of {}", hook.program))
 }
 
-/// Loads the programs and attaches them: new links the first time, or the pinned links switched to the new
-/// programs, atomically each, so a newer `capture` or another log level takes over with no moment
-/// unattached.
-pub(super) fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>, upgrade: bool) -> Result<()> {
+/// Where the programs attach: `--cgroup`, else the cgroup v2 root.
+pub(super) fn attach_point(cgroup: Option<&Path>) -> Result<PathBuf> {
+    match cgroup {
+        Some(c) => Ok(c.to_owned()),
+        None => cgroup::cgroup2_root(),
+    }
+}
+
+/// Before a first attach to `cgroup` (no links pinned in `dir`), fails with one line if the programs would
+/// not run first there or not beside those above (see [`attach_order`]). Called before the object is
+/// loaded, so that a refusal pins nothing.
+pub(super) fn check_first_attach(dir: &Path, cgroup: &Path) -> Result<()> {
+    match links_pinned(dir) {
+        true => Ok(()),
+        false => attach_order::check(cgroup),
+    }
+}
+
+/// Loads the programs and attaches them to `cgroup`: new links the first time, or the pinned links switched
+/// to the new programs, atomically each, so a newer `capture` or another log level takes over with no
+/// moment unattached (and keeps its place among other programs on the hook).
+pub(super) fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: &Path, upgrade: bool) -> Result<()> {
     let attached = links_pinned(dir);
     // Entries an older release wrote, in the key layout the new programs read, before they are attached.
     let mut maps = Maps::open(dir)?;
@@ -203,10 +222,6 @@ pub(super) fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>, u
             .context("upgrade the CIDR entries of an older release")?,
         false => Vec::new(),
     };
-    let cgroup = match cgroup {
-        Some(c) => c.to_owned(),
-        None => cgroup::cgroup2_root()?,
-    };
     for hook in &HOOKS {
         let prog = load_program(ebpf, hook)?;
         let pin = dir.join(hook.link);
@@ -215,7 +230,7 @@ pub(super) fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: Option<&Path>, u
             sys::link_update(link.as_fd(), prog.as_fd())
                 .with_context(|| format!("switch the link of {} to the new program", hook.program))?;
         } else {
-            let cgroup_dir = File::open(&cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+            let cgroup_dir = File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
             let link = sys::link_create(prog.as_fd(), cgroup_dir.as_fd(), hook.attach)
                 .with_context(|| format!("attach {} to {} ({})", hook.program, cgroup.display(), hook.needs))?;
             sys::obj_pin(link.as_fd(), &pin).with_context(|| format!("pin the link of {}", hook.program))?;

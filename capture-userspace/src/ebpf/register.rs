@@ -12,7 +12,7 @@ use super::{
     maps::{self, Maps, Registered},
     pins::{from_older_release, lock, remove_pins, sk_lookup_pin},
     probe,
-    programs::{Loader, attach_hooks},
+    programs::{Loader, attach_hooks, attach_point, check_first_attach},
     sk_lookup::{self, Spares},
 };
 use crate::{
@@ -39,9 +39,11 @@ pub(super) fn apply(inv: &Invocation, env: &Environment, dir: &Path) -> Result<E
             }
             false => 0,
         };
+        let cgroup = attach_point(inv.options.cgroup.as_deref())?;
+        check_first_attach(dir, &cgroup)?;
         let upgrade = from_older_release(dir);
         let mut ebpf = Loader::new(dir, inv.options.log_level).load(slot)?;
-        attach_hooks(&mut ebpf, dir, inv.options.cgroup.as_deref(), upgrade)?;
+        attach_hooks(&mut ebpf, dir, &cgroup, upgrade)?;
         let copy = sk_lookup::Loaded::from_object(&mut ebpf, slot)?;
         register_namespace(Maps::open(dir)?, inv, env, dir, netns, Some(copy), &flags_text())?;
         Ok(ebpf)
@@ -59,10 +61,16 @@ pub(super) fn apply(inv: &Invocation, env: &Environment, dir: &Path) -> Result<E
 pub fn attach(dir: &Path, cgroup: Option<&Path>, level: LogLevel) -> Result<usize> {
     probe()?;
     let _lock = lock(dir, true)?;
+    let cgroup = attach_point(cgroup)?;
+    if let Err(e) = check_first_attach(dir, &cgroup) {
+        // The pin directory this just made, if it did, goes too (removing it fails unless it is empty).
+        let _ = std::fs::remove_dir(dir);
+        return Err(e);
+    }
     // No sk_lookup copy comes from this object: slot 0 is as good as any.
     let upgrade = from_older_release(dir);
     let mut ebpf = Loader::new(dir, level).load(0)?;
-    attach_hooks(&mut ebpf, dir, cgroup, upgrade)?;
+    attach_hooks(&mut ebpf, dir, &cgroup, upgrade)?;
     Maps::open(dir)?.sweep().context("sweep entries no configuration owns")
 }
 

@@ -1,7 +1,8 @@
 //! The bpf(2) link commands the loader needs and aya 0.14 does not offer for every program type: create a
 //! cgroup link for a loaded program, pin it so the attachment outlives the loader, open a pinned link, and
-//! swap the program behind a link (a new loader replaces the programs with no moment unattached); and
-//! attach a program to a pinned sockhash, which aya would detach again when the loader exits.
+//! swap the program behind a link (a new loader replaces the programs with no moment unattached); attach a
+//! program to a pinned sockhash, which aya would detach again when the loader exits; and list the programs
+//! attached to a cgroup, with the cgroup's attach flags (aya 0.14 keeps its query private).
 
 use std::{
     ffi::CString,
@@ -14,6 +15,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -84,6 +86,39 @@ pub fn map_attach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach: AttachType)
     put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
     put_u32(&mut attr, 8, attach as u32);
     bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
+
+/// `BPF_F_ALLOW_OVERRIDE`: a program attached so gives way to one attached below it.
+pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
+/// `BPF_F_ALLOW_MULTI`: programs attached so run with those of the cgroups below (every BPF link is).
+pub const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// What is attached directly to one cgroup on one hook: the cgroup's attach flags for it (0, or
+/// `BPF_F_ALLOW_OVERRIDE` / `BPF_F_ALLOW_MULTI`) and the ids of its programs, in the order they run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attached {
+    pub flags: u32,
+    pub ids: Vec<u32>,
+}
+
+/// The programs attached directly to the cgroup `cgroup` (not those it inherits) on hook `attach`.
+pub fn prog_query(cgroup: BorrowedFd<'_>, attach: AttachType) -> io::Result<Attached> {
+    /// More than any cgroup hook holds in practice; the kernel says ENOSPC, with the count, if not.
+    const MAX_IDS: usize = 64;
+    let mut ids = [0u32; MAX_IDS];
+    let mut attr = Attr([0; 64]);
+    // query: target_fd, attach_type, query_flags, attach_flags (out), prog_ids, prog_cnt (in and out).
+    put_u32(&mut attr, 0, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, attach as u32);
+    attr.0[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    put_u32(&mut attr, 24, MAX_IDS as u32);
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let get = |offset: usize| u32::from_ne_bytes(attr.0[offset..offset + 4].try_into().expect("4 bytes"));
+    let count = (get(24) as usize).min(MAX_IDS);
+    Ok(Attached {
+        flags: get(12),
+        ids: ids[..count].to_vec(),
+    })
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
