@@ -382,3 +382,37 @@ fn the_kubernetes_agent_without_a_pods_cgroup_refuses_in_one_line() {
     assert!(!pins.path().exists(), "pins were made");
     assert!(!agent.dir.join("state").exists(), "records were made");
 }
+
+#[test]
+fn an_apply_that_asks_for_another_cgroup_keeps_the_attachment_and_says_so() {
+    // Pins made with capture attached to one cgroup (as a release that attached at the root left them), then
+    // an apply asking for another (the agent's new kubepods default): the links stay where they are (moving
+    // them would run capture twice for a moment), the apply succeeds, capture keeps working there, and one
+    // warning names both places.
+    let pod = Pod::new("moved");
+    let parent = Cgroup::new("moved");
+    let pods = parent.child("pods");
+    let pins = BpfPins::new("moved");
+    let first = apply(&pod.pod, &pods, &pins, &[]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(first.stderr.is_empty(), "{}", String::from_utf8_lossy(&first.stderr));
+    let again = apply(&pod.pod, &pods, &pins, &[]);
+    assert!(
+        again.stderr.is_empty(),
+        "the same cgroup: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let other = apply(&pod.pod, &parent, &pins, &[]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(other.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("warning: the programs stay attached") && stderr.contains(&parent.path().display().to_string()),
+        "{stderr}"
+    );
+    // Still captured from the cgroup the links are on.
+    let sidecar = Listeners::start(&pod.pod, Some(&pods), Some(PROXY), &[sa(Ipv6Addr::UNSPECIFIED, 15001)]);
+    connect_as(&pod.pod, Some(&pods), APP, sa(REMOTE_V4, 8080)).expect("connect");
+    let got = sidecar.next().expect("the sidecar got the connection");
+    assert_eq!(got.original_dst, Some(sa(REMOTE_V4, 8080)));
+}

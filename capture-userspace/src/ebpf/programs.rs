@@ -4,7 +4,7 @@
 
 use std::{
     fs::File,
-    os::fd::AsFd as _,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -214,6 +214,9 @@ pub(super) fn check_first_attach(dir: &Path, cgroup: &Path) -> Result<()> {
 /// moment unattached (and keeps its place among other programs on the hook).
 pub(super) fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: &Path, upgrade: bool) -> Result<()> {
     let attached = links_pinned(dir);
+    if attached {
+        warn_if_attached_elsewhere(dir, cgroup)?;
+    }
     // Entries an older release wrote, in the key layout the new programs read, before they are attached.
     let mut maps = Maps::open(dir)?;
     let outdated = match upgrade {
@@ -246,6 +249,30 @@ pub(super) fn attach_hooks(ebpf: &mut Ebpf, dir: &Path, cgroup: &Path, upgrade: 
     maps.remove_cidr_keys(outdated)
         .context("remove the CIDR entries of an older release")?;
     remove_retired_pins(dir)
+}
+
+/// An apply over pinned links keeps them where they are, which may not be the attach point asked for now
+/// (`--cgroup`, or the agent's kubepods default after an upgrade from a release that attached at the root).
+/// Moving them is not done here: for a moment the programs would run at both places, and the second run,
+/// seeing the first one's redirect to loopback, would pass it and drop its original destination. So the
+/// apply goes on in place and says so, once, on stderr.
+fn warn_if_attached_elsewhere(dir: &Path, cgroup: &Path) -> Result<()> {
+    let pin = dir.join(HOOKS[0].link);
+    let link = sys::obj_get(&pin).with_context(|| format!("open {}", pin.display()))?;
+    let attached_to = sys::link_cgroup_id(link.as_fd()).with_context(|| format!("read {}", pin.display()))?;
+    let wanted = std::fs::metadata(cgroup)
+        .with_context(|| format!("cgroup {}", cgroup.display()))?
+        .ino();
+    if attached_to != wanted {
+        eprintln!(
+            "capture: warning: the programs stay attached where the links pinned in {} are (cgroup id \
+             {attached_to}), not to {} (cgroup id {wanted}); to move them, detach capture from the node \
+             (remove the pins once no pod needs capture) and apply again",
+            dir.display(),
+            cgroup.display()
+        );
+    }
+    Ok(())
 }
 
 /// Forwards the kernel programs' log records to stderr until Ctrl-C (or SIGTERM).

@@ -2,7 +2,8 @@
 //! cgroup link for a loaded program, pin it so the attachment outlives the loader, open a pinned link, and
 //! swap the program behind a link (a new loader replaces the programs with no moment unattached); attach a
 //! program to a pinned sockhash, which aya would detach again when the loader exits; and list the programs
-//! attached to a cgroup, with the cgroup's attach flags (aya 0.14 keeps its query private).
+//! attached to a cgroup, with the cgroup's attach flags (aya 0.14 keeps its query private), and the cgroup a
+//! link is attached to.
 
 use std::{
     ffi::CString,
@@ -15,6 +16,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -119,6 +121,26 @@ pub fn prog_query(cgroup: BorrowedFd<'_>, attach: AttachType) -> io::Result<Atta
         flags: get(12),
         ids: ids[..count].to_vec(),
     })
+}
+
+/// The id of the cgroup a cgroup link is attached to (`struct bpf_link_info`'s `cgroup.cgroup_id`): the
+/// cgroup directory's inode number. 0 once the cgroup is gone.
+pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
+    /// `struct bpf_link_info`: type, id, prog_id, then (8-aligned) the cgroup link's cgroup_id and
+    /// attach_type; room for the kernel's larger unions.
+    const CGROUP_ID_OFFSET: usize = 16;
+    let mut info = [0u8; 64];
+    let mut attr = Attr([0; 64]);
+    // info: bpf_fd, info_len, info (u64 pointer).
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, info.len() as u32);
+    attr.0[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(u64::from_ne_bytes(
+        info[CGROUP_ID_OFFSET..CGROUP_ID_OFFSET + 8]
+            .try_into()
+            .expect("8 bytes"),
+    ))
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
