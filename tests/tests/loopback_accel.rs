@@ -638,8 +638,10 @@ fn blocking_reads() {
         own_sends: local_pair(
             w,
             |mut s| {
-                // Reads the 16 MiB after a pause, then replies.
-                std::thread::sleep(PAUSE);
+                // Reads the 16 MiB after a pause, then replies. The pause is scaled with the harness's
+                // time scale: on an emulated CPU (`cargo xtask vm`) queueing 16 MiB alone can take longer
+                // than 200 ms, which would read as the sends having waited.
+                std::thread::sleep(testkit::patient(PAUSE));
                 let mut buf = vec![0u8; 64 << 10];
                 let mut left = 16usize << 20;
                 while left > 0 {
@@ -655,7 +657,7 @@ fn blocking_reads() {
                 let sender = std::thread::spawn(move || {
                     let started = Instant::now();
                     writer.write_all(&vec![1u8; 16 << 20]).expect("own sends");
-                    started.elapsed() >= PAUSE
+                    started.elapsed() >= testkit::patient(PAUSE)
                 });
                 let got = recv_all(&s, 64 << 10, 0);
                 (got, sender.join().expect("sender"))
