@@ -168,7 +168,7 @@ fn redirected(netns: u64, rule: Rule) {
 }
 
 /// What [`connect4`] and [`connect6`] return when the socket is not to be bound.
-const NO_BIND: u64 = 0;
+pub const NO_BIND: u64 = 0;
 
 /// The namespace in which a redirected connection's socket is to be bound to the pod's address: only in
 /// connect(2) (the verifier allows `bpf_bind` nowhere else), and only TCP, whose proxy reads its peer.

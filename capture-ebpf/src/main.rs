@@ -20,7 +20,7 @@ use aya_ebpf::{
 #[cgroup_sock_addr(connect4)]
 pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
     let netns = connect::connect4(&ctx, connect::Hook::Connect);
-    if netns != 0 {
+    if netns != connect::NO_BIND {
         connect::bind_source4(&ctx, netns);
     }
     connect::PROCEED
@@ -30,7 +30,7 @@ pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     let netns = connect::connect6(&ctx, connect::Hook::Connect);
-    if netns != 0 {
+    if netns != connect::NO_BIND {
         connect::bind_source6(&ctx, netns);
     }
     connect::PROCEED
