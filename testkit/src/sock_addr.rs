@@ -32,6 +32,8 @@ const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 pub enum Hook {
     /// `BPF_CGROUP_INET4_CONNECT`: connect(2), and sendto with `MSG_FASTOPEN`.
     Connect4 = 10,
+    /// `BPF_CGROUP_INET6_CONNECT`: the same on an IPv6 socket (IPv4-mapped destinations included).
+    Connect6 = 11,
     /// `BPF_CGROUP_UDP4_SENDMSG`: a UDP send that names its destination.
     Sendmsg4 = 14,
     /// `BPF_CGROUP_UDP4_RECVMSG`: the source address a UDP receive reports.
@@ -42,6 +44,8 @@ pub enum Hook {
 pub mod ctx {
     /// `user_ip4`: the IPv4 address, network order.
     pub const USER_IP4: i16 = 4;
+    /// `user_ip6`: the IPv6 address, four network-order words.
+    pub const USER_IP6: i16 = 8;
     /// `user_port`: the port, network order in the low 16 bits.
     pub const USER_PORT: i16 = 24;
 }

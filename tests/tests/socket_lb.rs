@@ -51,9 +51,11 @@ fn at_backend(accepted: &Accepted) -> bool {
     accepted.listener == BACKEND_PORT && accepted.peer.ip() == POD_V4
 }
 
-/// Whether `accepted` is the sidecar's outbound listener's, with the web VIP as the original destination.
+/// Whether `accepted` is the sidecar's outbound listener's, with the web VIP as the original destination
+/// (IPv4 or IPv4-mapped: the app's socket may be either).
 fn at_sidecar_with_vip(accepted: &Accepted) -> bool {
-    accepted.listener == 15001 && accepted.original_dst == Some(sa(VIP, VIP_PORT))
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    accepted.listener == 15001 && accepted.original_dst.map(canonical) == Some(sa(VIP, VIP_PORT))
 }
 
 /// The pod and its remote (the backends' namespace), the load balancer's cgroup and the pods' cgroup below
@@ -143,12 +145,16 @@ impl World {
     /// A TCP connection from the pods' cgroup as `ids` to the web VIP: what accepted it, the sidecar or a
     /// backend (and that the other saw nothing).
     fn tcp_to_vip(&self, ids: (u32, u32)) -> Accepted {
-        self.tcp_to_vip_from(&self.pods, ids)
+        self.tcp_to_vip_from(&self.pods, ids, sa(VIP, VIP_PORT))
     }
 
-    /// As [`World::tcp_to_vip`], from `cgroup`.
-    fn tcp_to_vip_from(&self, cgroup: &Cgroup, ids: (u32, u32)) -> Accepted {
-        let vip = sa(VIP, VIP_PORT);
+    /// As [`World::tcp_to_vip`], from an IPv6 socket to the IPv4-mapped VIP (connect6).
+    fn tcp_to_mapped_vip(&self, ids: (u32, u32)) -> Accepted {
+        self.tcp_to_vip_from(&self.pods, ids, sa(VIP.to_ipv6_mapped(), VIP_PORT))
+    }
+
+    /// As [`World::tcp_to_vip`], from `cgroup`, to `vip`.
+    fn tcp_to_vip_from(&self, cgroup: &Cgroup, ids: (u32, u32), vip: SocketAddr) -> Accepted {
         connect_as(&self.pod.pod, Some(cgroup), ids, vip).unwrap_or_else(|e| panic!("connect to {vip}: {e}"));
         let (sidecar, backend) = (self.sidecar.next(), self.backends.next());
         match (sidecar, backend) {
@@ -186,12 +192,19 @@ fn below_the_load_balancer_the_app_is_captured_with_the_vip_and_the_proxy_is_loa
     // from the VIP.
     let accepted = world.tcp_to_vip(APP);
     assert!(at_backend(&accepted), "{accepted:?}");
+    let accepted = world.tcp_to_mapped_vip(APP);
+    assert!(at_backend(&accepted), "IPv4-mapped, before capture: {accepted:?}");
     assert_eq!(world.dns_to_vip(APP), (DNS_PORT, Some(dns_vip)));
 
     world.capture_below_the_load_balancer(&resolv);
+    // The same from an IPv6 socket to the IPv4-mapped VIP: connect6 on both sides.
+    let accepted = world.tcp_to_mapped_vip(APP);
+    assert!(at_sidecar_with_vip(&accepted), "IPv4-mapped: {accepted:?}");
     // The proxy's own connection to the VIP is not captured, and the load balancer takes it to a backend.
     let accepted = world.tcp_to_vip(PROXY);
     assert!(at_backend(&accepted), "{accepted:?}");
+    let accepted = world.tcp_to_mapped_vip(PROXY);
+    assert!(at_backend(&accepted), "IPv4-mapped: {accepted:?}");
     // DNS to the VIP'd resolver: the app's query goes to the DNS proxy and the answer appears from the
     // VIP; the DNS proxy's own query is load-balanced to the resolver, its answer from the VIP too.
     assert_eq!(world.dns_to_vip(APP), (15053, Some(dns_vip)));
@@ -219,7 +232,7 @@ fn capture_after_the_load_balancer_at_its_own_cgroup_is_refused_and_applies_noth
         world.pins.path().display()
     );
     for cgroup in [&world.pods, &world.node] {
-        let accepted = world.tcp_to_vip_from(cgroup, APP);
+        let accepted = world.tcp_to_vip_from(cgroup, APP, sa(VIP, VIP_PORT));
         assert!(at_backend(&accepted), "from {}: {accepted:?}", cgroup.path().display());
     }
     // Attached below instead, as the error says, capture takes the app's connection with the VIP.
