@@ -3,14 +3,14 @@
 //!
 //! There is no second eBPF crate to build such programs from, and aya 0.14 loads programs only from an
 //! object file, so a program of a few instructions is loaded with bpf(2) directly (`BPF_PROG_LOAD`) and
-//! attached with a BPF link (`BPF_LINK_CREATE`, Linux 5.7): a link detaches when its last descriptor
+//! attached with a BPF link (the loader's own `capture::ebpf::sys::link_create`, Linux 5.7): a link detaches when its last descriptor
 //! closes, so the program leaves the cgroup when [`Attached`] drops, and also if the test process dies.
 //! [`attach_legacy`] attaches the older way (`BPF_PROG_ATTACH` with flags, as Cilium before 1.14 did),
 //! which only an explicit detach (or the cgroup's removal) undoes: [`Legacy`] detaches on drop.
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -20,25 +20,13 @@ use anyhow::{Context as _, Result};
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
-const BPF_LINK_CREATE: libc::c_long = 28;
-/// `BPF_F_ALLOW_OVERRIDE`: a program attached so gives way to one attached below it.
-pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
 /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 
-/// The sock_addr hooks (enum bpf_attach_type).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Hook {
-    /// `BPF_CGROUP_INET4_CONNECT`: connect(2), and sendto with `MSG_FASTOPEN`.
-    Connect4 = 10,
-    /// `BPF_CGROUP_INET6_CONNECT`: the same on an IPv6 socket (IPv4-mapped destinations included).
-    Connect6 = 11,
-    /// `BPF_CGROUP_UDP4_SENDMSG`: a UDP send that names its destination.
-    Sendmsg4 = 14,
-    /// `BPF_CGROUP_UDP4_RECVMSG`: the source address a UDP receive reports.
-    Recvmsg4 = 19,
-}
+/// The hooks are the loader's own attach types (`Connect4`, `Connect6`, `Sendmsg4`, `Recvmsg4` here), and
+/// attaching by link is the loader's own `link_create`: only loading raw instructions and the older
+/// `BPF_PROG_ATTACH` with flags are the test kit's.
+pub use capture::ebpf::sys::{AttachType as Hook, BPF_F_ALLOW_OVERRIDE};
 
 /// Offsets in `struct bpf_sock_addr`, the programs' context (in r1 on entry).
 pub mod ctx {
@@ -125,17 +113,6 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
-/// The `BPF_LINK_CREATE` member of `union bpf_attr`: program, target (a cgroup directory), attach type,
-/// flags.
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-}
-
 /// The `BPF_PROG_ATTACH` / `BPF_PROG_DETACH` member of `union bpf_attr`.
 #[repr(C)]
 #[derive(Default)]
@@ -175,13 +152,7 @@ pub struct Attached {
 /// it would run for other processes' sockets.
 pub fn attach(program: &[Insn], name: &str, hook: Hook, cgroup: &Path) -> Result<Attached> {
     let (loaded, dir) = (load(program, name, hook)?, open(cgroup)?);
-    let mut link = LinkCreateAttr {
-        prog_fd: loaded.as_raw_fd() as u32,
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type: hook as u32,
-        ..LinkCreateAttr::default()
-    };
-    let link = bpf(BPF_LINK_CREATE, &mut link)
+    let link = capture::ebpf::sys::link_create(loaded.as_fd(), dir.as_fd(), hook)
         .with_context(|| format!("attach {name} ({hook:?}) to {} (Linux 5.7)", cgroup.display()))?;
     Ok(Attached {
         _link: link,

@@ -18,7 +18,7 @@ pub mod placement;
 mod programs;
 mod register;
 mod status;
-mod sys;
+pub mod sys;
 
 pub use maps::Registered;
 pub use programs::PROGRAMS;

@@ -3,7 +3,7 @@
 //! swap the program behind a link (a new loader replaces the programs with no moment unattached); attach a
 //! program to a pinned sockhash, which aya would detach again when the loader exits; and list the programs
 //! attached to a cgroup, with the cgroup's attach flags (aya 0.14 keeps its query private), and the cgroup a
-//! link is attached to.
+//! link is attached to. Public for the test kit, whose hand-assembled programs attach the same way.
 
 use std::{
     ffi::CString,
