@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
-use capture_common::maps::{CidrKeyData, PodConfig, SetKey, names};
+use capture_common::maps::{CidrKeyData, PodConfig, PodSources, SetKey, names};
 use testkit::{
     BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, capture_bin,
     connect_as, connect_with, run_as, sa,
@@ -373,9 +373,28 @@ fn a_new_pod_never_inherits_entries_an_interrupted_unregistration_left() {
         "the new pod is captured by its own flags, not by the -o 8080 and -x left behind"
     );
 
+    // The gone namespace's address entry was left too.
+    let sources = || -> Vec<u64> {
+        let data = MapData::from_pin(pins.path().join(names::POD_SOURCES)).unwrap();
+        let map: HashMap<_, u64, PodSources> = Map::from_map_data(data).unwrap().try_into().unwrap();
+        let mut keys: Vec<u64> = map.keys().map(Result::unwrap).collect();
+        keys.sort_unstable();
+        keys
+    };
+    let live_cookie = registered[0].0;
+    let mut both = vec![gone_cookie, live_cookie];
+    both.sort_unstable();
+    assert_eq!(sources(), both, "the left address entry");
+
     // The next agent sweeps what no configuration owns.
     let agent = Agent::start("inherit", &pins, &cgroup);
     assert_eq!(config_ids(&pins).1, [id], "after the agent's sweep: {}", agent.log());
+    assert_eq!(
+        sources(),
+        [live_cookie],
+        "address entries after the sweep: {}",
+        agent.log()
+    );
     assert!(agent.log().contains("swept"), "{}", agent.log());
 }
 

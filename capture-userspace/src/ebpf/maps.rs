@@ -115,8 +115,9 @@ impl Maps {
         Ok(id)
     }
 
-    /// Removes the set and CIDR entries of every configuration id no registered namespace uses: what a
-    /// registration or unregistration that was killed half-way left. Returns how many went. The caller
+    /// Removes the set and CIDR entries of every configuration id no registered namespace uses, and the
+    /// `POD_SOURCES` entries of namespaces not registered: what a registration or unregistration that was
+    /// killed half-way left. Returns how many went. The caller
     /// holds the pin-directory lock, so no registration is half-written meanwhile.
     pub fn sweep(&mut self) -> Result<usize> {
         let used = self.ids_in_use()?;
@@ -132,12 +133,27 @@ impl Maps {
             .filter_map(Result::ok)
             .filter(|k| !used.contains(&u32::from_be_bytes(k.data().id)))
             .collect();
-        let swept = sets.len() + cidrs.len();
+        let mut swept = sets.len() + cidrs.len();
         for key in sets {
             self.sets.remove(&key).context("SETS")?;
         }
         for key in cidrs {
             self.cidrs.remove(&key).context("CIDRS")?;
+        }
+        // Addresses of namespaces with no `CONFIG` value (written by a registration killed before its
+        // commit, or left by an unregistration killed after removing it): cookies are never reused, so
+        // nothing else would ever free their room in the map.
+        let registered: HashSet<u64> = self.config.keys().collect::<Result<_, _>>()?;
+        if let Some(sources) = self.sources.as_mut() {
+            let orphans: Vec<u64> = sources
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|netns| !registered.contains(netns))
+                .collect();
+            swept += orphans.len();
+            for netns in orphans {
+                sources.remove(&netns).context("POD_SOURCES")?;
+            }
         }
         Ok(swept)
     }
