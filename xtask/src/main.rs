@@ -10,6 +10,7 @@
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
 //! - `cargo xtask setup` — only the installation step.
 
+mod apiserver;
 mod setup;
 mod vm;
 
@@ -202,9 +203,9 @@ fn is_test_file(filter: &str) -> bool {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Setup => setup::ensure(),
+        Cmd::Setup => setup::ensure_test_tools().map(drop),
         Cmd::Bench { quick, proxy, only } => {
-            setup::ensure()?;
+            setup::ensure_test_tools()?;
             let built = build()?;
             let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
             // Release build: a benchmark measures the kernel and the proxy, not debug assertions.
@@ -264,7 +265,7 @@ fn main() -> Result<()> {
             timeout_min,
             filter,
         } => {
-            setup::ensure()?;
+            setup::ensure_test_tools()?;
             let built = build()?;
             vm::run(
                 &built,
@@ -283,14 +284,16 @@ fn main() -> Result<()> {
             )
         }
         Cmd::Test { filter } => {
-            setup::ensure()?;
+            let apiserver = setup::ensure_test_tools()?;
             let built = build()?;
             let mut cmd = cargo();
             // Every test binary runs even after one fails, so the closing count covers the whole suite.
             cmd.args(["test", "--no-fail-fast"])
                 .env("CAPTURE_BIN", &built.capture)
                 .env("CAPTURE_PROBE_BIN", &built.probe)
-                .env("CAPTURE_HELM", setup::helm());
+                .env("CAPTURE_HELM", setup::helm())
+                .env("CAPTURE_KUBE_APISERVER", &apiserver.kube_apiserver)
+                .env("CAPTURE_ETCD", &apiserver.etcd);
             match filter {
                 Some(f) if is_test_file(&f) => cmd.args(["--package", "tests", "--test", &f]),
                 Some(f) => cmd.args(["--all-targets", "--", &f]),

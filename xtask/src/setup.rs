@@ -47,7 +47,7 @@ fn installed_deb(pkg: &str) -> bool {
 }
 
 /// Installs those of `packages` that are missing, one line each.
-fn install_debs(packages: &[&str]) -> Result<()> {
+pub(crate) fn install_debs(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed_deb(p)).collect();
     if missing.is_empty() {
         return Ok(());
@@ -115,7 +115,15 @@ pub fn path_with_llvm() -> OsString {
     path
 }
 
-/// Makes sure every build and test prerequisite is present.
+/// Makes sure what the tests and the benchmark need besides the build is present: helm, and a real
+/// Kubernetes API server (built once per machine); returns the API server's binaries.
+pub fn ensure_test_tools() -> Result<crate::apiserver::ApiServer> {
+    ensure()?;
+    ensure_helm()?;
+    crate::apiserver::ensure()
+}
+
+/// Makes sure every build prerequisite is present.
 pub fn ensure() -> Result<()> {
     if !nix_is_root() {
         bail!("capture's set-up and tests need root (apt-get, network namespaces, BPF); run as root");
@@ -153,7 +161,7 @@ pub fn ensure() -> Result<()> {
         )?;
         println!("setup: installed bpf-linker {BPF_LINKER_VERSION} (cargo install)");
     }
-    ensure_helm()
+    Ok(())
 }
 
 /// Where helm is installed: under the target directory, like the VM's kernels.
@@ -162,7 +170,7 @@ pub fn helm() -> PathBuf {
 }
 
 /// The SHA-256 of `path` (sha256sum, coreutils), if it can be read.
-fn sha256(path: &Path) -> Option<String> {
+pub(crate) fn sha256(path: &Path) -> Option<String> {
     let out = Command::new("sha256sum").arg(path).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     out.status

@@ -192,6 +192,7 @@ fn test_binaries(filter: Option<&str>) -> Result<Vec<TestBinary>> {
 
 /// The guest's script: each test binary in turn, its output appended to output.txt with its exit status.
 fn guest_script(built: &Built, tests: &[TestBinary], filter: Option<&str>, dir: &Path) -> String {
+    let apiserver = crate::apiserver::binaries();
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let out = quote(&dir.join("output.txt").display().to_string());
     let filter = match filter {
@@ -203,10 +204,13 @@ fn guest_script(built: &Built, tests: &[TestBinary], filter: Option<&str>, dir: 
          # Written by `cargo xtask vm`; runs inside the guest.\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin RUST_BACKTRACE=1\n\
          export CAPTURE_BIN={} CAPTURE_PROBE_BIN={} CAPTURE_HELM={} CAPTURE_TEST_TIME_SCALE={GUEST_TIME_SCALE}\n\
+         export CAPTURE_KUBE_APISERVER={} CAPTURE_ETCD={}\n\
          echo \"vm: kernel $(uname -r)\" >> {out}\n",
         quote(&built.capture.display().to_string()),
         quote(&built.probe.display().to_string()),
         quote(&crate::setup::helm().display().to_string()),
+        quote(&apiserver.kube_apiserver.display().to_string()),
+        quote(&apiserver.etcd.display().to_string()),
     );
     for t in tests {
         script.push_str(&format!(
