@@ -186,7 +186,7 @@ fn check_rbac(docs: &[serde_json::Value]) {
     let [rule] = <[_; 1]>::try_from(role.rules.unwrap()).unwrap();
     assert_eq!(rule.api_groups.unwrap(), [""]);
     assert_eq!(rule.resources.unwrap(), ["pods"]);
-    assert_eq!(rule.verbs, ["get", "list", "watch"]);
+    assert_eq!(rule.verbs, ["list", "watch"]);
     let binding: ClusterRoleBinding = object(docs, "ClusterRoleBinding");
     assert_eq!(binding.role_ref.name, "capture");
     assert_eq!(binding.subjects.unwrap()[0].name, "capture");

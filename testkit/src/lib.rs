@@ -8,7 +8,8 @@
 //! documentation prefix), never through the host's namespace.
 
 //!
-//! One module per concern: [`time`] (the time scale), [`netns`] (namespaces, the pod topology),
+//! One module per concern: [`time`] (the time scale), [`agent`] (a `capture agent` process), [`kube`] (a real
+//! Kubernetes API server and a test kubelet), [`netns`] (namespaces, the pod topology),
 //! [`cgroup`], [`pins`] (private bpffs mounts), [`probe`] (the client/listener process), [`protocol`] (its output, line by line), [`capture`] (the
 //! binary under test), plus [`diff`] (both backends side by side), [`echo`], [`hold`], [`runnable`],
 //! [`resolv`], [`sidecar`], [`sock_addr`] (hand-assembled cgroup programs) and [`socket_lb`] (a socket load balancer
@@ -20,11 +21,13 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
+pub mod agent;
 pub mod capture;
 pub mod cgroup;
 pub mod diff;
 pub mod echo;
 pub mod hold;
+pub mod kube;
 pub mod netns;
 pub mod pins;
 pub mod probe;
@@ -37,6 +40,7 @@ pub mod socket_lb;
 pub mod time;
 
 pub use crate::{
+    agent::{APP, Agent, accepted_by, lands, listening, wait_until},
     capture::{INJECTOR_DEFAULT_FLAGS, assert_validation, capture, capture_bin, capture_with_env},
     cgroup::{Cgroup, InCgroup},
     netns::{Netns, POD_V4, POD_V6, Pod, REMOTE_V4, REMOTE_V6},

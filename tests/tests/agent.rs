@@ -18,192 +18,13 @@ use std::{
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use capture_common::maps::{CidrKeyData, PodConfig, PodSources, SetKey, names};
 use testkit::{
-    BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, capture_bin,
-    connect_as, connect_with, run_as, sa,
+    APP, Agent, BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4,
+    accepted_by, capture_bin, connect_as, connect_with, lands, listening, run_as, sa, wait_until,
 };
-
-const APP: (u32, u32) = (1000, 1000);
-/// How long the agent may take to attach and come up (on this machine; see [`testkit::patient`]).
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A running `capture agent` with its own pins, cgroup, records and socket; killed (SIGKILL) on drop.
-struct Agent {
-    child: Option<Child>,
-    socket: PathBuf,
-    http: SocketAddr,
-    args: Vec<String>,
-    /// Environment variables the agent gets beside the test's own.
-    env: Vec<(String, String)>,
-    dir: PathBuf,
-}
-
-impl Agent {
-    fn start(tag: &str, pins: &BpfPins, cgroup: &Cgroup) -> Agent {
-        let mut agent = Agent::new(tag, pins, cgroup);
-        agent.restart();
-        agent
-    }
-
-    /// An agent with `--kubernetes`, watching node `node`'s pods on `api` (through a kubeconfig beside
-    /// its records that names `api`, without credentials).
-    fn start_kubernetes(tag: &str, pins: &BpfPins, cgroup: &Cgroup, node: &str, api: &FakeApi) -> Agent {
-        let mut agent = Agent::new(tag, pins, cgroup);
-        let kubeconfig = agent.dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, api.kubeconfig()).expect("write the kubeconfig");
-        agent.args.push("--kubernetes".into());
-        agent.env = vec![
-            ("NODE_NAME".into(), node.into()),
-            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
-        ];
-        agent.restart();
-        agent
-    }
-
-    /// The agent's arguments and directory; not started yet.
-    fn new(tag: &str, pins: &BpfPins, cgroup: &Cgroup) -> Agent {
-        let dir = std::env::temp_dir().join(format!("capture-agent-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("agent dir");
-        let socket = dir.join("agent.sock");
-        // A free port for the HTTP endpoints.
-        let http = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
-        let args = vec![
-            "agent".to_owned(),
-            "--socket".into(),
-            socket.display().to_string(),
-            "--pin-dir".into(),
-            pins.path().display().to_string(),
-            "--cgroup".into(),
-            cgroup.path().display().to_string(),
-            "--state-dir".into(),
-            dir.join("state").display().to_string(),
-            "--listen".into(),
-            http.to_string(),
-        ];
-        Agent {
-            child: None,
-            socket,
-            http,
-            args,
-            env: Vec::new(),
-            dir,
-        }
-    }
-
-    /// Starts the agent process (again) and waits until it answers on its socket.
-    fn restart(&mut self) {
-        let log = std::fs::File::create(self.dir.join("agent.log")).expect("agent log");
-        let child = Command::new(capture_bin())
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start capture agent");
-        self.child = Some(child);
-        let deadline = Instant::now() + testkit::patient(READY_TIMEOUT);
-        while self.http_get("/readyz").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
-            assert!(Instant::now() < deadline, "the agent did not get ready: {}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: no chance to clean up, as when a node agent crashes or is OOM-killed.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// `capture pod <args>`.
-    fn pod(&self, args: &[&str]) -> Output {
-        Command::new(capture_bin())
-            .arg("pod")
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run capture pod")
-    }
-
-    fn add(&self, id: &str, netns: &Path, flags: &[&str]) -> Output {
-        let netns = netns.display().to_string();
-        let mut args = vec!["add", id, &netns, "--"];
-        args.extend_from_slice(flags);
-        self.pod(&args)
-    }
-
-    fn list(&self) -> String {
-        let out = self.pod(&["list"]);
-        assert!(
-            out.status.success(),
-            "pod list: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// A plain HTTP/1.1 GET of the agent's endpoints: the whole response, or None if it does not answer.
-    fn http_get(&self, path: &str) -> Option<String> {
-        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_millis(200)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn ok(out: Output, what: &str) -> String {
     assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The pod's sidecar on 15001 (in `cgroup`) and the remote's server on 8080, for [`lands`].
-fn listening(pod: &Pod, cgroup: &Cgroup) -> (Listeners, Listeners) {
-    (
-        Listeners::start(&pod.pod, Some(cgroup), None, &[sa(Ipv4Addr::UNSPECIFIED, 15001)]),
-        Listeners::start(&pod.remote, None, None, &[sa(REMOTE_V4, 8080)]),
-    )
-}
-
-/// Where an app connection to the remote service lands: the sidecar (with the original destination) or
-/// the remote server itself.
-fn lands(pod: &Pod, cgroup: &Cgroup, sidecar: &Listeners, remote: &Listeners) -> &'static str {
-    let dst = sa(REMOTE_V4, 8080);
-    connect_as(&pod.pod, Some(cgroup), APP, dst).unwrap_or_else(|e| panic!("connect: {e}"));
-    accepted_by(dst, ("sidecar", sidecar), ("remote", remote))
-}
-
-/// Which of two listeners accepted the connection to `dst` just made; a captured one (`proxy`) must have
-/// seen `dst` as its original destination.
-fn accepted_by(dst: SocketAddr, proxy: (&'static str, &Listeners), plain: (&'static str, &Listeners)) -> &'static str {
-    let deadline = Instant::now() + testkit::patient(Duration::from_secs(5));
-    while Instant::now() < deadline {
-        if let Some(a) = proxy.1.drain().pop() {
-            assert_eq!(a.original_dst, Some(dst));
-            return proxy.0;
-        }
-        if !plain.1.drain().is_empty() {
-            return plain.0;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("the connection was accepted nowhere");
 }
 
 #[test]
@@ -618,15 +439,6 @@ fn recorded_pod(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
-/// Waits until `done` holds, at most `wait` (stretched by the time scale); panics naming `what` if not.
-fn wait_until(what: &str, wait: Duration, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let deadline = Instant::now() + testkit::patient(wait);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {wait:?}: {}", log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The Kubernetes-source variant of [`a_reused_pid_never_gets_a_gone_pods_capture`]: a pod known through
 /// the watch (its namespace found by its UID in `/proc/PID/cgroup`, as `/proc/PID/ns/net`) is deleted while
 /// the agent is down, and its sandbox's PID is reused by a process in another namespace. The restarted
@@ -647,7 +459,7 @@ fn a_reused_pid_never_gets_a_deleted_kubernetes_pods_capture() {
     let pod_cgroup = cgroup.child(format!("kubepods/besteffort/pod{uid}/sandbox"));
     let sandbox = Sandbox::start_in(&gone.pod, &pod_cgroup);
     let pid = sandbox.0.id();
-    let mut agent = Agent::start_kubernetes("kpid", &pins, &cgroup, &node, &api);
+    let mut agent = Agent::start_kubernetes("kpid", &pins, &cgroup, &node, &api.kubeconfig());
     wait_until(
         "the pod registered from Kubernetes",
         Duration::from_secs(10),
@@ -759,7 +571,7 @@ fn a_second_agent_on_the_same_state_refuses() {
         .spawn()
         .expect("run a second agent");
     // It must give up at once; one still running after the wait is an agent that did not refuse.
-    let deadline = Instant::now() + testkit::patient(READY_TIMEOUT);
+    let deadline = Instant::now() + testkit::patient(testkit::agent::READY_TIMEOUT);
     let status = loop {
         if let Some(status) = second.try_wait().expect("wait for the second agent") {
             break status;
@@ -874,7 +686,7 @@ fn the_agent_refuses_its_own_namespace() {
             .output()
             .expect("run capture pod")
     };
-    let deadline = Instant::now() + testkit::patient(READY_TIMEOUT);
+    let deadline = Instant::now() + testkit::patient(testkit::agent::READY_TIMEOUT);
     while !pod(&["list"]).status.success() {
         assert!(Instant::now() < deadline, "the agent did not answer");
         std::thread::sleep(Duration::from_millis(20));

@@ -121,10 +121,12 @@ fn mirrors() -> Vec<String> {
     }
     let mut uris = Vec::new();
     for file in files {
-        let deb822 = file.extension().is_some_and(|e| e == "sources");
-        if !deb822 && !file.extension().is_some_and(|e| e == "list") {
-            continue;
-        }
+        let deb822 = match file.extension().and_then(|e| e.to_str()) {
+            Some("sources") => true,
+            Some("list") => false,
+            // Not an apt source file (`.disabled`, backups).
+            _ => continue,
+        };
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
