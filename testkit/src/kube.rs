@@ -2,7 +2,8 @@
 //! `cargo xtask setup` builds and fetches them, on loopback ports of their own), an admin client over it
 //! ([`Kube`]), the objects of `deploy/` ([`manifest_objects`], [`chart_objects`]) and a test kubelet
 //! ([`Kubelet`]) that gives pod objects a network namespace, a sandbox process in the cgroup the kubelet
-//! would use, and a status.
+//! would use, and a status; a [`Cluster`] puts them together for one test, and [`Cluster::burst`] runs
+//! many pods at once and times how long the agent takes to capture each.
 //!
 //! The API server has no controllers and no kubelet: a pod stays as the test writes it. Everything is
 //! stopped and removed on drop.
@@ -22,7 +23,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::{Cgroup, Pod, unique};
+use crate::{Agent, BpfPins, Cgroup, Pod, unique};
 
 /// The kube-apiserver binary `cargo xtask test` hands the tests.
 pub const KUBE_APISERVER_ENV: &str = "CAPTURE_KUBE_APISERVER";
@@ -373,7 +374,7 @@ pub fn chart_objects() -> Vec<Value> {
 }
 
 /// The service account the DaemonSet among `objects` runs as.
-pub fn daemonset_account(objects: &[Value]) -> ServiceAccount {
+fn daemonset_account(objects: &[Value]) -> ServiceAccount {
     let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").expect("a DaemonSet");
     ServiceAccount {
         namespace: ds["metadata"]["namespace"].as_str().expect("namespace").to_owned(),
@@ -542,6 +543,133 @@ pub fn pod_object(recorded: &str, namespace: &str, name: &str, node: &str) -> Va
 }
 
 /// A namespace object.
-pub fn namespace_object(name: &str) -> Value {
+fn namespace_object(name: &str) -> Value {
     json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } })
+}
+
+/// The namespace of the tests' pods.
+pub const NS: &str = "shop";
+
+/// A cluster for one test: the API server with `objects` (deploy/'s, RBAC included) and namespace [`NS`],
+/// this node's cgroup root and bpffs pins, and the service account the DaemonSet among `objects` runs as.
+pub struct Cluster {
+    pub api: ApiServer,
+    pub admin: Kube,
+    pub account: ServiceAccount,
+    pub node: String,
+    pub cgroup: Cgroup,
+    pub pins: BpfPins,
+}
+
+impl Cluster {
+    pub fn new(tag: &str, objects: Vec<Value>) -> Cluster {
+        let account = daemonset_account(&objects);
+        let api = ApiServer::start(tag, std::slice::from_ref(&account));
+        let admin = api.admin();
+        for object in &objects {
+            admin.create(object);
+        }
+        admin.create(&namespace_object(NS));
+        Cluster {
+            api,
+            admin,
+            account,
+            node: format!("node-{tag}"),
+            cgroup: Cgroup::new(&format!("k8s-{tag}")),
+            pins: BpfPins::new(&format!("k8s-{tag}")),
+        }
+    }
+
+    /// The agent for this node, as the service account, on `api` (this cluster's, or one beside it).
+    pub fn agent_on(&self, tag: &str, api: &ApiServer) -> Agent {
+        Agent::start_kubernetes(
+            tag,
+            &self.pins,
+            &self.cgroup,
+            &self.node,
+            &api.kubeconfig(&self.account),
+        )
+    }
+
+    /// Creates pod [`NS`]/`name` from recorded pod `recorded`, on `node` (this one if None), through
+    /// `admin`.
+    pub fn create(&self, admin: &Kube, recorded: &str, name: &str, node: Option<&str>) {
+        admin.create_pod(&pod_object(recorded, NS, name, node.unwrap_or(&self.node)));
+    }
+
+    /// `count` injected pods created at once, then run by `kubelet` one after the other; returns, for each,
+    /// the time from its Running status to the agent's `registered` line for it (negative if the agent found
+    /// the sandbox before the status said Running), in pod order. Panics if the agent has not captured them
+    /// all within `wait`.
+    pub fn burst(&self, agent: &Agent, kubelet: &mut Kubelet, count: usize, wait: Duration) -> Vec<f64> {
+        let names: Vec<String> = (0..count).map(|i| format!("burst-{i}")).collect();
+        for name in &names {
+            self.create(&self.admin, "cni-classic-sidecar", name, None);
+        }
+        let running: Vec<std::time::SystemTime> = names
+            .iter()
+            .map(|name| {
+                kubelet.run(&self.admin, NS, name);
+                std::time::SystemTime::now()
+            })
+            .collect();
+        crate::wait_until(
+            "every pod of the burst captured",
+            wait,
+            || {
+                captured(agent)
+                    .keys()
+                    .filter(|id| id.starts_with(&format!("{NS}/burst-")))
+                    .count()
+                    == count
+            },
+            || agent.log(),
+        );
+        let log = agent.log();
+        names
+            .iter()
+            .zip(running)
+            .map(|(name, running)| {
+                let field = format!("pod={NS}/{name} ");
+                let line = log
+                    .lines()
+                    .find(|l| l.contains(" registered ") && l.contains(&field))
+                    .unwrap_or_else(|| panic!("no registered line for {name}: {log}"));
+                seconds_between(running, line)
+            })
+            .collect()
+    }
+}
+
+/// Seconds from `at` to the time of day that opens the agent's log line `line` (`…THH:MM:SS.ffffffZ`, UTC):
+/// both taken as times of day, so within a day of each other.
+fn seconds_between(at: std::time::SystemTime, line: &str) -> f64 {
+    const DAY: f64 = 86_400.0;
+    let clock = line
+        .split_whitespace()
+        .next()
+        .and_then(|stamp| stamp.split_once('T'))
+        .map(|(_, clock)| clock.trim_end_matches('Z'))
+        .unwrap_or_else(|| panic!("no timestamp opens {line:?}"));
+    let logged = clock
+        .split(':')
+        .map(|part| part.parse::<f64>().unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .fold(0.0, |acc, part| acc * 60.0 + part);
+    let at = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64()
+        % DAY;
+    // The nearest difference modulo a day: a burst that spans midnight still measures right.
+    (logged - at + DAY / 2.0).rem_euclid(DAY) - DAY / 2.0
+}
+
+/// The pods the agent has captured, by id, with the rest of their line in `capture pod list`.
+pub fn captured(agent: &Agent) -> BTreeMap<String, String> {
+    agent
+        .list()
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(id, rest)| (id.to_owned(), rest.to_owned()))
+        .collect()
 }

@@ -6,78 +6,20 @@
 //! Injected pods on this node are captured; other pods, hostNetwork pods, other nodes' pods and finished
 //! pods are left alone; annotation changes, deletions and sandbox restarts are followed; the API server
 //! down for 20 s, and a watch that expires on its return (410 Gone), neither release a pod that still
-//! exists nor lose a change made meanwhile.
+//! exists nor lose a change made meanwhile; and 100 pods created at once are all captured (how fast is
+//! `cargo xtask bench`'s business).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use testkit::{
-    Agent, BpfPins, Cgroup, REMOTE_V4,
-    kube::{ApiServer, CgroupDriver, Kube, Kubelet, ServiceAccount, chart_objects, manifest_objects, pod_object},
+    Agent, REMOTE_V4,
+    kube::{CgroupDriver, Cluster, Kubelet, NS, captured, chart_objects, manifest_objects, pod_object},
     lands, listening, wait_until,
 };
 
-/// The pods' namespace.
-const NS: &str = "shop";
 /// How long the agent may take to follow a change it can see.
 const FOLLOW: Duration = Duration::from_secs(15);
-
-/// A cluster for one test: the API server with `deploy/`'s objects (RBAC included) and namespace [`NS`],
-/// this node's cgroup root and bpffs pins, and the agent's service account.
-struct Cluster {
-    api: ApiServer,
-    admin: Kube,
-    account: ServiceAccount,
-    node: String,
-    cgroup: Cgroup,
-    pins: BpfPins,
-}
-
-impl Cluster {
-    fn new(tag: &str, objects: Vec<Value>) -> Cluster {
-        let account = testkit::kube::daemonset_account(&objects);
-        let api = ApiServer::start(tag, std::slice::from_ref(&account));
-        let admin = api.admin();
-        for object in &objects {
-            admin.create(object);
-        }
-        admin.create(&testkit::kube::namespace_object(NS));
-        Cluster {
-            api,
-            admin,
-            account,
-            node: format!("node-{tag}"),
-            cgroup: Cgroup::new(&format!("k8s-{tag}")),
-            pins: BpfPins::new(&format!("k8s-{tag}")),
-        }
-    }
-
-    /// The agent for this node, as the service account, on `api`.
-    fn agent_on(&self, tag: &str, api: &ApiServer) -> Agent {
-        Agent::start_kubernetes(
-            tag,
-            &self.pins,
-            &self.cgroup,
-            &self.node,
-            &api.kubeconfig(&self.account),
-        )
-    }
-
-    /// Creates pod `name` from recorded pod `recorded`, on `node` (this one if None).
-    fn create(&self, admin: &Kube, recorded: &str, name: &str, node: Option<&str>) {
-        admin.create_pod(&pod_object(recorded, NS, name, node.unwrap_or(&self.node)));
-    }
-}
-
-/// The captured pods, by id, with the rest of their line in `capture pod list`.
-fn captured(agent: &Agent) -> BTreeMap<String, String> {
-    agent
-        .list()
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .map(|(id, rest)| (id.to_owned(), rest.to_owned()))
-        .collect()
-}
 
 /// `ids` as the captured set, for comparisons.
 fn ids(ids: &[&str]) -> Vec<String> {
@@ -301,10 +243,12 @@ fn the_api_server_down_for_20_seconds_changes_nothing_and_misses_nothing() {
     );
 
     cluster.api.start_again();
-    // The watch resumes after its backoff (at most 30 s in kube-runtime's default).
+    // The watch is retried at most 5 s apart (RBAC may refuse it once while the server's caches fill) and
+    // lists again on the 410 that follows: 20 s is ample. With kube-runtime's default backoff (to 30 s) this
+    // took up to a minute.
     wait_until(
         "the changes made while the server was down applied",
-        Duration::from_secs(60),
+        Duration::from_secs(20),
         || captured(&agent).into_keys().collect::<Vec<_>>() == ids(&["changes", "new", "stays"]),
         || agent.log(),
     );
@@ -355,4 +299,23 @@ fn an_expired_watch_relists_without_releasing_pods_that_still_exist() {
     assert_eq!(captured(&agent)[&format!("{NS}/kept")], kept, "re-registered: {log}");
     assert_eq!(releases(&agent, "kept"), 0, "{log}");
     assert_eq!(goes(&kubelet, &cluster, "kept"), "sidecar");
+}
+
+/// 100 injected pods created at once on the node, then run: each one captured, once.
+#[test]
+fn a_hundred_pods_created_at_once_are_all_captured() {
+    const PODS: usize = 100;
+    let cluster = Cluster::new("hundred", manifest_objects());
+    let mut kubelet = Kubelet::new(&cluster.node, &cluster.cgroup, CgroupDriver::Cgroupfs);
+    let agent = cluster.agent_on("hundred", &cluster.api);
+    let times = cluster.burst(&agent, &mut kubelet, PODS, Duration::from_secs(120));
+    assert_eq!(times.len(), PODS);
+    let log = agent.log();
+    assert_eq!(
+        log.lines().filter(|l| l.contains(" registered ")).count(),
+        PODS,
+        "{log}"
+    );
+    assert_eq!(goes(&kubelet, &cluster, "burst-0"), "sidecar");
+    assert_eq!(goes(&kubelet, &cluster, &format!("burst-{}", PODS - 1)), "sidecar");
 }

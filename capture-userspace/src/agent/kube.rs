@@ -70,7 +70,7 @@ pub struct PodNetns {
 }
 
 /// Watch this node's pods until `events` is closed. Watch errors (the API server restarting, an expired
-/// resource version) are logged and retried with backoff; every (re)list ends with [`SourceEvent::Synced`].
+/// resource version) are logged and retried with backoff ([`retry_backoff`]); every (re)list ends with [`SourceEvent::Synced`].
 pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> anyhow::Result<()> {
     let client = match config.kube_config.clone() {
         Some(kube_config) => Client::try_from(kube_config),
@@ -80,7 +80,7 @@ pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> any
     let pods: Api<Pod> = Api::all(client);
     let selector = format!("spec.nodeName={}", config.node_name);
     let mut stream = watcher(pods, watcher::Config::default().fields(&selector))
-        .default_backoff()
+        .backoff(retry_backoff())
         .boxed();
     let mut tick = tokio::time::interval(config.rescan);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -107,6 +107,24 @@ pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> any
         }
     }
 }
+
+/// The watch's retry delays after an error: from a quarter second, doubling, at most [`RETRY_MAX`] apart,
+/// with jitter (so the agents of many nodes do not come back at one instant); back to the start after any
+/// event. kube-runtime's default grows to 30 s, and through an API server outage it does: the watch that
+/// expired on the server's return (410 Gone) then waited up to 30 s more for its relist, and changes made
+/// meanwhile as long (tests/tests/kubernetes.rs, the API server down for 20 s).
+fn retry_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(RETRY_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
+/// The longest wait between two attempts to list or watch.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A pod that qualifies for capture.
 struct Tracked {
