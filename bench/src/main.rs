@@ -6,7 +6,8 @@
 //! persistent connections (latency percentiles), one bulk transfer; for each, the CPU of the mode's own
 //! cgroup ([`cgroups`]); during the short connections, the kernel time of each eBPF program, and after them
 //! the pod's conntrack entries. Then [`scaling`]: the connection rate with more excluded CIDRs and more
-//! registered namespaces. Last, [`registration`]: how long the node agent takes to register a pod. Output
+//! registered namespaces. Last, [`registration`]: how long the node agent takes to register a pod, and
+//! [`kubernetes`]: from a pod's Running status in a real API server to its capture, many pods at once. Output
 //! ([`report`], [`plot`]): report.md and SVG plots in the output directory.
 //!
 //! Modes run interleaved (A B C A B C …) so that machine noise hits them alike; each figure is the median
@@ -17,6 +18,7 @@
 mod cgroups;
 mod connect;
 mod empty_program;
+mod kubernetes;
 mod modes;
 mod plot;
 mod registration;
@@ -59,6 +61,8 @@ struct Plan {
     namespace_points: &'static [usize],
     /// Pods the agent registers one at a time, and as many again in a burst.
     agent_pods: usize,
+    /// Pods created at once through the Kubernetes API.
+    kube_pods: usize,
     connect: connect::Plan,
 }
 
@@ -74,6 +78,7 @@ impl Plan {
                 cidr_points: &[1, 4096],
                 namespace_points: &[1, 100],
                 agent_pods: 10,
+                kube_pods: 25,
                 connect: connect::Plan {
                     repeats: 3,
                     udp_connects: 100_000,
@@ -90,6 +95,7 @@ impl Plan {
                 cidr_points: &[1, 16, 256, 4096],
                 namespace_points: &[1, 100, 1000],
                 agent_pods: 40,
+                kube_pods: 100,
                 connect: connect::Plan {
                     repeats: 5,
                     udp_connects: 500_000,
@@ -116,6 +122,8 @@ impl Plan {
             + self.namespace_points.len() as f64 * (ebpf + floor) * scaling
             + namespaces * NAMESPACE_SECONDS * ebpf.min(1.0)
             + self.agent_pods as f64 * (registration::PACE.as_secs_f64() + 2.0 * NAMESPACE_SECONDS)
+            + kubernetes::START_SECONDS
+            + self.kube_pods as f64 * kubernetes::POD_SECONDS
     }
 }
 
@@ -157,25 +165,44 @@ struct Args {
     out_dir: PathBuf,
     quick: bool,
     proxy: Proxy,
-    /// `--only connect`: only the connect() microbenchmark.
-    only_connect: bool,
+    /// `--only SECTION`: only that section, in its own report.
+    only: Option<Section>,
+}
+
+/// A section that runs alone with `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    /// The connect() microbenchmark, into connect.md.
+    Connect,
+    /// Pods from the Kubernetes API to capture, into kubernetes.md.
+    Kubernetes,
+}
+
+impl Section {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
 }
 
 impl Args {
     fn parse() -> Result<Args> {
-        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy haproxy|builtin] [--only connect] \
+        const USAGE: &str = "usage: capture-bench CAPTURE_BIN OUT_DIR [--quick] [--proxy haproxy|builtin] [--only connect|kubernetes] \
                              (run it with `cargo xtask bench`)";
         let mut args = std::env::args().skip(1);
         let (Some(capture), Some(out_dir)) = (args.next(), args.next()) else {
             bail!(USAGE);
         };
-        let (mut quick, mut proxy, mut only_connect) = (false, Proxy::Haproxy, false);
+        let (mut quick, mut proxy, mut only) = (false, Proxy::Haproxy, None);
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
                 "--only" => match args.next().as_deref() {
-                    Some("connect") => only_connect = true,
-                    other => bail!("--only: expected connect, got {other:?}\n{USAGE}"),
+                    Some("connect") => only = Some(Section::Connect),
+                    Some("kubernetes") => only = Some(Section::Kubernetes),
+                    other => bail!("--only: expected connect or kubernetes, got {other:?}\n{USAGE}"),
                 },
                 "--proxy" => {
                     proxy = match args.next().as_deref() {
@@ -192,7 +219,7 @@ impl Args {
             out_dir: out_dir.into(),
             quick,
             proxy,
-            only_connect,
+            only,
         })
     }
 
@@ -202,8 +229,9 @@ impl Args {
         if self.quick {
             cmd.push_str(" --quick");
         }
-        if self.only_connect {
-            cmd.push_str(" --only connect");
+        if let Some(section) = self.only {
+            cmd.push_str(" --only ");
+            cmd.push_str(section.name());
         } else if self.proxy == Proxy::Builtin {
             cmd.push_str(" --proxy builtin");
         }
@@ -216,8 +244,8 @@ fn main() -> Result<()> {
     // SAFETY: set before any thread that reads the environment is started.
     unsafe { std::env::set_var("CAPTURE_BIN", &args.capture) };
     let plan = Plan::new(args.quick);
-    if args.only_connect {
-        return only_connect(&args, &plan);
+    if let Some(section) = args.only {
+        return only(section, &args, &plan);
     }
     let mut progress = Progress::new(plan.seconds());
     eprintln!(
@@ -289,6 +317,7 @@ fn main() -> Result<()> {
     drop(topologies);
     drop(cgroups);
     let registration = registration::measure(&args.capture, plan.agent_pods, &mut progress)?;
+    let kubernetes = kubernetes::measure(plan.kube_pods, &mut progress)?;
 
     let results = Results {
         info: run_info(&args, &plan, &progress),
@@ -296,6 +325,7 @@ fn main() -> Result<()> {
         cidrs,
         namespaces,
         registration,
+        kubernetes,
         connect,
     };
     let report = results.markdown();
@@ -330,22 +360,34 @@ fn run_info(args: &Args, plan: &Plan, progress: &Progress) -> RunInfo {
     }
 }
 
-/// `--only connect`: the connect() microbenchmark alone, its report in connect.md (report.md, a whole
-/// run's, stays).
-fn only_connect(args: &Args, plan: &Plan) -> Result<()> {
-    let mut progress = Progress::new(plan.connect.seconds());
+/// `--only SECTION`: that section alone, its report in `<section>.md` (report.md, a whole run's, stays).
+fn only(section: Section, args: &Args, plan: &Plan) -> Result<()> {
+    let planned = match section {
+        Section::Connect => plan.connect.seconds(),
+        Section::Kubernetes => kubernetes::START_SECONDS + plan.kube_pods as f64 * kubernetes::POD_SECONDS,
+    };
+    let mut progress = Progress::new(planned);
     eprintln!(
-        "bench: the connect() microbenchmark only; planned about {}",
-        clock(plan.connect.seconds())
+        "bench: the {} section only; planned about {}",
+        section.name(),
+        clock(planned)
     );
-    let mut cgroups = Cgroups::new("bench")?;
-    let connect = connect::measure(&mut cgroups, plan.connect, &mut progress)?;
-    drop(cgroups);
-    let report = report::connect_report(&run_info(args, plan, &progress), &connect);
+    let report = match section {
+        Section::Connect => {
+            let mut cgroups = Cgroups::new("bench")?;
+            let connect = connect::measure(&mut cgroups, plan.connect, &mut progress)?;
+            drop(cgroups);
+            report::connect_report(&run_info(args, plan, &progress), &connect)
+        }
+        Section::Kubernetes => {
+            let times = kubernetes::measure(plan.kube_pods, &mut progress)?;
+            report::kubernetes_report(&run_info(args, plan, &progress), &times)
+        }
+    };
     print!("{report}");
     let dir = &args.out_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let path = dir.join("connect.md");
+    let path = dir.join(format!("{}.md", section.name()));
     std::fs::write(&path, &report).with_context(|| format!("write {}", path.display()))?;
     eprintln!(
         "bench: {} written in {}",

@@ -113,6 +113,8 @@ pub struct Results {
     pub cidrs: Vec<Series<Point>>,
     pub namespaces: Vec<Series<Point>>,
     pub registration: Registration,
+    /// Pods created at once through the Kubernetes API: Running to captured, ms, in pod order.
+    pub kubernetes: Vec<f64>,
     /// The connect() microbenchmark.
     pub connect: ConnectResults,
 }
@@ -461,6 +463,7 @@ impl Results {
             r.paced.len() + r.burst.len(),
             r.rss_kib as f64 / 1024.0
         );
+        kubernetes_section(&self.kubernetes, out);
     }
 
     fn kernel(&self, out: &mut String) {
@@ -707,6 +710,32 @@ pub fn connect_report(info: &RunInfo, c: &ConnectResults) -> String {
     );
     connect_goals(c, &mut out);
     out
+}
+
+/// `--only kubernetes`: the run's header and the Kubernetes section.
+pub fn kubernetes_report(info: &RunInfo, times: &[f64]) -> String {
+    let mut out = String::new();
+    header(info, &mut out);
+    kubernetes_section(times, &mut out);
+    out
+}
+
+/// Pods created at once through the Kubernetes API: `k`, Running to captured, ms.
+fn kubernetes_section(k: &[f64], out: &mut String) {
+    let _ = writeln!(
+        out,
+        "## Pods from the Kubernetes API to capture\n\n{} injected pods created at once on the agent's node in a real \
+         kube-apiserver (v1.20.2), then run one after another by the test kubelet (namespace, sandbox in the \
+         kubelet's cgroup, Running status). The time is from the Running status written to the agent's \
+         `registered` line for the pod: the watch event, the /proc scan that finds the namespace, the \
+         registration. Negative: the agent found the sandbox before the status said Running.\n\n\
+         | pods | median ms | p99 ms | max ms |\n|---|---|---|---|\n| {} | {:.1} | {:.1} | {:.1} |\n",
+        k.len(),
+        k.len(),
+        quantile(k, 0.5),
+        quantile(k, 0.99),
+        quantile(k, 1.0)
+    );
 }
 
 /// One line per mode for the terminal, besides the report.

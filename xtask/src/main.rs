@@ -4,9 +4,10 @@
 //!   `capture <flags>` for real in the current network namespace.
 //! - `cargo xtask test` — installs what is missing, builds, runs every test.
 //! - `cargo xtask fuzz [--seconds N]` — the input fuzz tests (flags, env, control socket), N seconds each.
-//! - `cargo xtask bench [--quick] [--proxy builtin] [--only connect]` — eBPF vs iptables vs no capture, side
+//! - `cargo xtask bench [--quick] [--proxy builtin] [--only connect|kubernetes]` — eBPF vs iptables vs no capture, side
 //!   by side, with HAProxy as the sidecar (or the bench's own); report and plots in target/bench/.
-//!   `--only connect`: the connect() microbenchmark alone, into target/bench/connect.md.
+//!   `--only connect`: the connect() microbenchmark alone, into target/bench/connect.md; `--only kubernetes`:
+//!   pods from a real API server to capture, into target/bench/kubernetes.md.
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
 //! - `cargo xtask setup` — only the installation step.
 
@@ -57,7 +58,8 @@ enum Cmd {
         #[arg(long, default_value = "haproxy")]
         proxy: String,
         /// Only one section: `connect` (the connect() microbenchmark, a few seconds with --quick), written
-        /// to target/bench/connect.md.
+        /// to target/bench/connect.md; or `kubernetes` (100 pods created at once in a real API server, the
+        /// time from Running to captured), written to target/bench/kubernetes.md.
         #[arg(long)]
         only: Option<String>,
     },
@@ -205,7 +207,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup::ensure_test_tools().map(drop),
         Cmd::Bench { quick, proxy, only } => {
-            setup::ensure_test_tools()?;
+            let apiserver = setup::ensure_test_tools()?;
             let built = build()?;
             let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
             // Release build: a benchmark measures the kernel and the proxy, not debug assertions.
@@ -225,7 +227,9 @@ fn main() -> Result<()> {
                     .arg(&out)
                     .args(quick.then_some("--quick"))
                     .args(["--proxy", &proxy])
-                    .args(only.iter().flat_map(|o| ["--only", o])),
+                    .args(only.iter().flat_map(|o| ["--only", o]))
+                    .env("CAPTURE_KUBE_APISERVER", &apiserver.kube_apiserver)
+                    .env("CAPTURE_ETCD", &apiserver.etcd),
             )
         }
         Cmd::Run {
