@@ -9,9 +9,11 @@
 //!   `--only connect`: the connect() microbenchmark alone, into target/bench/connect.md; `--only kubernetes`:
 //!   pods from a real API server to capture, into target/bench/kubernetes.md.
 //! - `cargo xtask vm [--kernel K] [-- <filter>]` — the tests on another kernel (Debian 12's by default) in QEMU.
+//! - `cargo xtask image` — the container image (a static `capture`, `FROM scratch`) with podman; prints its size.
 //! - `cargo xtask setup` — only the installation step.
 
 mod apiserver;
+mod image;
 mod setup;
 mod vm;
 
@@ -63,6 +65,9 @@ enum Cmd {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Build the container image (deploy/Dockerfile: a static `capture`, nothing else) with podman, into
+    /// the project's podman storage under target/podman, and print its size.
+    Image,
     /// Build and run every test (unit, golden, integration in throwaway namespaces).
     Test {
         /// Only the integration test file `tests/tests/<FILTER>.rs` if there is one (e.g. `iptables_backend`),
@@ -286,6 +291,13 @@ fn main() -> Result<()> {
                     .args(["test", "--package", "capture-userspace", "--test", "fuzz"])
                     .env("CAPTURE_FUZZ_SECONDS", seconds.to_string()),
             )
+        }
+        Cmd::Image => {
+            setup::ensure()?;
+            setup::ensure_image_tools()?;
+            let image = image::build()?;
+            println!("{}", image::describe(&image));
+            Ok(())
         }
         Cmd::Test { filter } => {
             let apiserver = setup::ensure_test_tools()?;

@@ -70,6 +70,16 @@ pub(crate) fn install_debs(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Debian packages that build the container image and run it in the image test: podman (its `build` is
+/// buildah's; no Docker daemon) and runc, its runtime here: crun, Debian's default, refuses hybrid cgroup
+/// hosts such as this one (see `image.rs`).
+const IMAGE_APT_PACKAGES: &[&str] = &["podman", "runc"];
+
+/// Makes sure what `cargo xtask image` needs besides the build is present.
+pub fn ensure_image_tools() -> Result<()> {
+    install_debs(IMAGE_APT_PACKAGES)
+}
+
 /// Debian packages `cargo xtask vm` needs: QEMU, and kmod (depmod) and busybox for the guest's initramfs.
 const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
 /// virtme-ng (PyPI), which boots a kernel with the host's files visible (`vng`).
@@ -115,10 +125,11 @@ pub fn path_with_llvm() -> OsString {
     path
 }
 
-/// Makes sure what the tests and the benchmark need besides the build is present: helm, and a real
+/// Makes sure what the tests and the benchmark need besides the build is present: podman, helm, and a real
 /// Kubernetes API server (built once per machine); returns the API server's binaries.
 pub fn ensure_test_tools() -> Result<crate::apiserver::ApiServer> {
     ensure()?;
+    ensure_image_tools()?;
     ensure_helm()?;
     crate::apiserver::ensure()
 }
