@@ -302,6 +302,10 @@ fn main() -> Result<()> {
         Cmd::Test { filter } => {
             let apiserver = setup::ensure_test_tools()?;
             let built = build()?;
+            // The image test runs the agent from the image as the DaemonSet does: built the same way as by
+            // `cargo xtask image`, every time, so it is never older than the sources.
+            let image = image::build()?;
+            println!("{}", image::describe(&image));
             let mut cmd = cargo();
             // Every test binary runs even after one fails, so the closing count covers the whole suite.
             cmd.args(["test", "--no-fail-fast"])
@@ -309,7 +313,9 @@ fn main() -> Result<()> {
                 .env("CAPTURE_PROBE_BIN", &built.probe)
                 .env("CAPTURE_HELM", setup::helm())
                 .env("CAPTURE_KUBE_APISERVER", &apiserver.kube_apiserver)
-                .env("CAPTURE_ETCD", &apiserver.etcd);
+                .env("CAPTURE_ETCD", &apiserver.etcd)
+                .env("CAPTURE_IMAGE", image::IMAGE)
+                .envs(image::podman_env()?);
             match filter {
                 Some(f) if is_test_file(&f) => cmd.args(["--package", "tests", "--test", &f]),
                 Some(f) => cmd.args(["--all-targets", "--", &f]),
