@@ -224,6 +224,24 @@ impl ApiServer {
         self.kubeconfig_with(&account.token())
     }
 
+    /// Writes what a pod running as `account` finds in `/var/run/secrets/kubernetes.io/serviceaccount/`
+    /// into `dir`: its token, the server's CA (the self-signed chain the server made in its cert dir) and
+    /// its namespace; with `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT` set to [`Self::address`],
+    /// a client's in-cluster configuration then reaches this server and checks its certificate.
+    pub fn write_service_account_dir(&self, account: &ServiceAccount, dir: &Path) {
+        assert!(self.accounts.contains(account), "{account:?} has no token");
+        std::fs::create_dir_all(dir).expect("create the service account directory");
+        let ca = self.dir.join("certs/apiserver.crt");
+        std::fs::copy(&ca, dir.join("ca.crt")).unwrap_or_else(|e| panic!("copy {}: {e}", ca.display()));
+        std::fs::write(dir.join("token"), account.token()).expect("write the token");
+        std::fs::write(dir.join("namespace"), &account.namespace).expect("write the namespace");
+    }
+
+    /// The server's host and port, as `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT` give them.
+    pub fn address(&self) -> (&'static str, u16) {
+        ("127.0.0.1", self.port)
+    }
+
     /// A client with the admin's rights.
     pub fn admin(&self) -> Kube {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -4,7 +4,8 @@
 //! seccomp and AppArmor unconfined, and bpffs, the cgroup v2 root (read-only) and the state directory
 //! mounted where the manifest mounts them — captures a test pod registered over its control socket, and
 //! capture stays when the container stops. The podman options and the agent's arguments are read from the
-//! manifest, so the test follows it; a field it cannot translate fails it.
+//! manifest, so the test follows it; a field it cannot translate fails it. And the same agent with
+//! `--kubernetes` and the in-cluster configuration, against a real API server (testkit's), captures a pod.
 //!
 //! Safety: where the DaemonSet mounts the host's /sys/fs/bpf, the container gets the test's private bpffs,
 //! and `--cgroup` (the manifest's own way to choose the attach point) names the test's child cgroup. So the
@@ -19,7 +20,9 @@ use std::{
 
 use serde_json::Value;
 use testkit::{
-    BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Pod, capture_bin, kube::manifest_objects, lands, listening, wait_until,
+    BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Pod, capture_bin,
+    kube::{CgroupDriver, Cluster, Kubelet, NS, manifest_objects},
+    lands, listening, wait_until,
 };
 
 /// Where the DaemonSet mounts the host's cgroup v2 root.
@@ -86,8 +89,9 @@ impl Container {
 
     /// Starts `capture agent` from the image as the DaemonSet's pod spec (`deploy/kubernetes/capture.yaml`)
     /// says, read from the manifest, attaching to `cgroup` and pinning in `pins` (mounted at the container's
-    /// /sys/fs/bpf).
-    fn start_agent(&self, pins: &BpfPins, cgroup: &Cgroup) {
+    /// /sys/fs/bpf); with `kubernetes`, watching that cluster's pods as the manifest's service account with
+    /// the in-cluster configuration, as in a cluster, else without `--kubernetes`.
+    fn start_agent(&self, pins: &BpfPins, cgroup: &Cgroup, kubernetes: Option<&InCluster>) {
         let root = capture::cgroup::cgroup2_root().expect("cgroup v2 root");
         let bpffs = pins.path().parent().expect("the pin dir is in the bpffs");
         // The host paths of the DaemonSet's volumes, here: the test's own.
@@ -98,10 +102,10 @@ impl Container {
             other => panic!("the DaemonSet has a volume {other:?} this test does not know"),
         };
         let mut args = vec!["--detach".to_owned()];
-        args.extend(daemonset_options(source));
+        args.extend(daemonset_options(source, kubernetes));
         let attach = Path::new(HOST_CGROUP).join(cgroup.path().strip_prefix(&root).expect("a cgroup under the root"));
         args.push(image());
-        args.extend(agent_args(&attach));
+        args.extend(agent_args(&attach, kubernetes.is_some()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.run(&args);
         assert!(
@@ -167,18 +171,55 @@ fn daemonset() -> (Value, Value) {
     (spec, container)
 }
 
+/// What the agent's container gets in a cluster to reach the API server: the service account's token, CA
+/// and namespace (mounted where Kubernetes mounts them), the service's address, and the node's name.
+struct InCluster {
+    service_account: PathBuf,
+    address: (&'static str, u16),
+    node: String,
+}
+
+/// Where Kubernetes mounts a pod's service account token, CA and namespace.
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// `podman run` options doing what the DaemonSet's pod spec says, with each volume's host path from
-/// `source`; a field this does not translate fails the test rather than being left out.
-fn daemonset_options(source: impl Fn(&str) -> PathBuf) -> Vec<String> {
+/// `source`, and what a cluster gives the pod when `kubernetes`; a field this does not translate fails the
+/// test rather than being left out.
+fn daemonset_options(source: impl Fn(&str) -> PathBuf, kubernetes: Option<&InCluster>) -> Vec<String> {
     let (spec, container) = daemonset();
     let security = &container["securityContext"];
     let mut options = vec![
-        // The pod's network is the CNI's; the test needs none: it talks to the agent over the control
-        // socket in the state volume. (Podman's own bridge would add rules to the host's namespace.)
-        "--network=none".to_owned(),
         // Kubernetes mounts no tmpfs on /run or /tmp of a read-only root; podman would.
         "--read-only-tmpfs=false".to_owned(),
     ];
+    match kubernetes {
+        // The pod's network is the CNI's. Without Kubernetes the test needs none: it talks to the agent over
+        // the control socket in the state volume. (Podman's own bridge would add rules to the host's
+        // namespace.)
+        None => options.push("--network=none".into()),
+        Some(cluster) => {
+            // The test's API server listens on the host's loopback, as the service's address would be
+            // reachable from the pod's network.
+            options.push("--network=host".into());
+            let env = container["env"].as_array().expect("env");
+            assert!(
+                env.iter()
+                    .any(|e| e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
+                "NODE_NAME from spec.nodeName: {env:?}"
+            );
+            options.push(format!("--env=NODE_NAME={}", cluster.node));
+            options.push(format!("--env=KUBERNETES_SERVICE_HOST={}", cluster.address.0));
+            options.push(format!("--env=KUBERNETES_SERVICE_PORT={}", cluster.address.1));
+            assert!(
+                spec["serviceAccountName"].is_string() && spec["automountServiceAccountToken"] != false,
+                "the DaemonSet's service account token is mounted"
+            );
+            options.push(format!(
+                "--mount=type=bind,src={},dst={SERVICE_ACCOUNT_MOUNT},ro=true",
+                cluster.service_account.display()
+            ));
+        }
+    }
     assert_eq!(spec["hostPID"], true, "hostPID");
     options.push("--pid=host".into());
     assert_eq!(security["privileged"], false, "privileged");
@@ -219,16 +260,26 @@ fn daemonset_options(source: impl Fn(&str) -> PathBuf) -> Vec<String> {
 }
 
 /// The DaemonSet's container arguments, with `--cgroup` (the manifest's own way to choose the attach
-/// point) naming `attach`, and without `--kubernetes`: the pod comes over the control socket.
-fn agent_args(attach: &Path) -> Vec<String> {
+/// point) naming `attach`; without `--kubernetes` unless `kubernetes` (then pods come over the control
+/// socket). In the host's network (with `kubernetes`) the endpoints listen on a free loopback port
+/// rather than the manifest's 0.0.0.0:15081, on every interface of the host.
+fn agent_args(attach: &Path, kubernetes: bool) -> Vec<String> {
     let (_, container) = daemonset();
     let mut args: Vec<String> = container["args"]
         .as_array()
         .expect("args")
         .iter()
         .map(|a| a.as_str().expect("an argument").to_owned())
-        .filter(|a| a != "--kubernetes")
+        .filter(|a| kubernetes || a != "--kubernetes")
+        .map(|a| match a.strip_prefix("--listen=") {
+            Some(_) if kubernetes => "--listen=127.0.0.1:0".to_owned(),
+            _ => a,
+        })
         .collect();
+    assert!(
+        args.contains(&"--kubernetes".to_owned()) == kubernetes,
+        "the DaemonSet runs the agent with --kubernetes: {args:?}"
+    );
     assert!(
         args.contains(&format!("--cgroup-root={HOST_CGROUP}")),
         "the DaemonSet's cgroup root is no longer {HOST_CGROUP}: {args:?}"
@@ -294,7 +345,7 @@ fn the_agent_run_from_the_image_as_the_daemonset_runs_it_captures_a_pod() {
     let (sidecar, remote) = listening(&pod, &cgroup);
 
     let container = Container::new("image");
-    container.start_agent(&pins, &cgroup);
+    container.start_agent(&pins, &cgroup, None);
     assert_eq!(
         lands(&pod, &cgroup, &sidecar, &remote),
         "remote",
@@ -372,4 +423,51 @@ fn the_image_runs_capture_as_an_init_container_command() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("uids: [1337, 0,"), "{stdout}");
+}
+
+/// The agent from the image exactly as in a cluster: `--kubernetes`, the in-cluster configuration (the
+/// service account's token and CA mounted where Kubernetes mounts them, the service's address in the
+/// environment: the static binary's TLS checks the real API server's certificate) and `NODE_NAME`, with
+/// the manifest's RBAC. A pod the test kubelet runs on the node is captured, and released when deleted.
+#[test]
+fn the_agent_from_the_image_captures_a_kubernetes_pod_with_the_in_cluster_configuration() {
+    let cluster = Cluster::new("image", manifest_objects());
+    let mut kubelet = Kubelet::new(&cluster.node, &cluster.cgroup, CgroupDriver::Cgroupfs);
+    cluster.create(&cluster.admin, "cni-classic-sidecar", "app", None);
+    kubelet.run(&cluster.admin, NS, "app");
+
+    let container = Container::new("image-kube");
+    let service_account = container.state.join("serviceaccount");
+    cluster
+        .api
+        .write_service_account_dir(&cluster.account, &service_account);
+    let in_cluster = InCluster {
+        service_account,
+        address: cluster.api.address(),
+        node: cluster.node.clone(),
+    };
+    container.start_agent(&cluster.pins, &cluster.cgroup, Some(&in_cluster));
+    let pod = format!("{NS}/app");
+    wait_until(
+        "the pod captured by the agent in the container",
+        Duration::from_secs(15),
+        || String::from_utf8_lossy(&container.pod(&["list"]).stdout).starts_with(&format!("{pod}\t")),
+        || container.logs(),
+    );
+    let app = &kubelet.running(NS, "app").net;
+    let (sidecar, remote) = listening(app, &cluster.cgroup);
+    assert_eq!(lands(app, &cluster.cgroup, &sidecar, &remote), "sidecar");
+
+    kubelet.delete(&cluster.admin, NS, "app");
+    wait_until(
+        "the deleted pod released",
+        Duration::from_secs(15),
+        || container.pod(&["list"]).stdout.is_empty(),
+        || container.logs(),
+    );
+    let logs = container.logs();
+    assert!(
+        !logs.contains("bypassed"),
+        "the server's certificate was not checked: {logs}"
+    );
 }
