@@ -1,5 +1,5 @@
 //! A `capture agent` process for a test ([`Agent`]): its own pins, cgroup, records, control socket and HTTP
-//! port; killed on drop. [`wait_until`], for what the agent does in its own time, and [`lands`]: where a
+//! port; killed on drop. A pod's [`Sandbox`] process. [`wait_until`], for what the agent does in its own time, and [`lands`]: where a
 //! pod's connection goes.
 
 use std::{
@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{BpfPins, Cgroup, Listeners, Pod, REMOTE_V4, capture_bin, connect_as, sa};
+use crate::{BpfPins, Cgroup, Listeners, Netns, Pod, REMOTE_V4, capture_bin, connect_as, sa};
 
 /// How long the agent may take to attach and come up (on this machine; see [`crate::patient`]).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -207,4 +207,51 @@ pub fn accepted_by(
         std::thread::sleep(Duration::from_millis(5));
     }
     panic!("the connection was accepted nowhere");
+}
+
+/// A sandbox process (`sleep`) in `ns`, killed on drop; with `pid`, only with exactly that PID (set up
+/// through `ns_last_pid`; None if other processes kept taking it).
+pub struct Sandbox(Child);
+
+impl Sandbox {
+    pub fn start(ns: &Netns) -> Sandbox {
+        Sandbox(ns.command("sleep").arg("600").spawn().expect("start a sandbox process"))
+    }
+
+    /// As [`Sandbox::start`], inside `cgroup`.
+    pub fn start_in(ns: &Netns, cgroup: &Cgroup) -> Sandbox {
+        let mut cmd = ns.command("sleep");
+        cgroup.enter(&mut cmd);
+        Sandbox(cmd.arg("600").spawn().expect("start a sandbox process"))
+    }
+
+    pub fn with_pid(ns: &Netns, pid: u32) -> Option<Sandbox> {
+        /// Tries before giving up: other processes of the machine fork too.
+        const TRIES: usize = 50;
+        for _ in 0..TRIES {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).expect("write ns_last_pid");
+            let sandbox = Sandbox::start(ns);
+            if sandbox.0.id() == pid {
+                return Some(sandbox);
+            }
+        }
+        None
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Its network namespace, as `/proc/PID/ns/net`.
+    pub fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.0.id()))
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -23,7 +23,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::{Agent, BpfPins, Cgroup, Pod, unique};
+use crate::{Agent, BpfPins, Cgroup, Pod, Sandbox, unique};
 
 /// The kube-apiserver binary `cargo xtask test` hands the tests.
 pub const KUBE_APISERVER_ENV: &str = "CAPTURE_KUBE_APISERVER";
@@ -429,23 +429,17 @@ impl CgroupDriver {
 /// A pod the test kubelet runs: its network namespace (the pod's, joined by veth to a remote host's, as
 /// [`Pod`]), and its sandbox process in the pod's cgroup.
 pub struct RunningPod {
+    /// Dropped first (fields drop in order): killed and reaped before its cgroup and namespace go.
+    sandbox: Sandbox,
+    _cgroup: Cgroup,
     pub uid: String,
     pub net: Pod,
-    sandbox: Child,
-    /// Dropped after the sandbox is reaped.
-    _cgroup: Cgroup,
 }
 
 impl RunningPod {
     /// The sandbox's PID.
     pub fn pid(&self) -> u32 {
-        self.sandbox.id()
-    }
-}
-
-impl Drop for RunningPod {
-    fn drop(&mut self) {
-        end(&mut self.sandbox);
+        self.sandbox.pid()
     }
 }
 
@@ -487,9 +481,7 @@ impl<'a> Kubelet<'a> {
         let cgroup = self
             .root
             .child(self.driver.sandbox_cgroup(&uid, &format!("sandbox{}", self.sandboxes)));
-        let mut cmd = net.pod.command("sleep");
-        cgroup.enter(&mut cmd);
-        let sandbox = cmd.arg("3600").spawn().expect("start the sandbox process");
+        let sandbox = Sandbox::start_in(&net.pod, &cgroup);
         let now = "2026-01-01T00:00:00Z";
         let containers: Vec<Value> = pod
             .spec

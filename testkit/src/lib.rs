@@ -40,7 +40,7 @@ pub mod socket_lb;
 pub mod time;
 
 pub use crate::{
-    agent::{APP, Agent, accepted_by, lands, listening, wait_until},
+    agent::{APP, Agent, Sandbox, accepted_by, lands, listening, wait_until},
     capture::{INJECTOR_DEFAULT_FLAGS, assert_validation, capture, capture_bin, capture_with_env},
     cgroup::{Cgroup, InCgroup},
     netns::{Netns, POD_V4, POD_V6, Pod, REMOTE_V4, REMOTE_V6},

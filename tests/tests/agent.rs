@@ -6,7 +6,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,7 +18,7 @@ use std::{
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use capture_common::maps::{CidrKeyData, PodConfig, PodSources, SetKey, names};
 use testkit::{
-    APP, Agent, BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4,
+    APP, Agent, BpfPins, Cgroup, Connect, INJECTOR_DEFAULT_FLAGS, Listeners, Netns, POD_V4, Pod, REMOTE_V4, Sandbox,
     accepted_by, capture_bin, connect_as, connect_with, lands, listening, run_as, sa, wait_until,
 };
 
@@ -219,47 +219,6 @@ fn a_new_pod_never_inherits_entries_an_interrupted_unregistration_left() {
     assert!(agent.log().contains("swept"), "{}", agent.log());
 }
 
-/// A sandbox process (`sleep`) in `ns`, killed on drop; with `pid`, only with exactly that PID (set up
-/// through `ns_last_pid`; None if other processes kept taking it).
-struct Sandbox(Child);
-
-impl Sandbox {
-    fn start(ns: &Netns) -> Sandbox {
-        Sandbox(ns.command("sleep").arg("600").spawn().expect("start a sandbox process"))
-    }
-
-    /// As [`Sandbox::start`], inside `cgroup`.
-    fn start_in(ns: &Netns, cgroup: &Cgroup) -> Sandbox {
-        let mut cmd = ns.command("sleep");
-        cgroup.enter(&mut cmd);
-        Sandbox(cmd.arg("600").spawn().expect("start a sandbox process"))
-    }
-
-    fn with_pid(ns: &Netns, pid: u32) -> Option<Sandbox> {
-        /// Tries before giving up: other processes of the machine fork too.
-        const TRIES: usize = 50;
-        for _ in 0..TRIES {
-            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).expect("write ns_last_pid");
-            let sandbox = Sandbox::start(ns);
-            if sandbox.0.id() == pid {
-                return Some(sandbox);
-            }
-        }
-        None
-    }
-
-    fn netns(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/net", self.0.id()))
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A pod known by `/proc/PID/ns/net` goes while the agent is down, and its PID is reused by a process in
 /// another namespace. The restarted agent must release the record (by its cookie), never register the
 /// other namespace with the gone pod's flags.
@@ -270,7 +229,7 @@ fn a_reused_pid_never_gets_a_gone_pods_capture() {
     let mut agent = Agent::start("pid", &pins, &cgroup);
     let gone = Pod::new("agent-pid-a");
     let sandbox = Sandbox::start(&gone.pod);
-    let pid = sandbox.0.id();
+    let pid = sandbox.pid();
     ok(
         agent.add("default/gone", &sandbox.netns(), INJECTOR_DEFAULT_FLAGS),
         "pod add",
@@ -458,7 +417,7 @@ fn a_reused_pid_never_gets_a_deleted_kubernetes_pods_capture() {
     let gone = Pod::new("agent-kpid-a");
     let pod_cgroup = cgroup.child(format!("kubepods/besteffort/pod{uid}/sandbox"));
     let sandbox = Sandbox::start_in(&gone.pod, &pod_cgroup);
-    let pid = sandbox.0.id();
+    let pid = sandbox.pid();
     let mut agent = Agent::start_kubernetes("kpid", &pins, &cgroup, &node, &api.kubeconfig());
     wait_until(
         "the pod registered from Kubernetes",

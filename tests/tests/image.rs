@@ -14,13 +14,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use serde_json::Value;
 use testkit::{
-    BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Pod, capture_bin,
+    BpfPins, Cgroup, INJECTOR_DEFAULT_FLAGS, Pod, Sandbox, capture_bin,
     kube::{CgroupDriver, Cluster, Kubelet, NS, manifest_objects},
     lands, listening, wait_until,
 };
@@ -317,31 +317,14 @@ fn remove_cgroups(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-/// A process holding the pod's network namespace, as a pod's sandbox does, in the pod's cgroup; killed
-/// on drop. The agent opens the namespace as `/proc/PID/ns/net` (the container has the host's PIDs).
-struct Sandbox(Child);
-
-impl Sandbox {
-    fn netns(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/net", self.0.id()))
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_agent_run_from_the_image_as_the_daemonset_runs_it_captures_a_pod() {
     let pod = Pod::new("image");
     let cgroup = Cgroup::new("image");
     let pins = BpfPins::new("image");
-    let mut sandbox = pod.pod.command("sleep");
-    cgroup.enter(&mut sandbox);
-    let sandbox = Sandbox(sandbox.arg("600").spawn().expect("start the pod's sandbox process"));
+    // The agent opens the pod's namespace as `/proc/PID/ns/net` of its sandbox (the container has the
+    // host's PIDs).
+    let sandbox = Sandbox::start_in(&pod.pod, &cgroup);
     let (sidecar, remote) = listening(&pod, &cgroup);
 
     let container = Container::new("image");
