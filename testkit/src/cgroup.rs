@@ -114,9 +114,11 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // Whatever still runs in it is a leftover of a failed test: end it (cgroup.kill, Linux 5.14+).
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        // Processes started in it may take a moment to be reaped.
+        // Processes started in it may take a moment to be reaped. Cgroups below it (a test kubelet's
+        // `kubepods/besteffort`, which its first pod made and a later pod still used) go with it.
         for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+            remove_tree(&self.path);
+            if !self.path.exists() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -125,4 +127,15 @@ impl Drop for Cgroup {
             let _ = std::fs::remove_dir(dir);
         }
     }
+}
+
+/// Removes the cgroup `dir` and every cgroup below it, innermost first; those that still hold a process
+/// stay (and so do their ancestors).
+pub fn remove_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }

@@ -299,22 +299,11 @@ impl Drop for Container {
         for line in mounts.lines() {
             let mut fields = line.split_whitespace().skip(1);
             if let (Some(mount), Some("cgroup" | "cgroup2")) = (fields.next(), fields.next()) {
-                remove_cgroups(&Path::new(mount).join(&self.cgroup_parent));
+                testkit::cgroup::remove_tree(&Path::new(mount).join(&self.cgroup_parent));
             }
         }
         let _ = std::fs::remove_dir_all(&self.state);
     }
-}
-
-/// Removes the cgroup `dir` and the cgroups below it (podman's for conmon, runc's for the container),
-/// innermost first; they are empty once the container is gone.
-fn remove_cgroups(dir: &Path) {
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_cgroups(&entry.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 #[test]
