@@ -160,27 +160,17 @@ pub fn build() -> Result<Image> {
 /// A dynamic executable names its loader in a `PT_INTERP` program header; a static one (also static-pie,
 /// what rustc makes with `crt-static`) has none.
 fn ensure_static(binary: &Path) -> Result<()> {
-    /// ELF64 little-endian: where the program header table's offset, entry size and count are.
-    const E_PHOFF: usize = 0x20;
-    const E_PHENTSIZE: usize = 0x36;
-    const E_PHNUM: usize = 0x38;
-    const PT_INTERP: u32 = 3;
-    let elf = std::fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
-    let field = |at: usize, len: usize| -> Result<u64> {
-        let bytes = elf.get(at..at + len).context("truncated")?;
-        Ok(bytes.iter().rev().fold(0, |n, b| n << 8 | u64::from(*b)))
-    };
-    let headers = || -> Result<Vec<u32>> {
-        if !elf.starts_with(b"\x7fELF\x02\x01") {
-            bail!("not a 64-bit little-endian ELF file");
-        }
-        let (off, size, count) = (field(E_PHOFF, 8)?, field(E_PHENTSIZE, 2)?, field(E_PHNUM, 2)?);
-        (0..count)
-            .map(|i| Ok(field(usize::try_from(off + i * size)?, 4)? as u32))
-            .collect()
-    };
-    let types = headers().with_context(|| format!("read the program headers of {}", binary.display()))?;
-    if types.contains(&PT_INTERP) {
+    use object::read::elf::{ElfFile64, ProgramHeader as _};
+
+    let data = std::fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
+    let elf = ElfFile64::<object::Endianness>::parse(&*data)
+        .with_context(|| format!("{} is not a 64-bit ELF executable", binary.display()))?;
+    let endian = elf.endian();
+    if elf
+        .elf_program_headers()
+        .iter()
+        .any(|header| header.p_type(endian) == object::elf::PT_INTERP)
+    {
         bail!(
             "{} is not static: it asks for a dynamic loader (PT_INTERP)",
             binary.display()
@@ -199,4 +189,18 @@ pub fn describe(image: &Image) -> String {
         mb(binary),
         target_dir().join("podman").display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dynamic_executable_is_refused() {
+        // Debian's shell is linked dynamically.
+        let err = ensure_static(Path::new("/bin/sh")).expect_err("/bin/sh is dynamic");
+        assert!(err.to_string().contains("PT_INTERP"), "{err:#}");
+        let err = ensure_static(Path::new("/etc/hostname")).expect_err("not ELF");
+        assert!(err.to_string().contains("not a 64-bit ELF"), "{err:#}");
+    }
 }
