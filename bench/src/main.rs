@@ -316,7 +316,7 @@ fn main() -> Result<()> {
     let namespaces = scaling::namespaces(&topologies, sweep(plan.namespace_points), &mut progress)?;
     drop(topologies);
     drop(cgroups);
-    let registration = registration::measure(&args.capture, plan.agent_pods, &mut progress)?;
+    let registration = registration::measure(plan.agent_pods, &mut progress)?;
     let kubernetes = kubernetes::measure(plan.kube_pods, &mut progress)?;
 
     let results = Results {

@@ -102,6 +102,11 @@ impl Agent {
         }
     }
 
+    /// Its PID (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent runs").id()
+    }
+
     /// SIGKILL: no chance to clean up, as when a node agent crashes or is OOM-killed.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
