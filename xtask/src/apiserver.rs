@@ -6,7 +6,7 @@
 use std::{
     io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -78,34 +78,9 @@ fn work_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Unpacks Debian binary package `package` (`apt-get download`, `dpkg -x`) into `dir`.
-fn unpack_deb(package: &str, dir: &Path) -> Result<()> {
-    let download = |dir: &Path| {
-        Command::new("apt-get")
-            // As root into our own directory: apt's `_apt` sandbox user could not write there.
-            .args(["download", "-qq", "-o", "APT::Sandbox::User=root", package])
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !download(dir) {
-        // The package lists may be missing or stale on a fresh machine.
-        checked(Command::new("apt-get").args(["update", "-qq"]).stdout(Stdio::null()))?;
-        if !download(dir) {
-            bail!("apt-get download {package} failed");
-        }
-    }
-    let deb = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .with_context(|| format!("apt-get download {package} left no .deb"))?;
-    checked(Command::new("dpkg").arg("-x").arg(&deb).arg(dir.join("root")))
-}
-
 fn fetch_etcd(dest: &Path) -> Result<()> {
     let dir = work_dir("etcd-download")?;
-    unpack_deb(ETCD_PACKAGE, &dir)?;
+    setup::unpack_deb(ETCD_PACKAGE, &[], &dir)?;
     std::fs::rename(dir.join("root/usr/bin/etcd"), dest).with_context(|| format!("install {}", dest.display()))?;
     std::fs::remove_dir_all(&dir)?;
     println!("setup: installed etcd ({ETCD_PACKAGE}, Debian) in {CACHE}");
@@ -181,7 +156,7 @@ fn build_apiserver(dest: &Path) -> Result<()> {
 
     let reflect2 = dir.join("reflect2");
     std::fs::create_dir_all(&reflect2)?;
-    unpack_deb(REFLECT2_PACKAGE, &reflect2)?;
+    setup::unpack_deb(REFLECT2_PACKAGE, &[], &reflect2)?;
     replace_go_sources(
         &reflect2.join("root").join(REFLECT2_IN_PACKAGE),
         &tree.join(REFLECT2_VENDORED),

@@ -80,6 +80,40 @@ pub fn ensure_image_tools() -> Result<()> {
     install_debs(IMAGE_APT_PACKAGES)
 }
 
+/// Downloads Debian binary package `package` (`apt-get download`, with `apt_args` such as a private
+/// source) into `dir` and unpacks it (`dpkg-deb -x`) into `dir/root`; the .deb is removed. If the download
+/// fails, the package lists (missing or stale on a fresh machine) are updated and it is tried once more.
+pub(crate) fn unpack_deb(package: &str, apt_args: &[String], dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let download = || {
+        Command::new("apt-get")
+            .args(apt_args)
+            // As root into our own directory: apt's `_apt` sandbox user could not write there.
+            .args(["-o=APT::Sandbox::User=root", "download", "-qq", package])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !download() {
+        checked(
+            Command::new("apt-get")
+                .args(apt_args)
+                .args(["update", "-qq"])
+                .stdout(Stdio::null()),
+        )?;
+        if !download() {
+            bail!("apt-get download {package} failed");
+        }
+    }
+    let deb = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("root")))?;
+    std::fs::remove_file(&deb).with_context(|| format!("remove {}", deb.display()))
+}
+
 /// Debian packages `cargo xtask vm` needs: QEMU, and kmod (depmod) and busybox for the guest's initramfs.
 const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
 /// virtme-ng (PyPI), which boots a kernel with the host's files visible (`vng`).

@@ -369,23 +369,7 @@ fn debian_kernel(package: &str) -> Result<PathBuf> {
             })
     };
     if find_image().is_none() {
-        fs::create_dir_all(&dir)?;
-        let apt_args = apt()?;
-        checked(
-            Command::new("apt-get")
-                .args(&apt_args)
-                // As root into a directory apt's sandbox user cannot write: say so, rather than warn.
-                .args(["-o=APT::Sandbox::User=root", "download", "-qq", package])
-                .current_dir(&dir)
-                .stdout(Stdio::null()),
-        )?;
-        let deb = fs::read_dir(&dir)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("apt-get download left no .deb")?;
-        checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-        fs::remove_file(&deb)?;
+        setup::unpack_deb(package, &apt()?, &dir)?;
         println!("setup: downloaded {package} (apt-get download) into {}", dir.display());
     }
     let image = find_image().with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
