@@ -55,10 +55,24 @@ pub fn binaries() -> ApiServer {
 /// missing.
 pub fn ensure() -> Result<ApiServer> {
     let bins = binaries();
-    if !runs(Command::new(&bins.etcd).arg("--version"), "etcd Version") {
+    let etcd_ok = || runs(Command::new(&bins.etcd).arg("--version"), "etcd Version");
+    let apiserver_ok = || runs(Command::new(&bins.kube_apiserver).arg("--version"), VERSION);
+    if etcd_ok() && apiserver_ok() {
+        return Ok(bins);
+    }
+    // The cache is the machine's: two clones set up at once would share one work directory, each
+    // removing the other's. The second waits, then finds what the first made.
+    std::fs::create_dir_all(CACHE).with_context(|| format!("create {CACHE}"))?;
+    let lock_path = Path::new(CACHE).join(".lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        println!("setup: another setup is building into {CACHE}; waiting for it");
+        lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
+    }
+    if !etcd_ok() {
         fetch_etcd(&bins.etcd)?;
     }
-    if !runs(Command::new(&bins.kube_apiserver).arg("--version"), VERSION) {
+    if !apiserver_ok() {
         build_apiserver(&bins.kube_apiserver)?;
     }
     Ok(bins)
