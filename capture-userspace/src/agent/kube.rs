@@ -95,7 +95,7 @@ pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> any
                 let mut out = Vec::new();
                 let mut next = event;
                 // The events already received are applied first, then one /proc scan looks for the
-                // namespaces of all their new pods: a scan reads every process's cgroup, and one per pod
+                // namespaces of all their waiting pods: a scan reads every process's cgroup, and one per pod
                 // made a burst of pods wait on each other (`cargo xtask bench --only kubernetes` beside
                 // 1,500 idle processes: median 1.7 s, p99 4.1 s; batched, 0.6 s and 2.7 s).
                 for _ in 0..BATCH {
@@ -112,7 +112,7 @@ pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> any
                         None => break,
                     }
                 }
-                out.extend(state.look_for_new());
+                out.extend(state.look_for_touched());
                 out
             },
             _ = tick.tick() => state.rescan(),
@@ -126,7 +126,7 @@ pub async fn watch(config: KubeSource, events: mpsc::Sender<SourceEvent>) -> any
     }
 }
 
-/// At most this many watch events are applied before the new pods among them are looked for.
+/// At most this many watch events are applied before the waiting pods among them are looked for.
 const BATCH: usize = 256;
 
 /// The watch's retry delays after an error: from a quarter second, doubling, at most [`RETRY_MAX`] apart,
@@ -161,8 +161,9 @@ struct State {
     pods: BTreeMap<String, Tracked>,
     /// The ids seen during a (re)list in progress.
     listing: Option<BTreeSet<String>>,
-    /// Pods new since the last scan, to look for at the next one ([`State::look_for_new`]).
-    new: BTreeSet<String>,
+    /// Waiting pods (no namespace yet) with a watch event since the last scan: the next one looks for them
+    /// ([`State::look_for_touched`]). Pods that only wait are left to the rescan.
+    touched: BTreeSet<String>,
 }
 
 impl State {
@@ -171,7 +172,7 @@ impl State {
             proc_root,
             pods: BTreeMap::new(),
             listing: None,
-            new: BTreeSet::new(),
+            touched: BTreeSet::new(),
         }
     }
 
@@ -184,7 +185,7 @@ impl State {
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => self.apply(&pod),
             watcher::Event::Delete(pod) => {
                 let id = pod_id(&pod);
-                self.new.remove(&id);
+                self.touched.remove(&id);
                 self.pods
                     .remove(&id)
                     .map(|_| SourceEvent::Remove(id))
@@ -195,9 +196,9 @@ impl State {
                 let listed = self.listing.take().unwrap_or_default();
                 // Pods gone while we were not watching: the agent releases them on `Synced`.
                 self.pods.retain(|id, _| listed.contains(id));
-                self.new.retain(|id| listed.contains(id));
+                self.touched.retain(|id| listed.contains(id));
                 // The listed pods found now are upserted before the list is declared complete.
-                let mut out = self.look_for_new();
+                let mut out = self.look_for_touched();
                 out.push(SourceEvent::Synced(listed.into_iter().collect()));
                 out
             }
@@ -210,7 +211,7 @@ impl State {
             Ok(flags) => flags,
             Err(skip) => {
                 tracing::debug!("{id}: not captured: {skip}");
-                self.new.remove(&id);
+                self.touched.remove(&id);
                 return self
                     .pods
                     .remove(&id)
@@ -242,22 +243,22 @@ impl State {
             Some(netns) if changed => vec![upsert(&id, tracked, netns)],
             Some(_) => Vec::new(),
             None => {
-                self.new.insert(id);
+                self.touched.insert(id);
                 Vec::new()
             }
         }
     }
 
-    /// Looks for the namespaces of the pods that are new since the last scan, in one scan.
-    fn look_for_new(&mut self) -> Vec<SourceEvent> {
-        let new: Vec<String> = std::mem::take(&mut self.new).into_iter().collect();
-        self.find(&new)
+    /// Looks for the namespaces of the touched waiting pods, in one scan.
+    fn look_for_touched(&mut self) -> Vec<SourceEvent> {
+        let touched: Vec<String> = std::mem::take(&mut self.touched).into_iter().collect();
+        self.find(&touched)
     }
 
     /// Look for the namespaces of the waiting pods, and check that the captured ones still have theirs.
     fn rescan(&mut self) -> Vec<SourceEvent> {
-        // New pods are waiting ones too: this scan looks for them.
-        self.new.clear();
+        // Touched pods are waiting ones too: this scan looks for them.
+        self.touched.clear();
         let mut waiting = Vec::new();
         for (id, tracked) in &mut self.pods {
             let alive = tracked.netns.as_ref().is_some_and(|n| netns_id(&n.path) == Some(n.id));
