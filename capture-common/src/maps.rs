@@ -13,6 +13,8 @@ pub mod names {
     pub const CIDRS: &str = "CIDRS";
     /// Original destination kept with each socket.
     pub const ORIG_DST: &str = "ORIG_DST";
+    /// Original destination of a redirected TCP socket between its connect and its SYN, by socket cookie.
+    pub const ORIG_CONNECTING: &str = "ORIG_CONNECTING";
     /// Original destination of a connection in its handshake, by the connection as the proxy sees it.
     pub const ORIG_BY_ADDR: &str = "ORIG_BY_ADDR";
     /// Each namespace's own addresses, the source of its redirected connections.
@@ -253,7 +255,8 @@ impl CidrKeyData {
     }
 }
 
-/// Where a captured connection was going. Value of `ORIG_DST` (per socket) and `ORIG_BY_ADDR`.
+/// Where a captured connection was going. Value of `ORIG_DST` (per socket), `ORIG_CONNECTING` and
+/// `ORIG_BY_ADDR`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigDst {

@@ -339,21 +339,49 @@ pub fn lands_on_capture_port(cfg: &PodConfig, port: u16) -> bool {
     port == cfg.proxy_port || port == cfg.inbound_capture_port || port == DNS_PROXY_PORT
 }
 
-/// What `SO_ORIGINAL_DST` answers on a TCP socket of a registered namespace that has no original
-/// destination kept with it, at local address `local` and port `local_port`: that address. It is where the
-/// peer connected to, which is conntrack's answer for a connection that was not rewritten and the original
-/// destination of an inbound connection sk_lookup handed to the proxy (no rewrite, so nothing was kept).
-/// Except on the outbound capture port (`-p`) at a loopback address, where every redirected connection
-/// lands: a socket there without a kept destination lost it, and 127.0.0.1:15001 would send the proxy to
-/// itself. It gets no answer, and the proxy closes the connection (fails closed).
+/// A loopback address: 127.0.0.0/8 (IPv4 mapped) or `::1`. Every redirect rewrites the destination to one,
+/// so sockops looks for a connecting socket's original destination only when its peer is one: the proxy's
+/// upstream connections cost no lookup.
 #[inline(always)]
-pub fn unkept_original_dst(cfg: &PodConfig, local: &Addr, local_port: u16) -> Option<(Addr, u16)> {
-    let loopback = if addr::is_v4(local) {
-        addr::v4_octets(local)[0] == LOOPBACK_NET_V4_FIRST_OCTET
+pub fn is_loopback(a: &Addr) -> bool {
+    if addr::is_v4(a) {
+        addr::v4_octets(a)[0] == LOOPBACK_NET_V4_FIRST_OCTET
     } else {
-        *local == addr::LOCALHOST_V6
-    };
-    if loopback && local_port == cfg.proxy_port {
+        *a == addr::LOCALHOST_V6
+    }
+}
+
+/// Whether a TCP socket connected to `remote`:`remote_port` may be the application's end of a redirected
+/// connection: every redirect of [`outbound`] rewrites the destination to loopback on a port
+/// [`lands_on_capture_port`].
+#[inline(always)]
+pub fn may_be_redirected(cfg: &PodConfig, remote: &Addr, remote_port: u16) -> bool {
+    is_loopback(remote) && lands_on_capture_port(cfg, remote_port)
+}
+
+/// What `SO_ORIGINAL_DST` answers on a TCP socket of a registered namespace that has no original
+/// destination kept with it, at local address `local` and port `local_port`, connected to `remote`:`remote_port`:
+/// the local address. It is where the peer connected to, which is conntrack's answer for a connection
+/// that was not rewritten and the original destination of an inbound connection sk_lookup handed to the
+/// proxy (no rewrite, so nothing was kept). Except:
+///
+/// - on the outbound capture port (`-p`) at a loopback address, where every redirected connection lands:
+///   a socket there without a kept destination lost it, and 127.0.0.1:15001 would send the proxy to
+///   itself;
+/// - on the application's own end of a redirected connection ([`may_be_redirected`]): capture keeps the
+///   original destination for the proxy's end only, and the application's own local address would be a
+///   wrong answer.
+///
+/// These get no answer, and a proxy closes the connection (fails closed).
+#[inline(always)]
+pub fn unkept_original_dst(
+    cfg: &PodConfig,
+    local: &Addr,
+    local_port: u16,
+    remote: &Addr,
+    remote_port: u16,
+) -> Option<(Addr, u16)> {
+    if (is_loopback(local) && local_port == cfg.proxy_port) || may_be_redirected(cfg, remote, remote_port) {
         None
     } else {
         Some((*local, local_port))

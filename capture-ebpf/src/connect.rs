@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie},
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
@@ -24,7 +24,7 @@ use crate::{
         user_port,
     },
     lookups::MapLookups,
-    maps::{CONFIG, ORIG_DST, POD_SOURCES, bump},
+    maps::{CONFIG, ORIG_CONNECTING, ORIG_DST, POD_SOURCES, bump},
 };
 
 /// Lets the connect proceed (a cgroup sock_addr program that returns 0 fails it with EPERM).
@@ -100,32 +100,36 @@ fn log_decision(ctx: &SockAddrContext, d: &Decision) {
     );
 }
 
-/// Keeps where a redirected connection was going with its socket: a TCP socket for sockops to hand to the
-/// proxy's socket, a UDP socket (DNS) for recvmsg to restore the replies' source. If the kernel cannot
-/// allocate it the connection is still redirected: the proxy then finds no original destination and closes
-/// it, which fails closed.
+/// The socket cookie of the socket a sock_addr program runs for.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, netns: u64, dst: Addr, dport: u16, proxy_port: u16, v6: bool) {
-    let orig = OrigDst {
-        netns,
-        addr: dst,
-        port: dport,
-        proxy_port,
-        v6_socket: u32::from(v6),
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the context pointer is the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Keeps where a redirected connection was going: a TCP socket's by its cookie, for sockops to hand on
+/// when the socket sends its SYN (see [`ORIG_CONNECTING`]); a UDP socket's (DNS) with the socket, for
+/// recvmsg to restore the replies' source. If the kernel cannot allocate a UDP socket's the query is still
+/// redirected, and its reply comes from the DNS proxy's address.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, orig: OrigDst, proto: Proto) {
+    let kept = match proto {
+        // A full map evicts its least recently used entry (LRU): the insert itself does not fail for lack
+        // of room.
+        Proto::Tcp => ORIG_CONNECTING.insert(&cookie(ctx), &orig, 0).is_ok(),
+        Proto::Udp => ORIG_DST.set(sock_addr_socket(ctx), orig),
     };
-    if !ORIG_DST.set(sock_addr_socket(ctx), orig) {
-        bump(netns, Counter::OrigDstMisses);
+    if !kept {
+        bump(orig.netns, Counter::OrigDstMisses);
     }
 }
 
-/// A connection left alone. A TCP socket may still keep the destination of an earlier redirected connect
-/// that failed; it no longer describes this connection, which must not be handed to the proxy with it. (A
-/// UDP socket keeps its: a captured query's reply may still be on its way.)
+/// A connection left alone. A TCP socket whose earlier redirected connect failed before its SYN may still
+/// have an entry in [`ORIG_CONNECTING`]; sockops hands it on only to a connection that goes where that
+/// redirect pointed (loopback, its capture port), so nothing is deleted here and the passed path costs no
+/// map operation. (A UDP socket keeps its destination: a captured query's reply may still be on its way.)
 #[inline(always)]
-fn passed(ctx: &SockAddrContext, netns: u64, proto: Proto) {
-    if proto == Proto::Tcp {
-        ORIG_DST.forget(sock_addr_socket(ctx));
-    }
+fn passed(netns: u64) {
     bump(netns, Counter::Passed);
 }
 
@@ -186,14 +190,15 @@ fn bind_in(hook: Hook, netns: u64, proto: Proto) -> u64 {
 #[inline(always)]
 fn pod_source(ctx: &SockAddrContext, netns: u64) -> Option<Addr> {
     let sk = sock_addr_socket(ctx);
-    let orig = ORIG_DST.get(sk)?;
+    // SAFETY: read only for the duration of this call.
+    let orig = unsafe { ORIG_CONNECTING.get(&cookie(ctx)) }?;
     // SAFETY: read only for the duration of this call.
     let sources = unsafe { POD_SOURCES.get(&netns) }?;
     model::redirect_source(sources, &orig.addr, &socket_local(sk), socket_local_port(sk))
 }
 
-/// Binds the socket of a connect4 redirected in namespace `netns` (its original destination just kept with
-/// it) as [`pod_source`] says. Called by the connect4 program after [`connect4`]: in connect4's body, LLVM
+/// Binds the socket of a connect4 redirected in namespace `netns` (its original destination just kept by
+/// its cookie) as [`pod_source`] says. Called by the connect4 program after [`connect4`]: in connect4's body, LLVM
 /// ran short of registers and emitted code the verifier rejects. If the bind fails the connection still
 /// goes, from loopback.
 #[inline(never)]
@@ -226,13 +231,20 @@ pub fn connect4(ctx: &SockAddrContext, hook: Hook) -> u64 {
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
-            remember(ctx, netns, dst, dport, port, false);
+            let orig = OrigDst {
+                netns,
+                addr: dst,
+                port: dport,
+                proxy_port: port,
+                v6_socket: u32::from(false),
+            };
+            remember(ctx, orig, proto);
             rewrite4(ctx, &addr::from_v4(addr::LOCALHOST_V4), port);
             redirected(netns, rule);
             bind_in(hook, netns, proto)
         }
         Verdict::Pass(_) => {
-            passed(ctx, netns, proto);
+            passed(netns);
             NO_BIND
         }
     }
@@ -249,7 +261,14 @@ pub fn connect6(ctx: &SockAddrContext, hook: Hook) -> u64 {
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
-            remember(ctx, netns, dst, dport, port, true);
+            let orig = OrigDst {
+                netns,
+                addr: dst,
+                port: dport,
+                proxy_port: port,
+                v6_socket: u32::from(true),
+            };
+            remember(ctx, orig, proto);
             let target = if addr::is_v4(&dst) {
                 addr::from_v4(addr::LOCALHOST_V4)
             } else {
@@ -260,7 +279,7 @@ pub fn connect6(ctx: &SockAddrContext, hook: Hook) -> u64 {
             bind_in(hook, netns, proto)
         }
         Verdict::Pass(_) => {
-            passed(ctx, netns, proto);
+            passed(netns);
             NO_BIND
         }
     }

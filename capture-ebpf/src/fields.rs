@@ -88,6 +88,26 @@ pub fn socket_local(sk: *mut bpf_sock) -> Addr {
     }
 }
 
+/// A socket's peer address by its family (IPv4 mapped); an unconnected one reads as 0.0.0.0 or `::`.
+#[inline(always)]
+pub fn socket_remote(sk: *mut bpf_sock) -> Addr {
+    // SAFETY: a socket pointer the verifier knows as such, valid for the program's lifetime.
+    let sk = unsafe { &*sk };
+    if sk.family == AF_INET {
+        addr::from_v4_word(sk.dst_ip4)
+    } else {
+        addr::from_words(words(&sk.dst_ip6))
+    }
+}
+
+/// A socket's peer port (host order; the field is network order); 0 while it is not connected.
+#[inline(always)]
+pub fn socket_remote_port(sk: *mut bpf_sock) -> u16 {
+    // SAFETY: a socket pointer the verifier knows as such, valid for the program's lifetime; a two-byte
+    // load of the two-byte field.
+    u16::from_be(unsafe { core::ptr::read_volatile(&(*sk).dst_port) })
+}
+
 /// A socket's local port (host order); 0 while it is not bound to one.
 #[inline(always)]
 pub fn socket_local_port(sk: *mut bpf_sock) -> u16 {

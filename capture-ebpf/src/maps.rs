@@ -5,7 +5,7 @@ use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock},
-    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash},
 };
@@ -17,7 +17,7 @@ use capture_common::{
     },
 };
 
-/// Connections in their handshake (between the application's SYN and the proxy's side established), over
+/// Connections in their handshake (between the application's connect and the proxy's side established), over
 /// all namespaces; LRU as a backstop for handshakes whose end no program sees.
 const MAX_HANDSHAKES: u32 = 65536;
 
@@ -61,22 +61,33 @@ pub static SETS: HashMap<SetKey, u8> = HashMap::pinned(MAX_SET_ENTRIES, 0);
 pub static CIDRS: LpmTrie<CidrKeyData, u8> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0);
 
 /// Where each captured connection was going, kept with the socket for as long as the socket lives: on the
-/// application's redirected TCP socket (from connect), on the proxy's accepted socket (from the end of the
-/// handshake, for `SO_ORIGINAL_DST`), and on a UDP socket whose DNS queries are redirected (for its replies).
-/// No size: the kernel frees a socket's value with the socket.
+/// proxy's accepted socket of a redirected TCP connection (from the end of the handshake, for
+/// `SO_ORIGINAL_DST`), and on a UDP socket whose DNS queries are redirected (for its replies). No size: the
+/// kernel frees a socket's value with the socket.
 /// - key: the socket; value: [`OrigDst`]
-/// - written by: connect4/6 and sendmsg4/6 (the application's socket), sockops (PASSIVE_ESTABLISHED_CB, the
-///   proxy's socket); deleted by: connect4/6 when a TCP socket connects again and is not redirected; read
-///   by: sockops (TCP_CONNECT_CB, STATE_CB), getsockopt, recvmsg4/6.
+/// - written by: sendmsg4/6 and connect4/6 (a redirected UDP socket), sockops (PASSIVE_ESTABLISHED_CB, the
+///   proxy's socket); read by: getsockopt, recvmsg4/6.
 #[btf_map]
 pub static ORIG_DST: SocketStorage<OrigDst> = SocketStorage::new();
+
+/// Original destinations of redirected TCP sockets between their connect and their SYN, by socket cookie:
+/// the application's socket does not have its port yet, so the handshake's key cannot be written. A map
+/// entry instead of socket storage: the storage's allocation, and its free when the socket closes, cost more
+/// than the whole decision (`cargo xtask bench`'s profile in the README).
+/// - key: socket cookie (`u64`); value: [`OrigDst`]
+/// - written by: connect4/6 (a redirected TCP connect); read and deleted by: sockops (TCP_CONNECT_CB of the
+///   same socket, in the same connect(2) unless the socket defers its connect for TCP Fast Open), also
+///   read by connect4/6 to bind the socket. LRU as a backstop for a connect that fails before its SYN,
+///   whose entry no program deletes (a later redirected connect of the socket replaces it).
+#[map]
+pub static ORIG_CONNECTING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_HANDSHAKES, 0);
 
 /// Original destinations of connections in their handshake, by the connection as the proxy will see it:
 /// the only moment neither socket can carry it (the proxy's socket does not exist yet).
 /// - key: [`ConnKey`] (netns, client address and port, the proxy's listening port); value: [`OrigDst`]
-/// - written by: sockops (TCP_CONNECT_CB of the application's socket); moved onto the proxy's socket and
-///   deleted by sockops (PASSIVE_ESTABLISHED_CB), or deleted when the application's handshake fails
-///   (STATE_CB from SYN_SENT). Entries of a namespace are deleted when it is unregistered.
+/// - written by: sockops (TCP_CONNECT_CB of the application's socket, from [`ORIG_CONNECTING`]); moved onto
+///   the proxy's socket and deleted by sockops (PASSIVE_ESTABLISHED_CB), or deleted when the application's
+///   handshake fails (STATE_CB from SYN_SENT). Entries of a namespace are deleted when it is unregistered.
 #[map]
 pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_HANDSHAKES, 0);
 
@@ -180,14 +191,6 @@ impl<T> SocketStorage<T> {
     {
         // SAFETY: the kernel's value for this socket, valid for the program's run; copied out.
         self.storage(sk, ptr::null_mut(), 0).map(|v| unsafe { *v })
-    }
-
-    /// Drops the value kept with `sk`, if any.
-    #[inline(always)]
-    pub fn forget(&self, sk: *mut bpf_sock) {
-        let map = ptr::from_ref(self).cast_mut().cast::<c_void>();
-        // SAFETY: `sk` is a socket pointer the verifier knows as such; ENOENT (nothing kept) is fine.
-        let _ = unsafe { bpf_sk_storage_delete(map, sk.cast()) };
     }
 
     /// Keeps `value` with `sk`, replacing what it had. Fails only when the kernel cannot allocate (the

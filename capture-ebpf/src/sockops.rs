@@ -2,8 +2,8 @@
 //! accepted one, so getsockopt can answer `SO_ORIGINAL_DST` for as long as the proxy's socket lives.
 //!
 //! - TCP_CONNECT_CB (application side, just before the SYN; the local port is known): the socket's
-//!   original destination (`ORIG_DST`) is written to `ORIG_BY_ADDR`, keyed by what the proxy will see as
-//!   its peer, and the socket asks for state callbacks.
+//!   original destination moves from `ORIG_CONNECTING` (by socket cookie) to `ORIG_BY_ADDR`, keyed by what
+//!   the proxy will see as its peer, and the socket asks for state callbacks.
 //! - PASSIVE_ESTABLISHED_CB (proxy side, when the handshake completes, before accept): the entry moves onto
 //!   the proxy's new socket (`ORIG_DST`) and is deleted.
 //! - STATE_CB leaving SYN_SENT (application side): a handshake that failed deletes its entry; either way the
@@ -16,20 +16,20 @@ use aya_ebpf::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
     },
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
 use capture_common::{
     addr,
     counters::Counter,
-    maps::{ConnKey, ListenerKey, OrigDst, PodConfig},
+    maps::{ConnKey, ListenerKey, PodConfig},
     model,
 };
 
 use crate::{
     accel,
     fields::{local_addr, remote_addr},
-    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, ORIG_DST, bump},
+    maps::{CONFIG, LISTENERS, ORIG_BY_ADDR, ORIG_CONNECTING, ORIG_DST, bump},
 };
 
 /// `TCP_ESTABLISHED` in the kernel's TCP state numbering.
@@ -86,11 +86,16 @@ fn socket(ctx: &SockOpsContext) -> Option<*mut bpf_sock> {
     (!sk.is_null()).then_some(sk)
 }
 
-/// The handshake key of the application's socket whose original destination is `orig`: the connection as
-/// the proxy will see it.
+/// The handshake key of an application's socket in namespace `netns`, connected to the proxy: the
+/// connection as the proxy will see it (see [`proxy_side_key`]).
 #[inline(always)]
-fn app_side_key(ctx: &SockOpsContext, orig: &OrigDst) -> ConnKey {
-    ConnKey::new(orig.netns, local_addr(ctx), ctx.local_port() as u16, orig.proxy_port)
+fn app_side_key(ctx: &SockOpsContext, netns: u64) -> ConnKey {
+    ConnKey::new(
+        netns,
+        local_addr(ctx),
+        ctx.local_port() as u16,
+        addr::port_from_remote_field(ctx.remote_port()),
+    )
 }
 
 /// Sets or clears the state-callback flag of the callback's socket.
@@ -103,15 +108,27 @@ fn state_callbacks(ctx: &SockOpsContext, on: bool) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
-/// TCP_CONNECT_CB of a redirected application socket: its original destination is put where the proxy's
-/// socket will find it at the end of the handshake.
+/// TCP_CONNECT_CB: if the socket is an application's redirected one, its original destination is put
+/// where the proxy's socket will find it at the end of the handshake. Only a socket connecting to loopback
+/// can be one ([`model::is_loopback`]): the proxy's upstream connections cost no lookup. The entry is
+/// handed on only if the socket still goes where the redirect pointed, its capture port.
 #[inline(always)]
 fn handshake_starts(ctx: &SockOpsContext) {
-    let Some(orig) = socket(ctx).and_then(|sk| ORIG_DST.get(sk)) else {
+    if !model::is_loopback(&remote_addr(ctx)) {
+        return;
+    }
+    // SAFETY: the context pointer is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out before the entry is removed.
+    let Some(orig) = (unsafe { ORIG_CONNECTING.get(&cookie) }).copied() else {
         return;
     };
+    let _ = ORIG_CONNECTING.remove(&cookie);
+    if addr::port_from_remote_field(ctx.remote_port()) != orig.proxy_port {
+        return;
+    }
     // A full map evicts its least recently used entry (LRU): the insert itself does not fail for lack of room.
-    let _ = ORIG_BY_ADDR.insert(&app_side_key(ctx, &orig), &orig, 0);
+    let _ = ORIG_BY_ADDR.insert(&app_side_key(ctx, orig.netns), &orig, 0);
     state_callbacks(ctx, true);
 }
 
@@ -143,9 +160,9 @@ fn state_changes(ctx: &SockOpsContext) {
         return;
     }
     if ctx.arg(1) != TCP_ESTABLISHED {
-        if let Some(orig) = socket(ctx).and_then(|sk| ORIG_DST.get(sk)) {
-            let _ = ORIG_BY_ADDR.remove(&app_side_key(ctx, &orig));
-        }
+        // SAFETY: the context pointer is the program's own context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let _ = ORIG_BY_ADDR.remove(&app_side_key(ctx, netns));
     }
     state_callbacks(ctx, false);
 }

@@ -2,10 +2,10 @@
 //! socket of a registered namespace, as conntrack does under iptables:
 //!
 //! - with the original destination kept with the socket (`ORIG_DST`): the proxy's end of a redirected
-//!   outbound connection (and the application's own redirected socket);
+//!   outbound connection;
 //! - otherwise as [`model::unkept_original_dst`] says: the socket's own local address (an inbound connection
 //!   sk_lookup handed to the proxy, or one not rewritten at all), but nothing on the outbound capture port at
-//!   loopback.
+//!   loopback, nor on the application's own end of a redirected connection.
 //!
 //! Every other option, and these on sockets of other namespaces or of other protocols, keep the kernel's
 //! own answer untouched.
@@ -19,7 +19,7 @@ use capture_common::{
 };
 
 use crate::{
-    fields::socket_local,
+    fields::{socket_local, socket_remote, socket_remote_port},
     maps::{CONFIG, ORIG_DST, bump},
 };
 
@@ -75,7 +75,13 @@ pub fn getsockopt(ctx: &SockoptContext) {
             let Some(cfg) = (unsafe { CONFIG.get(&netns) }) else {
                 return;
             };
-            model::unkept_original_dst(cfg, &socket_local(sk), local_port)
+            model::unkept_original_dst(
+                cfg,
+                &socket_local(sk),
+                local_port,
+                &socket_remote(sk),
+                socket_remote_port(sk),
+            )
         }
     };
     let Some((addr, port)) = found else {

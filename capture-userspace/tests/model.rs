@@ -12,7 +12,9 @@ use capture::{
 use capture_common::{
     addr::{self, Addr},
     maps::PodSources,
-    model::{Conn, Proto, Rule, Verdict, accelerate, outbound, redirect_source, unkept_original_dst},
+    model::{
+        Conn, Proto, Rule, Verdict, accelerate, may_be_redirected, outbound, redirect_source, unkept_original_dst,
+    },
 };
 
 const POD_IP: &str = "10.1.1.5";
@@ -392,7 +394,9 @@ fn loopback_acceleration_takes_quiet_local_pairs_only() {
 #[test]
 fn a_socket_without_a_kept_original_destination_reports_its_local_address_but_not_at_the_proxys_own_port() {
     let p = pod(INJECTOR);
-    let answer = |local: &str, port: u16| unkept_original_dst(&p.entries.config, &ip(local), port);
+    // A socket accepted from a remote peer (or the app's own, connected anywhere but a capture port).
+    let answer =
+        |local: &str, port: u16| unkept_original_dst(&p.entries.config, &ip(local), port, &ip("10.9.9.9"), 40000);
     // Inbound, handed over by sk_lookup: the local address is the original destination, whatever the port
     // (a remote client may well connect to the pod's 15001).
     for (local, port) in [
@@ -411,14 +415,52 @@ fn a_socket_without_a_kept_original_destination_reports_its_local_address_but_no
     }
     // Another -p moves that port.
     let other = pod("-p 16001 -z 15006 -u 1337 -m REDIRECT -i *");
+    let peer = ip("10.9.9.9");
     assert_eq!(
-        unkept_original_dst(&other.entries.config, &ip("127.0.0.1"), 15001),
+        unkept_original_dst(&other.entries.config, &ip("127.0.0.1"), 15001, &peer, 40000),
         Some((ip("127.0.0.1"), 15001))
     );
     assert_eq!(
-        unkept_original_dst(&other.entries.config, &ip("127.0.0.1"), 16001),
+        unkept_original_dst(&other.entries.config, &ip("127.0.0.1"), 16001, &peer, 40000),
         None
     );
+}
+
+#[test]
+fn the_applications_own_end_of_a_redirected_connection_gets_no_original_destination() {
+    let p = pod(INJECTOR);
+    let cfg = &p.entries.config;
+    // Connected to loopback on a port a redirect lands on (-p, -z, the DNS proxy's): its own local address
+    // would be a wrong answer, and capture keeps the destination only on the proxy's end.
+    for (local, remote, port) in [
+        (POD_IP, "127.0.0.1", 15001),
+        ("127.0.0.1", "127.0.0.1", 15001),
+        (POD_IP, "127.0.0.1", 15006),
+        (POD_IP, "127.0.0.1", 15053),
+        (POD_IP6, "::1", 15001),
+        ("::ffff:10.1.1.5", "::ffff:127.0.0.1", 15001),
+    ] {
+        assert!(may_be_redirected(cfg, &ip(remote), port), "{remote} port {port}");
+        assert_eq!(
+            unkept_original_dst(cfg, &ip(local), 40000, &ip(remote), port),
+            None,
+            "{local} -> {remote}:{port}"
+        );
+    }
+    // Another port at loopback, or a capture port elsewhere: not a redirect's, answered with the local address.
+    for (remote, port) in [
+        ("127.0.0.1", 8080),
+        (POD_IP, 15001),
+        ("10.9.9.9", 15006),
+        ("::2", 15001),
+    ] {
+        assert!(!may_be_redirected(cfg, &ip(remote), port), "{remote} port {port}");
+        assert_eq!(
+            unkept_original_dst(cfg, &ip(POD_IP), 40000, &ip(remote), port),
+            Some((ip(POD_IP), 40000)),
+            "{remote}:{port}"
+        );
+    }
 }
 
 /// istio-iptables splits `-i` and `-x` by family: an IPv4 destination (an IPv4-mapped one on an IPv6 socket

@@ -424,6 +424,12 @@ fn original_destination_entries_do_not_outlive_their_connections() {
         left, 0,
         "original-destination entries left after {connections} closed connections"
     );
+    // Nor between connect and SYN: each socket's entry goes at its SYN.
+    assert_eq!(
+        entries::<u64, OrigDst>(&pins, names::ORIG_CONNECTING),
+        0,
+        "entries by socket cookie left after {connections} connections"
+    );
 }
 
 #[test]

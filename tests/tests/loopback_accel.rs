@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::{Mutex, mpsc},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -301,6 +301,26 @@ const ABORT: libc::linger = libc::linger {
     l_onoff: 1,
     l_linger: 0,
 };
+
+/// `SO_ORIGINAL_DST` asked by the app on its own redirected socket gets no answer, never a wrong address
+/// (the README's differences: conntrack would answer; capture keeps the destination on the proxy's end
+/// only). The proxy's end is answered: the sidecar, which reads it, still reaches the remote.
+#[test]
+fn the_apps_own_redirected_socket_gets_no_original_destination() {
+    for (own, echoed) in both("own", |w| {
+        w.app(|| {
+            let mut s = TcpStream::connect_timeout(&sa(REMOTE_V4, ECHO_PORT), IO_TIMEOUT).expect("connect");
+            let own = ::capture::sockopt::original_dst(s.as_fd(), false);
+            s.write_all(b"x").expect("send");
+            let mut back = [0u8; 1];
+            s.read_exact(&mut back).expect("echo");
+            (own, back[0])
+        })
+    }) {
+        assert!(own.is_err(), "the app's own socket was answered: {own:?}");
+        assert_eq!(echoed, b'x');
+    }
+}
 
 /// Sets the `SOL_SOCKET` option `option` of `s` to `value`.
 fn set_socket_option<T>(s: &TcpStream, option: libc::c_int, value: T) {

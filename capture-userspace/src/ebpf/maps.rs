@@ -27,6 +27,8 @@ pub struct Maps {
     sets: HashMap<MapData, SetKey, u8>,
     cidrs: LpmTrie<MapData, CidrKeyData, u8>,
     orig_by_addr: HashMap<MapData, ConnKey, OrigDst>,
+    /// Missing, like `config_ids`, where the pins are older than the release that added it.
+    orig_connecting: Option<HashMap<MapData, u64, OrigDst>>,
     counters: PerCpuHashMap<MapData, u64, NetnsCounters>,
     flags: HashMap<MapData, u64, FlagsText>,
     listeners: SockHash<MapData, ListenerKey>,
@@ -76,6 +78,7 @@ impl Maps {
             sets: open(dir, names::SETS)?,
             cidrs: open(dir, names::CIDRS)?,
             orig_by_addr: open(dir, names::ORIG_BY_ADDR)?,
+            orig_connecting: open(dir, names::ORIG_CONNECTING).ok(),
             counters: open(dir, names::NETNS_COUNTERS)?,
             flags: open(dir, names::FLAGS_TEXT)?,
             listeners: open(dir, names::LISTENERS)?,
@@ -376,6 +379,17 @@ impl Maps {
             .collect();
         for key in pending {
             let _ = self.orig_by_addr.remove(&key);
+        }
+        if let Some(connecting) = &mut self.orig_connecting {
+            let pending: Vec<u64> = connecting
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, orig)| orig.netns == netns)
+                .map(|(cookie, _)| cookie)
+                .collect();
+            for cookie in pending {
+                let _ = connecting.remove(&cookie);
+            }
         }
         Ok(())
     }
