@@ -3,11 +3,14 @@
 //! costs end to end. Wall clock, not `BPF_ENABLE_STATS`: the statistics read the clock twice per program
 //! run, which inflates small programs, so this section runs before they are turned on.
 //!
-//! Three pod namespaces of its own (each joined by veth to a remote one, so 192.0.2.2 is routable), each
+//! Four pod namespaces of its own (each joined by veth to a remote one, so 192.0.2.2 is routable), each
 //! with a listening socket on 0.0.0.0:15001 standing in for the proxy's: one without capture (two cgroups:
-//! nothing attached, and the [`EmptyConnect4`] program), one with the iptables backend, one with the eBPF
-//! backend attached to its own cgroup. Both backends get the injector's defaults plus DNS capture, so that
-//! a UDP connect has a redirect path. Each [`VARIANTS`] entry is a thread in one namespace and cgroup, as
+//! nothing attached, and the [`EmptyConnect4`] program), one with the iptables backend, and two with the
+//! eBPF backend, each attached to its own cgroup: one as the injector configures it, one with capture's
+//! configuration at the size of the scaling axes' last points (4096 excluded CIDRs, and more namespaces
+//! registered in its maps), so that the redirect path's cost at both ends is compared in the same rounds
+//! ([`LARGE`]). Every capture gets the injector's defaults plus DNS capture, so that a UDP connect has a
+//! redirect path. Each [`VARIANTS`] entry is a thread in one namespace and cgroup, as
 //! one uid; it plays both ends of a TCP connection (connect, then accept on the listening socket), so no
 //! wake-up of another thread, and no scheduler, comes into the figures. Variants run interleaved; a round's
 //! figure is the median over its connects (UDP: over batches of [`BATCH`]), the report's the median over
@@ -22,7 +25,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use testkit::{BpfPins, INJECTOR_DEFAULT_FLAGS, Pod, REMOTE_V4};
+use testkit::{BpfPins, Netns, Pod, REMOTE_V4};
 
 use crate::{
     Progress,
@@ -30,7 +33,8 @@ use crate::{
     empty_program::EmptyConnect4,
     modes::Backend,
     report::median,
-    topology::{APP, OUTBOUND_PORT, PROXY, REMOTE_PORT, apply_capture},
+    scaling::{excluded_cidrs, flags_with_excluded},
+    topology::{APP, OUTBOUND_PORT, PROXY, REMOTE_PORT, apply_capture, register_namespaces},
 };
 
 /// How much to run.
@@ -41,6 +45,8 @@ pub struct Plan {
     pub udp_connects: u64,
     /// TCP connections per variant and round.
     pub tcp_connections: u64,
+    /// Namespaces registered in the [`LARGE`] variant's capture, its own included.
+    pub namespaces: usize,
 }
 
 /// Planned seconds to build the namespaces and apply capture (for the time-left estimate only).
@@ -53,7 +59,9 @@ impl Plan {
     /// Planned seconds of the section.
     pub fn seconds(&self) -> f64 {
         let round = self.udp_connects as f64 * UDP_SECONDS + self.tcp_connections as f64 * TCP_SECONDS;
-        SETUP_SECONDS + self.repeats as f64 * VARIANTS.len() as f64 * round
+        SETUP_SECONDS
+            + self.namespaces as f64 * crate::NAMESPACE_SECONDS
+            + self.repeats as f64 * VARIANTS.len() as f64 * round
     }
 }
 
@@ -82,6 +90,8 @@ enum Place {
     Empty,
     Iptables,
     Ebpf,
+    /// eBPF with [`LARGE_CIDRS`] excluded CIDRs and [`Plan::namespaces`] registered namespaces.
+    EbpfLarge,
 }
 
 /// One variant: where it runs, as whom, and what it connects to.
@@ -103,6 +113,12 @@ pub struct Variant {
 pub const NO_CAPTURE: &str = "no capture";
 /// The variant of the issue's per-connect and per-connection goals.
 pub const REDIRECT: &str = "ebpf redirect";
+/// The redirect path with capture's configuration at the scaling axes' far ends: compared with
+/// [`REDIRECT`] round by round, it bounds how much the per-connection cost grows with the configuration,
+/// by wall clock and far more precisely than the short-connection rates of the scaling section can.
+pub const LARGE: &str = "ebpf redirect, large";
+/// Excluded CIDRs (`-x`) of the [`LARGE`] variant's capture: the CIDR axis' last point.
+pub const LARGE_CIDRS: usize = 4096;
 
 /// Every variant, in the order they run in each round.
 pub const VARIANTS: &[Variant] = &[
@@ -158,6 +174,18 @@ pub const VARIANTS: &[Variant] = &[
         tcp: REMOTE,
         tcp_redirected: true,
     },
+    Variant {
+        name: LARGE,
+        about: "the same as *ebpf redirect*, in a namespace whose capture excludes 4096 CIDRs (`-x`, disjoint \
+                /27s of 198.18.0.0/15, as the scaling section's last point) and whose maps hold as many \
+                registered namespaces as that section's last point (the others throwaway, registered through \
+                the loader's `Maps::register`)",
+        place: Place::EbpfLarge,
+        ids: APP,
+        udp_peer: DNS_PROXY,
+        tcp: REMOTE,
+        tcp_redirected: true,
+    },
 ];
 
 /// One variant's figures, one per round.
@@ -205,29 +233,36 @@ impl ConnectResults {
 
     /// The median over rounds of `v`'s figure minus no capture's in the same round.
     pub fn delta(&self, v: &VariantResults, f: Figure) -> f64 {
-        let Some(base) = self.find(NO_CAPTURE) else {
-            return f64::NAN;
-        };
-        median(v.rounds(f).iter().zip(base.rounds(f)).map(|(a, b)| a - b).collect())
+        match self.find(NO_CAPTURE) {
+            Some(base) => difference(v, base, f),
+            None => f64::NAN,
+        }
     }
+}
+
+/// The median over rounds of `a`'s figure minus `b`'s in the same round.
+pub fn difference(a: &VariantResults, b: &VariantResults, f: Figure) -> f64 {
+    median(a.rounds(f).iter().zip(b.rounds(f)).map(|(a, b)| a - b).collect())
 }
 
 /// One pod namespace of the section, its cgroup, its capture and its listening socket; torn down on drop.
 struct Bed {
     // Dropped in declaration order: the socket, the pins (which detach the programs), the namespaces.
     listener: TcpListener,
-    _pins: BpfPins,
+    pins: BpfPins,
     pod: Pod,
     cgroup: PathBuf,
 }
 
 impl Bed {
-    fn new(cgroups: &mut Cgroups, backend: Backend, name: &str) -> Result<Bed> {
+    /// A bed whose capture (if any) excludes `excluded` CIDRs.
+    fn new(cgroups: &mut Cgroups, backend: Backend, name: &str, excluded: usize) -> Result<Bed> {
         let pod = Pod::new("bench-c");
         let cgroup = cgroups.child(name)?;
         let pins = BpfPins::new("bench-c");
-        let mut flags = INJECTOR_DEFAULT_FLAGS.to_vec();
-        flags.extend(["--redirect-dns", "--capture-all-dns"]);
+        let mut flags = flags_with_excluded(excluded_cidrs(excluded));
+        flags.extend(["--redirect-dns", "--capture-all-dns"].map(String::from));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         apply_capture(name, backend, &pod.pod, &cgroup, &pins, &flags)?;
         // Made by a thread in the namespace and cgroup, as the proxy's uid: accepted sockets belong to the
         // listening socket's cgroup, so the proxy-side programs (sockops, getsockopt) run as in a pod.
@@ -244,7 +279,7 @@ impl Bed {
             .with_context(|| format!("{name}: listen on {OUTBOUND_PORT}"))?;
         Ok(Bed {
             listener,
-            _pins: pins,
+            pins,
             pod,
             cgroup,
         })
@@ -259,19 +294,27 @@ struct Beds {
     plain: Bed,
     iptables: Bed,
     ebpf: Bed,
+    large: Bed,
+    /// The namespaces registered in `large`'s maps besides its own (removed on drop).
+    _registered: Vec<Netns>,
 }
 
 impl Beds {
-    fn new(cgroups: &mut Cgroups) -> Result<Beds> {
-        let plain = Bed::new(cgroups, Backend::None, "connect-none")?;
+    fn new(cgroups: &mut Cgroups, plan: &Plan) -> Result<Beds> {
+        let plain = Bed::new(cgroups, Backend::None, "connect-none", 0)?;
         let empty_cgroup = cgroups.child("connect-empty")?;
         let empty = EmptyConnect4::attach(cgroups, &empty_cgroup)?;
+        let large = Bed::new(cgroups, Backend::Ebpf, "connect-ebpf-large", LARGE_CIDRS)?;
+        let registered: Vec<Netns> = (1..plan.namespaces).map(|_| Netns::new("bench-c-ns")).collect();
+        register_namespaces(large.pins.path(), &registered)?;
         Ok(Beds {
             _empty: empty,
             empty_cgroup,
             plain,
-            iptables: Bed::new(cgroups, Backend::Iptables, "connect-iptables")?,
-            ebpf: Bed::new(cgroups, Backend::Ebpf, "connect-ebpf")?,
+            iptables: Bed::new(cgroups, Backend::Iptables, "connect-iptables", 0)?,
+            ebpf: Bed::new(cgroups, Backend::Ebpf, "connect-ebpf", 0)?,
+            large,
+            _registered: registered,
         })
     }
 
@@ -282,6 +325,7 @@ impl Beds {
             Place::Empty => (&self.plain, &self.empty_cgroup),
             Place::Iptables => (&self.iptables, &self.iptables.cgroup),
             Place::Ebpf => (&self.ebpf, &self.ebpf.cgroup),
+            Place::EbpfLarge => (&self.large, &self.large.cgroup),
         }
     }
 
@@ -442,10 +486,14 @@ fn stats_enabled() -> bool {
 
 /// The section: builds its namespaces, runs every variant `plan.repeats` times interleaved, tears down.
 pub fn measure(cgroups: &mut Cgroups, plan: Plan, progress: &mut Progress) -> Result<ConnectResults> {
-    let beds = Beds::new(cgroups)?;
+    let beds = Beds::new(cgroups, &plan)?;
     progress.step(
-        SETUP_SECONDS,
-        "connect: namespaces built, capture applied, empty program attached",
+        SETUP_SECONDS + plan.namespaces as f64 * crate::NAMESPACE_SECONDS,
+        &format!(
+            "connect: namespaces built, capture applied ({} namespaces registered in the large one), empty \
+             program attached",
+            plan.namespaces
+        ),
     );
     let mut stats = stats_enabled();
     let mut results: Vec<VariantResults> = VARIANTS
@@ -515,6 +563,7 @@ mod tests {
                 repeats: 3,
                 udp_connects: 0,
                 tcp_connections: 0,
+                namespaces: 1,
             },
             stats_enabled: false,
             variants: [(NO_CAPTURE, [400.0, 500.0, 450.0]), (REDIRECT, [600.0, 690.0, 660.0])]

@@ -66,6 +66,11 @@ struct Plan {
     connect: connect::Plan,
 }
 
+/// Registered namespaces at each point of the namespace axis (the connect() microbenchmark's large
+/// variant has the last).
+const QUICK_NAMESPACES: &[usize] = &[1, 100];
+const FULL_NAMESPACES: &[usize] = &[1, 100, 1000];
+
 impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
@@ -76,13 +81,14 @@ impl Plan {
                 scaling_repeats: 1,
                 scaling_duration: Duration::from_secs(1),
                 cidr_points: &[1, 4096],
-                namespace_points: &[1, 100],
+                namespace_points: QUICK_NAMESPACES,
                 agent_pods: 10,
                 kube_pods: 25,
                 connect: connect::Plan {
                     repeats: 3,
                     udp_connects: 100_000,
                     tcp_connections: 3_000,
+                    namespaces: QUICK_NAMESPACES[QUICK_NAMESPACES.len() - 1],
                 },
             }
         } else {
@@ -93,13 +99,14 @@ impl Plan {
                 scaling_repeats: 3,
                 scaling_duration: Duration::from_secs(3),
                 cidr_points: &[1, 16, 256, 4096],
-                namespace_points: &[1, 100, 1000],
+                namespace_points: FULL_NAMESPACES,
                 agent_pods: 40,
                 kube_pods: 100,
                 connect: connect::Plan {
                     repeats: 5,
                     udp_connects: 500_000,
                     tcp_connections: 10_000,
+                    namespaces: FULL_NAMESPACES[FULL_NAMESPACES.len() - 1],
                 },
             }
         }

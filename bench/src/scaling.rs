@@ -39,7 +39,7 @@ pub fn excluded_cidrs(n: usize) -> String {
 }
 
 /// The injector's default flags with `-x` set to `cidrs`.
-fn flags_with_excluded(cidrs: String) -> Vec<String> {
+pub fn flags_with_excluded(cidrs: String) -> Vec<String> {
     let mut flags = default_flags();
     let at = flags.iter().position(|f| f == "-x").expect("the default flags have -x") + 1;
     flags[at] = cidrs;

@@ -137,38 +137,14 @@ impl Topology {
         )
     }
 
-    /// Registers `namespaces` with this mode's eBPF capture, as `capture` with the injector's flags would
-    /// once its programs are attached: the same `Maps::register` (CONFIG keyed by the namespace's cookie,
-    /// its sets and CIDRs), without loading the programs again for each (`capture` itself takes about a
-    /// second a namespace here, mostly the verifier). No sk_lookup program is attached in them: it would
-    /// only run for connections arriving there.
+    /// Registers `namespaces` with this mode's eBPF capture ([`register_namespaces`]).
     pub fn register(&self, namespaces: &[Netns]) -> Result<()> {
         ensure!(
             self.mode.backend == Backend::Ebpf,
             "{}: only eBPF modes register namespaces",
             self.mode.name
         );
-        let args = std::iter::once("capture".to_owned()).chain(default_flags());
-        let inv = capture::flags::parse(args, &|_| None)?;
-        let pins = self.pins.path().to_owned();
-        let files = namespaces
-            .iter()
-            .map(|ns| std::fs::File::open(ns.path()).with_context(|| format!("open {}", ns.path().display())))
-            .collect::<Result<Vec<_>>>()?;
-        // A thread of its own: it changes network namespace (only its own) for each registration.
-        std::thread::spawn(move || -> Result<()> {
-            let mut maps = capture::ebpf::maps::Maps::open(&pins)?;
-            for file in files {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-                let env = capture::namespace::detect(&inv.config, std::path::Path::new("/etc/resolv.conf"))?;
-                let cookie = capture::namespace::cookie()?;
-                let slot = capture::ebpf::maps::NO_SLOT;
-                maps.register(cookie, slot, &inv.config, &env, "capture-bench: injector defaults")?;
-            }
-            Ok(())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("registering namespaces panicked"))?
+        register_namespaces(self.pins.path(), namespaces)
     }
 
     /// Forgets what the sidecar forwarded so far (before a workload that [`Topology::check_forwarded`]).
@@ -317,6 +293,35 @@ impl Topology {
     pub fn cpu(&self) -> Result<Duration> {
         cgroups::cpu_usage(&self.cgroup)
     }
+}
+
+/// Registers `namespaces` in the eBPF capture pinned at `pins` with the injector's flags, as `capture`
+/// would once its programs are attached: the same `Maps::register` (CONFIG keyed by the namespace's cookie,
+/// its sets and CIDRs), without loading the programs again for each (`capture` itself takes about a second
+/// a namespace here, mostly the verifier). No sk_lookup program is attached in them: it would only run for
+/// connections arriving there.
+pub fn register_namespaces(pins: &Path, namespaces: &[Netns]) -> Result<()> {
+    let args = std::iter::once("capture".to_owned()).chain(default_flags());
+    let inv = capture::flags::parse(args, &|_| None)?;
+    let pins = pins.to_owned();
+    let files = namespaces
+        .iter()
+        .map(|ns| std::fs::File::open(ns.path()).with_context(|| format!("open {}", ns.path().display())))
+        .collect::<Result<Vec<_>>>()?;
+    // A thread of its own: it changes network namespace (only its own) for each registration.
+    std::thread::spawn(move || -> Result<()> {
+        let mut maps = capture::ebpf::maps::Maps::open(&pins)?;
+        for file in files {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            let env = capture::namespace::detect(&inv.config, std::path::Path::new("/etc/resolv.conf"))?;
+            let cookie = capture::namespace::cookie()?;
+            let slot = capture::ebpf::maps::NO_SLOT;
+            maps.register(cookie, slot, &inv.config, &env, "capture-bench: injector defaults")?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("registering namespaces panicked"))?
 }
 
 /// Runs `capture` in `ns` with `backend`'s own arguments (eBPF: attached to `cgroup`, pinned in `pins`), then
