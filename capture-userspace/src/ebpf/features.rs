@@ -146,14 +146,20 @@ pub const FEATURES: &[Feature] = &[
     feature(
         "sk_storage_sock_addr",
         "5.3",
-        "keeping a redirected socket's original destination with it",
+        "keeping a redirected UDP socket's DNS server with it",
         Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_get),
     ),
     feature(
-        "sk_storage_delete_sock_addr",
-        "5.3",
-        "forgetting a failed redirect's destination when the socket connects again",
-        Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_delete),
+        "socket_cookie_sock_addr",
+        "5.7",
+        "keeping a redirected TCP socket's original destination until its SYN",
+        Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_socket_cookie),
+    ),
+    feature(
+        "socket_cookie_sockops",
+        "5.7",
+        "finding a redirected TCP socket's original destination at its SYN",
+        Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie),
     ),
     feature(
         "sk_storage_sockops",
