@@ -88,7 +88,8 @@ pub fn socket_local(sk: *mut bpf_sock) -> Addr {
     }
 }
 
-/// A socket's peer address by its family (IPv4 mapped); an unconnected one reads as 0.0.0.0 or `::`.
+/// A socket's peer address by its family (IPv4 mapped); an unconnected one reads as 0.0.0.0 or `::`. The
+/// twin of [`socket_local`], apart on purpose (see above).
 #[inline(always)]
 pub fn socket_remote(sk: *mut bpf_sock) -> Addr {
     // SAFETY: a socket pointer the verifier knows as such, valid for the program's lifetime.
