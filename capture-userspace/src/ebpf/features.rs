@@ -103,7 +103,7 @@ pub const FEATURES: &[Feature] = &[
     feature(
         "lru_hash_map",
         "4.10",
-        "original destinations during the handshake",
+        "original destinations from connect to SYN and during the handshake",
         Probe::Map(MapType::LruHash),
     ),
     feature(
