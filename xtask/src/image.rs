@@ -104,6 +104,36 @@ pub fn podman() -> Result<Command> {
     Ok(cmd)
 }
 
+/// Unmounts the project's podman storage's `overlay` directory, which podman's overlay driver mounts on
+/// itself (a private bind mount) and leaves mounted when it exits: without this, removing a checkout after
+/// `cargo xtask test` or `image` fails with "Device or resource busy". Podman mounts it again when it next
+/// runs. Lazily (`MNT_DETACH`), so a container still running cannot make it fail.
+pub fn release_storage() -> Result<()> {
+    let overlay = target_dir().join("podman/storage/overlay");
+    // /proc/self/mountinfo escapes these in paths as octal.
+    let escaped = overlay
+        .to_str()
+        .context("the target directory's path is not UTF-8")?
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    // The mount point is the fifth field; a directory mounted more than once is listed once per mount.
+    let stacked = mounts
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(escaped.as_str()))
+        .count();
+    let path = std::ffi::CString::new(overlay.as_os_str().as_encoded_bytes()).context("a path with a NUL")?;
+    for _ in 0..stacked {
+        // SAFETY: a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("unmount {}", overlay.display()));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the static `capture` (release, stripped, glibc linked in) and the image from it with
 /// `deploy/Dockerfile`; returns the binary and the image's size.
 pub fn build() -> Result<Image> {

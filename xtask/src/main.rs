@@ -296,6 +296,7 @@ fn main() -> Result<()> {
             setup::ensure()?;
             setup::ensure_image_tools()?;
             let image = image::build()?;
+            image::release_storage()?;
             println!("{}", image::describe(&image));
             Ok(())
         }
@@ -321,7 +322,12 @@ fn main() -> Result<()> {
                 Some(f) => cmd.args(["--all-targets", "--", &f]),
                 None => cmd.arg("--all-targets"),
             };
-            run_tests(&mut cmd)
+            let tested = run_tests(&mut cmd);
+            // Also after a failure: the checkout must stay removable.
+            if let Err(e) = image::release_storage() {
+                eprintln!("warning: {e:#}");
+            }
+            tested
         }
     }
 }
