@@ -112,7 +112,14 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// recvmsg to restore the replies' source. If the kernel cannot allocate a UDP socket's the query is still
 /// redirected, and its reply comes from the DNS proxy's address.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, orig: OrigDst, proto: Proto) {
+fn remember(ctx: &SockAddrContext, netns: u64, dst: Addr, dport: u16, proxy_port: u16, v6: bool, proto: Proto) {
+    let orig = OrigDst {
+        netns,
+        addr: dst,
+        port: dport,
+        proxy_port,
+        v6_socket: u32::from(v6),
+    };
     let kept = match proto {
         // A full map evicts its least recently used entry (LRU): the insert itself does not fail for lack
         // of room.
@@ -120,7 +127,7 @@ fn remember(ctx: &SockAddrContext, orig: OrigDst, proto: Proto) {
         Proto::Udp => ORIG_DST.set(sock_addr_socket(ctx), orig),
     };
     if !kept {
-        bump(orig.netns, Counter::OrigDstMisses);
+        bump(netns, Counter::OrigDstMisses);
     }
 }
 
@@ -231,14 +238,7 @@ pub fn connect4(ctx: &SockAddrContext, hook: Hook) -> u64 {
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
-            let orig = OrigDst {
-                netns,
-                addr: dst,
-                port: dport,
-                proxy_port: port,
-                v6_socket: u32::from(false),
-            };
-            remember(ctx, orig, proto);
+            remember(ctx, netns, dst, dport, port, false, proto);
             rewrite4(ctx, &addr::from_v4(addr::LOCALHOST_V4), port);
             redirected(netns, rule);
             bind_in(hook, netns, proto)
@@ -261,14 +261,7 @@ pub fn connect6(ctx: &SockAddrContext, hook: Hook) -> u64 {
     };
     match verdict {
         Verdict::Redirect(port, rule) => {
-            let orig = OrigDst {
-                netns,
-                addr: dst,
-                port: dport,
-                proxy_port: port,
-                v6_socket: u32::from(true),
-            };
-            remember(ctx, orig, proto);
+            remember(ctx, netns, dst, dport, port, true, proto);
             let target = if addr::is_v4(&dst) {
                 addr::from_v4(addr::LOCALHOST_V4)
             } else {
